@@ -1,0 +1,1 @@
+"""Triton kernels of lora_fused, installed as ``lora_fused.kernels``."""

@@ -1,0 +1,32 @@
+"""lora_fused: fused LoRA linear layers (Triton, C++/CUDA, PyTorch reference)."""
+
+from .backends import BackendUnavailableError, available_backends, backend_report
+from .functional import lora_linear
+from .inject import (
+    InjectionReport,
+    inject_lora,
+    mark_trainable,
+    merge_lora,
+    parameter_report,
+    set_adapter,
+    unmerge_lora,
+)
+from .layer import LoRAAdapter, LoRALinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "InjectionReport",
+    "LoRAAdapter",
+    "LoRALinear",
+    "available_backends",
+    "backend_report",
+    "inject_lora",
+    "lora_linear",
+    "mark_trainable",
+    "merge_lora",
+    "parameter_report",
+    "set_adapter",
+    "unmerge_lora",
+]

@@ -1,0 +1,143 @@
+"""Backend registry: which implementation of the fused op serves which tensors.
+
+``"torch"``  the reference (any device).
+``"triton"`` Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+``"cuda"``   the compiled extension ``lora_fused._C``: CUDA kernels for GPU tensors and
+             C++ kernels for CPU tensors.
+``"auto"``   the fastest available for the tensors' device; the environment variable
+             ``LORA_FUSED_BACKEND`` overrides it (and is then held to the explicit rules).
+
+Asking explicitly for a backend that cannot serve the tensors raises
+:class:`BackendUnavailableError` saying why; ``auto`` falls back quietly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+BACKEND_NAMES = ("torch", "triton", "cuda")
+ENV_BACKEND = "LORA_FUSED_BACKEND"
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cuda", "torch")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run on this machine or device."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    forward: Callable
+    backward: Callable
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _load_torch() -> Backend:
+    from . import ops
+
+    return Backend("torch", ops.reference_forward, ops.reference_backward)
+
+
+def _load_triton() -> Backend:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailableError(f"backend 'triton' is unavailable: triton is not installed ({exc})") from exc
+    try:
+        module = importlib.import_module("lora_fused.kernels.ops")
+    except ImportError as exc:
+        raise BackendUnavailableError(f"backend 'triton' is unavailable: its kernels failed to import ({exc})") from exc
+    return Backend("triton", module.triton_forward, module.triton_backward)
+
+
+def _load_cuda() -> Backend:
+    from . import extension
+
+    extension.load()  # raises BackendUnavailableError with the reason
+    return Backend("cuda", torch.ops.lora_fused.fused_forward.default, torch.ops.lora_fused.fused_backward.default)
+
+
+_LOADERS: dict[str, Callable[[], Backend]] = {"torch": _load_torch, "triton": _load_triton, "cuda": _load_cuda}
+_loaded: dict[str, Backend] = {}
+_load_errors: dict[str, str] = {}
+
+
+def _load(name: str) -> Backend:
+    if name in _loaded:
+        return _loaded[name]
+    if name in _load_errors:
+        raise BackendUnavailableError(_load_errors[name])
+    try:
+        backend = _LOADERS[name]()
+    except BackendUnavailableError as exc:
+        _load_errors[name] = str(exc)
+        raise
+    _loaded[name] = backend
+    return backend
+
+
+def unavailable_reason(name: str, device: torch.device | str) -> str | None:
+    """Why backend ``name`` cannot serve tensors on ``device``, or None when it can."""
+    if name not in BACKEND_NAMES:
+        return f"unknown backend {name!r}; expected one of {('auto',) + BACKEND_NAMES}"
+    device_type = torch.device(device).type
+    if device_type not in ("cpu", "cuda"):
+        return f"backend {name!r} does not support device type {device_type!r} (only cpu and cuda)" if name != "torch" else None
+    try:
+        _load(name)
+    except BackendUnavailableError as exc:
+        return str(exc)
+    if name == "triton":
+        if device_type == "cpu" and not _triton_interpreting():
+            return "backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1 (set it before triton is imported)"
+        if device_type == "cuda" and _triton_interpreting():
+            return "backend 'triton' is in interpreter mode (TRITON_INTERPRET=1), which serves CPU tensors only"
+        if device_type == "cuda" and not torch.cuda.is_available():
+            return "backend 'triton' needs a CUDA GPU and torch.cuda.is_available() is False"
+    if name == "cuda" and device_type == "cuda":
+        from . import extension
+
+        return extension.cuda_unavailable_reason()
+    return None
+
+
+def resolve_backend(name: str, device: torch.device | str) -> Backend:
+    """The backend that runs tensors on ``device`` for the requested ``name``."""
+    explicit_source = "backend"
+    if name == "auto":
+        override = os.environ.get(ENV_BACKEND, "auto").strip().lower()
+        if override and override != "auto":
+            name, explicit_source = override, f"{ENV_BACKEND}={override}"
+    if name == "auto":
+        device_type = torch.device(device).type
+        for candidate in AUTO_ORDER.get(device_type, ("torch",)):
+            if unavailable_reason(candidate, device) is None:
+                return _load(candidate)
+        return _load("torch")
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"{explicit_source} {name!r} requested for {torch.device(device)} tensors: {reason}")
+    return _load(name)
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can serve tensors on ``device`` (default: the GPU if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [name for name in BACKEND_NAMES if unavailable_reason(name, device) is None]
+
+
+def backend_report() -> dict[str, dict[str, str]]:
+    """For each backend and device type, "ok" or the reason it is unavailable."""
+    return {
+        name: {dev: unavailable_reason(name, dev) or "ok" for dev in ("cpu", "cuda")}
+        for name in BACKEND_NAMES
+    }

@@ -1,0 +1,215 @@
+"""``LoRALinear``: a drop-in ``nn.Linear`` with named LoRA adapters and a fused forward."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .functional import lora_linear
+
+DEFAULT_ADAPTER = "default"
+
+
+def _check_hyperparameters(rank, alpha, dropout) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+def adapter_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+class LoRAAdapter(nn.Module):
+    """One adapter's trainable pair ``lora_A [rank, in]``, ``lora_B [out, rank]`` and its settings."""
+
+    def __init__(self, in_features, out_features, rank, alpha, dropout, use_rslora, device=None, dtype=None):
+        super().__init__()
+        _check_hyperparameters(rank, alpha, dropout)
+        self.rank, self.alpha, self.dropout, self.use_rslora = rank, float(alpha), float(dropout), bool(use_rslora)
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # PEFT's init: A Kaiming-uniform, B zero, so a fresh adapter leaves the layer unchanged.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @property
+    def scaling(self) -> float:
+        return adapter_scaling(self.rank, self.alpha, self.use_rslora)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling · B · A`` in fp32: what merging adds to the base weight."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}, use_rslora={self.use_rslora}"
+
+
+class LoRALinear(nn.Module):
+    """``y = x·Wᵀ + b + (alpha/rank)·B·A·dropout(x)`` with ``W``/``b`` frozen.
+
+    ``weight`` and ``bias`` keep ``nn.Linear``'s names (pretrained checkpoints load as
+    they are); ``lora_A``/``lora_B`` are the active adapter's parameters. Several named
+    adapters can live on one layer; :meth:`set_adapter` switches between them.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int = 4,
+        alpha: float = 1.0,
+        dropout: float = 0.0,
+        bias: bool = True,
+        use_rslora: bool = False,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_from_base(base.weight, base.bias, backend)
+        self.add_adapter(DEFAULT_ADAPTER, rank, alpha, dropout, use_rslora)
+
+    def _init_from_base(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> None:
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.weight.requires_grad_(False)
+        if bias is not None:
+            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+            self.bias.requires_grad_(False)
+        else:
+            self.register_parameter("bias", None)
+        self.backend = backend
+        self.adapters = nn.ModuleDict()
+        self.active_adapter = DEFAULT_ADAPTER
+        self.merged_adapter: str | None = None
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: int = 4,
+        alpha: float = 1.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        backend: str = "auto",
+    ) -> "LoRALinear":
+        """Wrap ``linear``, reusing (not copying) its weight and bias, which are frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init_from_base(linear.weight, linear.bias, backend)
+        layer.add_adapter(DEFAULT_ADAPTER, rank, alpha, dropout, use_rslora)
+        return layer
+
+    # -- adapters -------------------------------------------------------------------
+    def add_adapter(self, name: str, rank: int = 4, alpha: float = 1.0, dropout: float = 0.0,
+                    use_rslora: bool = False, activate: bool = False) -> LoRAAdapter:
+        """Add (or replace) adapter ``name``; LoRA parameters are fp32 over a half-precision base."""
+        if self.merged_adapter is not None:
+            raise RuntimeError(f"unmerge adapter {self.merged_adapter!r} before adding adapters")
+        dtype = self.weight.dtype if self.weight.dtype in (torch.float32, torch.float64) else torch.float32
+        adapter = LoRAAdapter(self.in_features, self.out_features, rank, alpha, dropout, use_rslora,
+                              device=self.weight.device, dtype=dtype)
+        self.adapters[name] = adapter
+        if activate or len(self.adapters) == 1:
+            self.set_adapter(name)
+        else:
+            adapter.requires_grad_(False)
+        return adapter
+
+    def set_adapter(self, name: str) -> None:
+        """Make ``name`` the active adapter: the one used in forward and the only one trainable."""
+        if name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r}; this layer has {list(self.adapters)}")
+        if self.merged_adapter is not None and self.merged_adapter != name:
+            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge it before switching to {name!r}")
+        for adapter_name, adapter in self.adapters.items():
+            adapter.requires_grad_(adapter_name == name)
+        self.active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        if name == self.merged_adapter:
+            raise RuntimeError(f"adapter {name!r} is merged; unmerge it first")
+        del self.adapters[name]
+        if self.active_adapter == name and len(self.adapters):
+            self.set_adapter(next(iter(self.adapters)))
+
+    @property
+    def adapter(self) -> LoRAAdapter:
+        return self.adapters[self.active_adapter]
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self.adapter.lora_A
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.adapter.lora_B
+
+    @property
+    def rank(self) -> int:
+        return self.adapter.rank
+
+    @property
+    def alpha(self) -> float:
+        return self.adapter.alpha
+
+    @property
+    def dropout(self) -> float:
+        return self.adapter.dropout
+
+    @property
+    def use_rslora(self) -> bool:
+        return self.adapter.use_rslora
+
+    @property
+    def scaling(self) -> float:
+        return self.adapter.scaling
+
+    # -- merge ----------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the active adapter into ``weight``: inference then runs the plain linear."""
+        if self.merged_adapter is not None:
+            return
+        merged = self.weight.float() + self.adapter.delta_weight().to(self.weight.device)
+        self.weight.copy_(merged.to(self.weight.dtype))
+        self.merged_adapter = self.active_adapter
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (exact in fp32; within rounding for half-precision weights)."""
+        if self.merged_adapter is None:
+            return
+        delta = self.adapters[self.merged_adapter].delta_weight().to(self.weight.device)
+        self.weight.copy_((self.weight.float() - delta).to(self.weight.dtype))
+        self.merged_adapter = None
+
+    # -- forward --------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged_adapter is not None:
+            return F.linear(x, self.weight, self.bias)
+        adapter = self.adapter
+        lora_A, lora_B = adapter.lora_A, adapter.lora_B
+        if lora_A.dtype != self.weight.dtype:
+            # fp32 adapters over a half-precision base run in the base's dtype (autograd casts grads back).
+            lora_A, lora_B = lora_A.to(self.weight.dtype), lora_B.to(self.weight.dtype)
+        return lora_linear(x, self.weight, self.bias, lora_A, lora_B, adapter.scaling,
+                           adapter.dropout, self.training, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"active_adapter={self.active_adapter!r}, backend={self.backend!r}"
+                + (f", merged={self.merged_adapter!r}" if self.merged_adapter else ""))

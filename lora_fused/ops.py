@@ -1,0 +1,126 @@
+"""The ``torch.library`` glue shared by every backend.
+
+Each backend provides two ops with the schemas below (Python ``custom_op``s for the
+reference and Triton, ``TORCH_LIBRARY`` ops for the C++/CUDA extension). This file
+gives all of them the same fake (meta) functions and the same autograd formula, so
+``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` see one contract::
+
+    <fwd>(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B,
+          float scaling, float dropout_p, Tensor seed) -> (Tensor y, Tensor xa)
+    <bwd>(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa,
+          float scaling, float dropout_p, Tensor seed, bool compute_dx, bool compute_db)
+          -> (Tensor dx, Tensor dA, Tensor dB, Tensor db)
+
+``x`` is 2-D ``[M, K]`` (any strides), ``seed`` a 0-dim int64 CPU tensor. ``dx``/``db``
+are empty tensors when not requested. See :mod:`lora_fused.reference` for the math.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import reference
+from .reference import accumulator_dtype
+
+LIBRARY = "lora_fused"
+
+
+def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    xa = x.new_empty(x.shape[0], lora_A.shape[0], dtype=accumulator_dtype(x.dtype))
+    return y, xa
+
+
+def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx, compute_db):
+    dx = grad_y.new_empty(x.shape) if compute_dx else grad_y.new_empty(0)
+    db = grad_y.new_empty(weight.shape[0]) if compute_db else grad_y.new_empty(0)
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    _, xa = output
+    ctx.mark_non_differentiable(xa)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    ctx.scaling = scaling
+    ctx.dropout_p = dropout_p
+    ctx.has_bias = bias is not None
+
+
+def _make_backward(backward_op: Callable) -> Callable:
+    def backward(ctx, grad_y, grad_xa):
+        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        compute_dx = ctx.needs_input_grad[0]
+        compute_db = ctx.has_bias and ctx.needs_input_grad[2]
+        dx, dA, dB, db = backward_op(
+            grad_y.contiguous(), x, weight, lora_A, lora_B, xa,
+            ctx.scaling, ctx.dropout_p, seed, compute_dx, compute_db,
+        )
+        return (
+            dx if compute_dx else None,
+            None,
+            db if compute_db else None,
+            dA,
+            dB,
+            None,
+            None,
+            None,
+        )
+
+    return backward
+
+
+def register_fake_and_autograd(forward_name: str, backward_name: str, backward_op: Callable) -> None:
+    """Give an already-defined pair of ops the shared fake functions and autograd."""
+    torch.library.register_fake(forward_name)(_forward_fake)
+    torch.library.register_fake(backward_name)(_backward_fake)
+    torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
+
+
+def define_python_ops(prefix: str, forward_impl: Callable, backward_impl: Callable):
+    """Define ``lora_fused::<prefix>_forward`` / ``_backward`` from Python implementations.
+
+    The implementations take exactly the arguments of :func:`lora_fused.reference.forward`
+    and :func:`lora_fused.reference.backward` and return fresh tensors.
+    """
+    forward_name = f"{LIBRARY}::{prefix}_forward"
+    backward_name = f"{LIBRARY}::{prefix}_backward"
+
+    @torch.library.custom_op(forward_name, mutates_args=())
+    def forward_op(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        scaling: float,
+        dropout_p: float,
+        seed: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+    @torch.library.custom_op(backward_name, mutates_args=())
+    def backward_op(
+        grad_y: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        xa: torch.Tensor,
+        scaling: float,
+        dropout_p: float,
+        seed: torch.Tensor,
+        compute_dx: bool,
+        compute_db: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return backward_impl(
+            grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx, compute_db
+        )
+
+    register_fake_and_autograd(forward_name, backward_name, backward_op)
+    return forward_op, backward_op
+
+
+reference_forward, reference_backward = define_python_ops("reference", reference.forward, reference.backward)
