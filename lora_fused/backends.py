@@ -109,23 +109,32 @@ def unavailable_reason(name: str, device: torch.device | str) -> str | None:
     return None
 
 
-def resolve_backend(name: str, device: torch.device | str) -> Backend:
-    """The backend that runs tensors on ``device`` for the requested ``name``."""
+@torch.compiler.assume_constant_result
+def resolve_backend_name(name: str, device_type: str) -> str:
+    """The name of the backend that runs ``device_type`` tensors for the requested ``name``.
+
+    Evaluated eagerly even under ``torch.compile`` (it imports modules and reads the
+    environment), its result treated as a constant of the graph.
+    """
     explicit_source = "backend"
     if name == "auto":
         override = os.environ.get(ENV_BACKEND, "auto").strip().lower()
         if override and override != "auto":
             name, explicit_source = override, f"{ENV_BACKEND}={override}"
     if name == "auto":
-        device_type = torch.device(device).type
         for candidate in AUTO_ORDER.get(device_type, ("torch",)):
-            if unavailable_reason(candidate, device) is None:
-                return _load(candidate)
-        return _load("torch")
-    reason = unavailable_reason(name, device)
+            if unavailable_reason(candidate, device_type) is None:
+                return candidate
+        return "torch"
+    reason = unavailable_reason(name, device_type)
     if reason is not None:
-        raise BackendUnavailableError(f"{explicit_source} {name!r} requested for {torch.device(device)} tensors: {reason}")
-    return _load(name)
+        raise BackendUnavailableError(f"{explicit_source} {name!r} requested for {device_type} tensors: {reason}")
+    return name
+
+
+def resolve_backend(name: str, device: torch.device | str) -> Backend:
+    """The backend that runs tensors on ``device`` for the requested ``name``."""
+    return _load(resolve_backend_name(name, torch.device(device).type))
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
