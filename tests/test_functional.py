@@ -139,3 +139,16 @@ def test_torch_compile_fullgraph_model_with_lora_layers():
     if os.environ.get("LORA_FUSED_SKIP_INDUCTOR") != "1":
         inductor_out = torch.compile(model, fullgraph=True)(x)
         torch.testing.assert_close(inductor_out, eager)
+
+
+def test_torch_compile_fullgraph_with_auto_backend_and_dropout():
+    torch.manual_seed(0)
+    layer = lora_fused.LoRALinear(10, 7, rank=3, dropout=0.3)
+    torch.nn.init.normal_(layer.lora_B)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 10)
+    out = compiled(x)
+    out.sum().backward()
+    assert layer.lora_A.grad is not None
+    layer.eval()
+    torch.testing.assert_close(compiled(x), layer(x))
