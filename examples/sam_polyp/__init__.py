@@ -1,0 +1,1 @@
+"""SAM polyp-segmentation LoRA example: data, synthetic data, model, training and evaluation."""
