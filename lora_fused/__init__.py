@@ -1,5 +1,6 @@
 """lora_fused: fused LoRA linear layers (Triton, C++/CUDA, PyTorch reference)."""
 
+from .adapters import from_peft, load_adapter, save_adapter
 from .backends import BackendUnavailableError, available_backends, backend_report
 from .functional import lora_linear
 from .inject import (
@@ -22,11 +23,14 @@ __all__ = [
     "LoRALinear",
     "available_backends",
     "backend_report",
+    "from_peft",
     "inject_lora",
+    "load_adapter",
     "lora_linear",
     "mark_trainable",
     "merge_lora",
     "parameter_report",
+    "save_adapter",
     "set_adapter",
     "unmerge_lora",
 ]

@@ -111,6 +111,7 @@ class LoRALinear(nn.Module):
         nn.Module.__init__(layer)
         layer._init_from_base(linear.weight, linear.bias, backend)
         layer.add_adapter(DEFAULT_ADAPTER, rank, alpha, dropout, use_rslora)
+        layer.train(linear.training)  # an injected eval-mode model must not start applying dropout
         return layer
 
     # -- adapters -------------------------------------------------------------------
