@@ -1,0 +1,168 @@
+"""inject_lora on a real segment_anything SAM (a small ViT config so it runs in seconds on CPU)."""
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lora_fused import LoRALinear, inject_lora, mark_trainable, merge_lora, parameter_report, unmerge_lora
+
+segment_anything = pytest.importorskip("segment_anything")
+from segment_anything.modeling import (  # noqa: E402
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+
+IMG, PATCH, EMBED_OUT = 64, 8, 32
+
+
+def small_sam(seed=0) -> Sam:
+    torch.manual_seed(seed)
+    encoder = ImageEncoderViT(img_size=IMG, patch_size=PATCH, embed_dim=64, depth=2, num_heads=2, out_chans=EMBED_OUT,
+                              use_rel_pos=True, rel_pos_zero_init=False, window_size=4, global_attn_indexes=(1,))
+    prompt = PromptEncoder(embed_dim=EMBED_OUT, image_embedding_size=(IMG // PATCH, IMG // PATCH),
+                           input_image_size=(IMG, IMG), mask_in_chans=8)
+    decoder = MaskDecoder(transformer_dim=EMBED_OUT, iou_head_hidden_dim=32,
+                          transformer=TwoWayTransformer(depth=2, embedding_dim=EMBED_OUT, num_heads=2, mlp_dim=64))
+    return Sam(encoder, prompt, decoder).eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(7)) * 255
+
+
+def run_sam(sam: Sam, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image embeddings and low-res mask logits for one point prompt per image."""
+    points = torch.tensor([[[20.0, 30.0]], [[40.0, 12.0]]])
+    batch = [{"image": img, "original_size": (IMG, IMG), "point_coords": pts[None], "point_labels": torch.ones(1, 1)}
+             for img, pts in zip(images, points)]
+    with torch.no_grad():
+        embeddings = sam.image_encoder(sam.preprocess(images))
+        outputs = sam(batch, multimask_output=False)
+    return embeddings, torch.cat([out["low_res_logits"] for out in outputs])
+
+
+def plain_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
+    return {prefix + name: m for name, m in module.named_modules() if type(m) is nn.Linear}
+
+
+def lora_names(model: nn.Module) -> list[str]:
+    return sorted(name for name, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_inject_into_image_encoder(images):
+    sam = small_sam()
+    expected_embeddings, expected_logits = run_sam(sam, images)
+    encoder_linears = plain_linears(sam.image_encoder, "image_encoder.")
+    decoder_linears = plain_linears(sam.mask_decoder, "mask_decoder.")
+    assert len(encoder_linears) == 2 * 4  # per block: attn.qkv, attn.proj, mlp.lin1, mlp.lin2
+    rank = 4
+    lora_params = sum(rank * (m.in_features + m.out_features) for m in encoder_linears.values())
+    total_before = sum(p.numel() for p in sam.parameters())
+
+    report = inject_lora(sam, rank=rank, alpha=8, target_modules=r"image_encoder\..*")
+
+    assert sorted(report.replaced) == sorted(encoder_linears)
+    assert lora_names(sam) == sorted(encoder_linears)
+    assert not plain_linears(sam.image_encoder)  # no nn.Linear left in the encoder
+    assert plain_linears(sam.mask_decoder, "mask_decoder.").keys() == decoder_linears.keys()
+    for name, linear in encoder_linears.items():  # base weights reused, not copied
+        assert sam.get_submodule(name).weight is linear.weight
+    assert report.trainable_params == lora_params
+    assert report.total_params == total_before + lora_params
+    assert report.trainable_percent == pytest.approx(100 * lora_params / (total_before + lora_params))
+    assert f"{lora_params:,}" in str(report) and "8 linear layers" in str(report)
+    trainable = {n for n, p in sam.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.adapters.default.lora_{p}" for n in encoder_linears for p in "AB"}
+
+    embeddings, logits = run_sam(sam, images)  # B = 0: the injected model is the base model
+    close(embeddings, expected_embeddings)
+    close(logits, expected_logits)
+
+
+def test_mark_trainable_mask_decoder_and_gradients(images):
+    sam = small_sam()
+    report = inject_lora(sam, rank=2, target_modules=r"image_encoder\..*")
+    decoder_tensors = list(sam.mask_decoder.parameters())
+    assert mark_trainable(sam, "mask_decoder") == len(decoder_tensors)
+    after = parameter_report(sam)
+    assert after.trainable_params == report.trainable_params + sum(p.numel() for p in decoder_tensors)
+    assert after.total_params == report.total_params
+    with pytest.raises(ValueError, match="no parameter matches"):
+        mark_trainable(sam, "no_such_module")
+
+    sam.train()
+    embeddings = sam.image_encoder(sam.preprocess(images[:1]))
+    sparse, dense = sam.prompt_encoder(points=(torch.tensor([[[20.0, 30.0]]]), torch.ones(1, 1)), boxes=None, masks=None)
+    logits, iou = sam.mask_decoder(embeddings, sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=False)
+    (logits.square().mean() + iou.square().mean()).backward()
+    qkv = sam.image_encoder.blocks[0].attn.qkv
+    assert qkv.lora_B.grad is not None and qkv.lora_B.grad.abs().sum() > 0
+    assert qkv.weight.grad is None and qkv.bias.grad is None
+    assert all(p.grad is not None for p in decoder_tensors if p.requires_grad)
+    assert all(p.grad is None for p in sam.prompt_encoder.parameters())
+
+
+def test_merge_unmerge_round_trip(images):
+    sam = small_sam()
+    weights = {name: m.weight.detach().clone() for name, m in plain_linears(sam).items()}
+    report = inject_lora(sam, rank=3, alpha=6)  # every nn.Linear, decoder included
+    assert sorted(report.replaced) == sorted(weights)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name in report.replaced:
+            sam.get_submodule(name).lora_B.copy_(torch.randn(sam.get_submodule(name).lora_B.shape, generator=gen) * 0.1)
+    lora_embeddings, lora_logits = run_sam(sam, images)
+    assert not torch.allclose(lora_embeddings, run_sam(small_sam(), images)[0], atol=1e-3)
+
+    assert merge_lora(sam) == len(weights)
+    assert all(sam.get_submodule(n).merged_adapter == "default" for n in weights)
+    assert not torch.allclose(sam.image_encoder.blocks[0].attn.qkv.weight, weights["image_encoder.blocks.0.attn.qkv"])
+    merged_embeddings, merged_logits = run_sam(sam, images)
+    close(merged_embeddings, lora_embeddings)
+    close(merged_logits, lora_logits)
+
+    assert unmerge_lora(sam) == len(weights)
+    for name, weight in weights.items():
+        torch.testing.assert_close(sam.get_submodule(name).weight, weight, rtol=0, atol=1e-6)
+    embeddings, logits = run_sam(sam, images)
+    close(embeddings, lora_embeddings)
+    close(logits, lora_logits)
+
+
+def _expected(sam: Sam, keep) -> list[str]:
+    return sorted(name for name, m in sam.named_modules() if type(m) is nn.Linear and keep(name, m))
+
+
+@pytest.mark.parametrize("selector, exclude, keep", [
+    (["qkv"], None, lambda n, m: n.endswith(".qkv")),
+    (["lin1", "mlp.lin2"], None, lambda n, m: n.endswith(".lin1") or n.endswith(".mlp.lin2")),
+    (r"image_encoder\.blocks\.\d+\.attn\.(qkv|proj)", None, lambda n, m: re.search(r"attn\.(qkv|proj)$", n)
+     and n.startswith("image_encoder.")),
+    (lambda name, m: m.out_features >= 128, None, lambda n, m: m.out_features >= 128),
+    (None, r"(mask_decoder|prompt_encoder)\..*", lambda n, m: n.startswith("image_encoder.")),
+    (r"image_encoder\..*", ["proj"], lambda n, m: n.startswith("image_encoder.") and not n.endswith(".proj")),
+    (None, lambda name, m: "mask_decoder" in name, lambda n, m: not n.startswith("mask_decoder.")),
+], ids=["suffix", "suffix-dotted", "regex", "callable", "exclude-regex", "exclude-suffix", "exclude-callable"])
+def test_target_and_exclude_modules(selector, exclude, keep):
+    sam = small_sam()
+    expected = _expected(sam, keep)
+    assert 0 < len(expected) < len(_expected(sam, lambda n, m: True))  # the selection really selects
+    report = inject_lora(sam, rank=2, target_modules=selector, exclude_modules=exclude)
+    assert sorted(report.replaced) == expected == lora_names(sam)
+
+
+def test_target_matching_nothing_is_an_error():
+    sam = small_sam()
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        inject_lora(sam, target_modules=["no_such_layer"])
+    assert not lora_names(sam)
