@@ -291,6 +291,10 @@ def load_image_mask_folders(
                 masks[base] = masks.pop(stem)
                 break
 
+    # A duplicated stem is reported once, not again as an image without mask (or vice versa).
+    ambiguous = {Path(p.path).stem for p in problems if p.kind == "duplicate_stem"}
+    images = {stem: path for stem, path in images.items() if stem not in ambiguous}
+    masks = {stem: path for stem, path in masks.items() if stem not in ambiguous}
     pairs = []
     for stem in sorted(images, key=_natural_key):
         if stem in masks:
