@@ -87,7 +87,7 @@ def _json_number(value: float) -> int | float:
 
 # -- save --------------------------------------------------------------------------------
 def _collect_for_save(model: nn.Module, adapter_name: str | None):
-    layers = [(name, layer) for name, layer in lora_layers(model)]
+    layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRALinear layers")
     if adapter_name is None:
@@ -142,7 +142,7 @@ def _build_config(model: nn.Module, chosen) -> dict:
     }
 
 
-def _write_atomically(path: Path, data: bytes) -> str:
+def _write_temp(path: Path, data: bytes) -> str:
     """Write ``data`` to a temp file beside ``path`` and fsync it; returns the temp name."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -165,7 +165,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     """
     from safetensors.torch import save as safetensors_save
 
-    adapter_name, chosen = _collect_for_save(model, adapter_name)
+    _, chosen = _collect_for_save(model, adapter_name)
     config = _build_config(model, chosen)
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     tensors = {}
@@ -177,19 +177,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
 
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    temps: list[tuple[str, Path]] = []
+    temps: list[str] = []
     try:
-        temps.append((_write_atomically(directory / WEIGHTS_NAME, weights_bytes), directory / WEIGHTS_NAME))
-        temps.append((_write_atomically(directory / CONFIG_NAME, config_bytes), directory / CONFIG_NAME))
-        while temps:
-            tmp, final = temps[0]
-            os.replace(tmp, final)
-            temps.pop(0)
+        temps.append(_write_temp(directory / WEIGHTS_NAME, weights_bytes))
+        temps.append(_write_temp(directory / CONFIG_NAME, config_bytes))
+        # Weights first: if only they get replaced, their config digest no longer matches and
+        # load_adapter says so; the files themselves are never partly written.
+        os.replace(temps[0], directory / WEIGHTS_NAME)
+        os.replace(temps[1], directory / CONFIG_NAME)
     finally:
-        for tmp, _ in temps:
+        for tmp in temps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    # A stale .bin from an older save would otherwise shadow nothing but confuse readers.
+    # A .bin from an earlier (PEFT) save would describe a different adapter than the new files.
     stale_bin = directory / WEIGHTS_NAME_BIN
     if stale_bin.exists():
         stale_bin.unlink()
@@ -259,7 +259,8 @@ def _group_tensors(tensors: dict[str, torch.Tensor], weights_path: Path) -> dict
                                                 ("lora_A.bias", "LoRA bias"), ("lora_B.bias", "LoRA bias"),
                                                 ("modules_to_save", "modules_to_save"))
                             if marker in key), "a tensor that is not a LoRA A/B weight")
-            raise ValueError(f"load_adapter: {weights_path} holds key {key!r} ({feature}), which LoRALinear does not support")
+            raise ValueError(f"load_adapter: {weights_path} holds key {key!r} ({feature}), "
+                             "which LoRALinear does not support")
         if tensor.dim() != 2:
             raise ValueError(f"load_adapter: {weights_path} key {key!r} has shape {tuple(tensor.shape)}; only linear "
                              "LoRA (2-D A and B) is supported, not convolution LoRA")
@@ -327,7 +328,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         plan.append((name, module, rank, alpha, parts))
     for _, layer in lora_layers(model):
         if layer.merged_adapter is not None:
-            raise RuntimeError(f"load_adapter: adapter {layer.merged_adapter!r} is merged; call unmerge_lora(model) first")
+            raise RuntimeError(f"load_adapter: adapter {layer.merged_adapter!r} is merged; "
+                               "call unmerge_lora(model) first")
 
     covered = set()
     for name, module, rank, alpha, parts in plan:

@@ -86,7 +86,7 @@ def lora_names(model):
 def test_round_trip_into_plain_model(tmp_path, x):
     model = trained_model()
     expected = model(x)
-    assert not torch.allclose(expected, base_model()(x)), "the adapter must change the output for this test to mean anything"
+    assert not torch.allclose(expected, base_model()(x)), "the adapter must change the output for the test to mean much"
     save_adapter(model, tmp_path)
 
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -329,7 +329,8 @@ def test_missing_files(tmp_path, saved):
 def test_key_for_a_module_the_model_lacks(saved):
     def rename(tensors):
         for part in "AB":
-            tensors[f"base_model.model.blocks.7.qkv.lora_{part}.weight"] = tensors.pop(f"base_model.model.blocks.1.qkv.lora_{part}.weight")
+            key = f"base_model.model.blocks.{{}}.qkv.lora_{part}.weight"
+            tensors[key.format(7)] = tensors.pop(key.format(1))
 
     _rewrite_weights(saved, rename)
     model = base_model()

@@ -102,7 +102,8 @@ def test_mark_trainable_mask_decoder_and_gradients(images):
 
     sam.train()
     embeddings = sam.image_encoder(sam.preprocess(images[:1]))
-    sparse, dense = sam.prompt_encoder(points=(torch.tensor([[[20.0, 30.0]]]), torch.ones(1, 1)), boxes=None, masks=None)
+    point = (torch.tensor([[[20.0, 30.0]]]), torch.ones(1, 1))
+    sparse, dense = sam.prompt_encoder(points=point, boxes=None, masks=None)
     logits, iou = sam.mask_decoder(embeddings, sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=False)
     (logits.square().mean() + iou.square().mean()).backward()
     qkv = sam.image_encoder.blocks[0].attn.qkv
