@@ -1,0 +1,32 @@
+// Validation shared by the CPU and CUDA implementations of the two ops.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <optional>
+
+#include "dropout_hash.h"
+
+namespace lora_fused {
+
+// Problem sizes of one call: x [M, K], weight [N, K], lora_A [r, K], lora_B [N, r].
+struct Sizes {
+  int64_t M, N, K, r;
+};
+
+// The dtype of xa and of internal sums: fp64 for fp64 inputs, else fp32.
+inline at::ScalarType accumulator_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Sizes check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
+                         const at::Tensor& seed);
+
+Sizes check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                          const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scaling,
+                          double dropout_p, const at::Tensor& seed);
+
+// The dropout parameters of a call (seed is a validated 0-dim int64 CPU tensor).
+DropoutSpec dropout_spec(double dropout_p, const at::Tensor& seed);
+
+}  // namespace lora_fused

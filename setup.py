@@ -1,0 +1,98 @@
+"""Build of lora_fused and its compiled extension lora_fused._C.
+
+The C++ CPU kernels are always built; the CUDA kernels too whenever nvcc (CUDA_HOME) and
+a CUDA build of torch are present. torch is not a build requirement: build against the
+installed torch with
+
+    pip install -e . --no-build-isolation        # or: python setup.py build_ext --inplace
+
+Environment knobs:
+    LORA_FUSED_SKIP_CUDA=1     build the CPU kernels only
+    LORA_FUSED_CUDA_ARCHS      architectures, e.g. "8.0;9.0+PTX" or "80 90" (falls back to
+                               TORCH_CUDA_ARCH_LIST; default "8.0;8.6;8.9;9.0+PTX": SASS for
+                               each, plus PTX of the newest so later GPUs can JIT it)
+    MAX_JOBS                   parallel compile jobs (read by torch's ninja build)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent.resolve()
+DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+CPU_SOURCES = ["csrc/module.cpp", "csrc/checks.cpp", "csrc/cpu_ops.cpp"]
+CUDA_SOURCES = ["csrc/cuda_ops.cpp", "csrc/cuda_simt.cu", "csrc/cuda_tensorcore.cu"]
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cuda_arch_flags(spec: str) -> list[str]:
+    """Map "8.0;8.6;9.0+PTX" (or "80 86 90+PTX", "sm_90") to nvcc -gencode flags."""
+    flags = []
+    for item in filter(None, re.split(r"[;,\s]+", spec.strip())):
+        match = re.fullmatch(r"(?:sm_|compute_)?(\d+)\.?(\d)?(a)?(\+PTX)?", item, flags=re.IGNORECASE)
+        if not match:
+            raise ValueError(f"cannot parse CUDA architecture {item!r} in {spec!r}; expected e.g. '8.0', '90' or '9.0+PTX'")
+        major, minor, suffix, ptx = match.groups()
+        number = f"{major}{minor}" if minor is not None else major
+        number += suffix or ""
+        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
+    if not flags:
+        raise ValueError(f"no CUDA architecture in {spec!r}")
+    return flags
+
+
+def _cuda_reason_to_skip(torch_module, cuda_home) -> str | None:
+    if _env_flag("LORA_FUSED_SKIP_CUDA"):
+        return "LORA_FUSED_SKIP_CUDA is set"
+    if torch_module.version.cuda is None:
+        return f"torch {torch_module.__version__} is a CPU-only build"
+    if cuda_home is None:
+        return "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    return None
+
+
+def extensions_and_cmdclass():
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("lora_fused: torch is not importable, so lora_fused._C is not built "
+              "(install torch first and build with --no-build-isolation)")
+        return [], {}
+
+    cxx_flags = ["-O3"]  # torch adds the C++ standard it needs (C++20 for torch >= 2.10)
+    skip_reason = _cuda_reason_to_skip(torch, CUDA_HOME)
+    if skip_reason is None:
+        archs = os.environ.get("LORA_FUSED_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+        nvcc_flags = ["-O3", "-lineinfo", "-DLORA_FUSED_WITH_CUDA=1", *cuda_arch_flags(archs)]
+        print(f"lora_fused: building CPU and CUDA kernels (archs {archs}, CUDA_HOME {CUDA_HOME})")
+        extension = CUDAExtension(
+            "lora_fused._C",
+            CPU_SOURCES + CUDA_SOURCES,
+            extra_compile_args={"cxx": cxx_flags + ["-DLORA_FUSED_WITH_CUDA=1"], "nvcc": nvcc_flags},
+        )
+    else:
+        print(f"lora_fused: building the CPU kernels only ({skip_reason})")
+        extension = CppExtension("lora_fused._C", CPU_SOURCES, extra_compile_args={"cxx": cxx_flags})
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions_and_cmdclass()
+
+setup(
+    # lora_fused/kernels is a symlink to the top-level kernels/ (the Triton code): it is
+    # installed inside the lora_fused namespace, never as a top-level `kernels` module.
+    packages=["lora_fused", "lora_fused.kernels"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
