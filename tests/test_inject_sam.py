@@ -84,6 +84,7 @@ def test_inject_into_image_encoder(images):
     trainable = {n for n, p in sam.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.adapters.default.lora_{p}" for n in encoder_linears for p in "AB"}
 
+    assert not any(sam.get_submodule(n).training for n in encoder_linears)  # eval model stays in eval mode
     embeddings, logits = run_sam(sam, images)  # B = 0: the injected model is the base model
     close(embeddings, expected_embeddings)
     close(logits, expected_logits)
