@@ -40,9 +40,9 @@ needs_kvasir_sample = pytest.mark.skipif(
 )
 
 
-def _save(array: np.ndarray, path: Path, mode: str | None = None) -> Path:
+def _save(array: np.ndarray, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array, mode=mode).save(path)
+    Image.fromarray(array).save(path)  # mode from dtype and shape: L, I;16, RGB, RGBA
     return path
 
 
@@ -138,7 +138,7 @@ def test_stem_matched_folders_with_mixed_formats(tmp_path):
     _save(rgb, images / "10.png")
     _save(rgb, images / "2.bmp")
     _save(grey, images / "grey.tif")
-    _save(rgba, images / "alpha.png", mode="RGBA")
+    _save(rgba, images / "alpha.png")
     _save(grey16, images / "deep.tif")
     _save(rgb, images / ".hidden.png")  # ignored, like macOS "._" files
     (images / "notes.txt").write_text("not an image")
@@ -270,7 +270,8 @@ def test_generic_datasets_are_validated_sample_by_sample():
         {"image": np.zeros((8, 8, 3), np.uint8), "mask": np.zeros((8, 9), bool), "name": "skew"},
     ]
     problems = validate_dataset(bad)
-    assert [(p.kind, p.severity) for p in problems] == [("empty_mask", "warning"), ("bad_sample", "error"), ("bad_sample", "error")]
+    kinds = [(p.kind, p.severity) for p in problems]
+    assert kinds == [("empty_mask", "warning"), ("bad_sample", "error"), ("bad_sample", "error")]
     assert "'flat'" in problems[1].message and "'skew'" in problems[2].message
 
 

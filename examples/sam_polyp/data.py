@@ -76,7 +76,7 @@ def _to_uint8(img: Image.Image) -> Image.Image:
             arr = arr * 255.0
         elif peak > 255.0:
             arr = arr / (257.0 if peak <= 65535.0 else peak / 255.0)
-        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
     return img
 
 
@@ -238,7 +238,9 @@ class PolypFolderDataset(torch.utils.data.Dataset):
 def _image_files(folder: Path) -> list[Path]:
     # Skip hidden files, including macOS "._name.jpg" resource forks that look like images.
     return [
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
     ]
 
 
@@ -250,11 +252,8 @@ def _by_stem(files: list[Path], problems: list[DataProblem], what: str) -> dict[
     for stem, paths in table.items():
         if len(paths) > 1:
             names = ", ".join(sorted(p.name for p in paths))
-            problems.append(
-                DataProblem(
-                    "duplicate_stem", str(paths[0]), f"{len(paths)} {what} files share the stem {stem!r} in {paths[0].parent}: {names}"
-                )
-            )
+            message = f"{len(paths)} {what} files share the stem {stem!r} in {paths[0].parent}: {names}"
+            problems.append(DataProblem("duplicate_stem", str(paths[0]), message))
         else:
             unique[stem] = paths[0]
     return unique
@@ -300,14 +299,13 @@ def load_image_mask_folders(
         if stem in masks:
             pairs.append((images[stem], masks.pop(stem)))
         else:
-            problems.append(
-                DataProblem("missing_mask", str(images[stem]), f"image {images[stem]} has no mask named {stem}.* in {masks_dir}")
-            )
+            message = f"image {images[stem]} has no mask named {stem}.* in {masks_dir}"
+            problems.append(DataProblem("missing_mask", str(images[stem]), message))
     for stem in sorted(masks, key=_natural_key):
-        problems.append(
-            DataProblem("missing_image", str(masks[stem]), f"mask {masks[stem]} has no image named {stem}.* in {images_dir}")
-        )
-    return PolypFolderDataset(pairs, name=name if name is not None else images_dir.parent.name, pairing_problems=problems)
+        message = f"mask {masks[stem]} has no image named {stem}.* in {images_dir}"
+        problems.append(DataProblem("missing_image", str(masks[stem]), message))
+    name = name if name is not None else images_dir.parent.name
+    return PolypFolderDataset(pairs, name=name, pairing_problems=problems)
 
 
 def _find_subdir(root: Path, candidates: Sequence[str]) -> Path | None:
@@ -358,7 +356,8 @@ def load_polyp_benchmark(root: str | os.PathLike) -> tuple[PolypFolderDataset, d
         tests[folder.name] = load_image_mask_folders(*dirs, name=folder.name)
     if not tests:
         raise FileNotFoundError(
-            f"no test set under {test_root}: expected folders such as {', '.join(BENCHMARK_TEST_SETS)}, each with images/ and masks/"
+            f"no test set under {test_root}: expected folders such as {', '.join(BENCHMARK_TEST_SETS)}, "
+            "each with images/ and masks/"
         )
     return train, tests
 
@@ -447,7 +446,8 @@ def _check_pair(image_path: Path, mask_path: Path) -> list[DataProblem]:
         mask_size = gray.shape
         problems += _check_mask_content(gray, str(mask_path))
     except FileNotFoundError:
-        problems.append(DataProblem("missing_mask", str(mask_path), f"mask file not found: {mask_path} (for image {image_path})"))
+        message = f"mask file not found: {mask_path} (for image {image_path})"
+        problems.append(DataProblem("missing_mask", str(mask_path), message))
     except UnreadableFileError as err:
         problems.append(DataProblem("unreadable_mask", str(mask_path), str(err)))
     if image_size is not None and mask_size is not None and image_size != mask_size:

@@ -55,7 +55,7 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: float) -> np.
     """Band-limited noise with about ``cells`` features across the shorter side, unit std."""
     gy = max(2, round(cells * h / min(h, w)) + 2)
     gx = max(2, round(cells * w / min(h, w)) + 2)
-    coarse = Image.fromarray(rng.standard_normal((gy, gx)).astype(np.float32), mode="F")
+    coarse = Image.fromarray(rng.standard_normal((gy, gx)).astype(np.float32))
     field = np.asarray(coarse.resize((w, h), Image.BICUBIC), dtype=np.float32)
     return (field - field.mean()) / (field.std() + 1e-6)
 
@@ -179,7 +179,8 @@ def _polyp_frame(rng: np.random.Generator, h: int, w: int, shifted: bool) -> tup
     shade = np.clip((1 + light[0] * gx + light[1] * gy - 0.35 * (gx**2 + gy**2)) / np.sqrt(1 + gx**2 + gy**2), 0.2, 1.4)
     depth_dark = np.exp(-((lumen_dist / rng.uniform(0.15, 0.45)) ** 2)) * rng.uniform(0.6, 0.95)
     radial = np.hypot(xx, yy) / np.hypot(w, h) * 2 * scale
-    illumination = (1 - rng.uniform(0.25, 0.55) * radial**2) * (1 - depth_dark) * (1 + 0.08 * _smooth_noise(rng, h, w, 2))
+    falloff = 1 - rng.uniform(0.25, 0.55) * radial**2
+    illumination = falloff * (1 - depth_dark) * (1 + 0.08 * _smooth_noise(rng, h, w, 2))
 
     # Albedo: pink-red mucosa with blotches, a vessel network, and the polyps' own tint/texture.
     base = np.array([rng.uniform(0.8, 0.95), rng.uniform(0.42, 0.56), rng.uniform(0.36, 0.5)], np.float32)
@@ -195,7 +196,8 @@ def _polyp_frame(rng: np.random.Generator, h: int, w: int, shifted: bool) -> tup
     image = albedo * (shade * illumination)[..., None]
 
     # Specular highlights: wet mucosa reflects the light where the surface faces the camera.
-    glint = _smooth_noise(rng, h, w, rng.uniform(12, 22)) + 1.5 * (shade - 1) + 1.5 * polyp_dome / (polyp_dome.max() + 1e-6)
+    dome_top = polyp_dome / (polyp_dome.max() + 1e-6)
+    glint = _smooth_noise(rng, h, w, rng.uniform(12, 22)) + 1.5 * (shade - 1) + 1.5 * dome_top
     threshold = np.quantile(glint, 1 - rng.uniform(0.004, 0.02))
     spots = np.clip((glint - threshold) * 6, 0, 1)[..., None]
     image = image * (1 - spots) + spots * np.array([1.0, 0.98, 0.96], np.float32)
@@ -242,7 +244,10 @@ class SyntheticPolypDataset(torch.utils.data.Dataset):
         return {"image": image, "mask": mask, "name": f"{prefix}-s{self.seed}-{index:05d}"}
 
     def __repr__(self) -> str:
-        return f"SyntheticPolypDataset(num_samples={self.num_samples}, image_size={self.image_size}, seed={self.seed}, shifted={self.shifted})"
+        return (
+            f"SyntheticPolypDataset(num_samples={self.num_samples}, image_size={self.image_size}, "
+            f"seed={self.seed}, shifted={self.shifted})"
+        )
 
 
 def make_polyp_splits(
@@ -382,10 +387,14 @@ def write_dataset(
     (root / "masks").mkdir(parents=True, exist_ok=True)
     for index in range(len(dataset)):
         sample = dataset[index]
-        image = Image.fromarray(sample["image"], mode="RGB")
-        mask = Image.fromarray(sample["mask"].astype(np.uint8) * 255, mode="L")
-        for img, path in ((image, root / "images" / f"{sample['name']}{image_ext}"), (mask, root / "masks" / f"{sample['name']}{mask_ext}")):
-            img.save(path, quality=jpeg_quality) if path.suffix.lower() in (".jpg", ".jpeg") else img.save(path)
+        image = Image.fromarray(sample["image"])
+        mask = Image.fromarray(sample["mask"].astype(np.uint8) * 255)
+        for img, path in ((image, root / "images" / f"{sample['name']}{image_ext}"),
+                          (mask, root / "masks" / f"{sample['name']}{mask_ext}")):
+            if path.suffix.lower() in (".jpg", ".jpeg"):
+                img.save(path, quality=jpeg_quality)
+            else:
+                img.save(path)
     return root
 
 
