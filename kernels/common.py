@@ -1,0 +1,50 @@
+"""Small pieces every kernel file shares: the interpreter's bf16 workaround and dot precision."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import interpreting
+
+
+@triton.jit
+def dot_operand(tile, INTERPRETED_BF16: tl.constexpr):
+    # The interpreter's tl.dot multiplies bf16 bit patterns as integers (triton#11584);
+    # under the interpreter only, bf16 operands are widened to fp32 first.
+    if INTERPRETED_BF16:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def cast_to(value, dtype: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    # The interpreter truncates fp32 -> bf16 casts (and its "rtne" mode breaks on mantissa carry),
+    # so under the interpreter bf16 is rounded to nearest even here, as the GPU cast does.
+    if INTERPRETED_BF16 and dtype == tl.bfloat16:
+        bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        value = bits.to(tl.float32, bitcast=True)
+    return value.to(dtype)
+
+
+def interpreted_bf16(dtype: torch.dtype) -> bool:
+    """Whether the interpreter's bf16 workarounds (dot upcast, rounded casts) apply."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow ``torch.backends.cuda.matmul.allow_tf32``, as ``nn.Linear`` does."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
+        return "tf32"
+    return "ieee"
+
+
+def device_guard(tensor: torch.Tensor):
+    """Launch on the tensor's GPU (Triton uses the current device and stream)."""
+    if tensor.is_cuda:
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()

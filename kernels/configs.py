@@ -1,0 +1,195 @@
+"""Autotune configurations per architecture, their pruning, and launch-shape heuristics.
+
+Ampere (sm80/86/89) and Hopper (sm90+) get their own lists; the interpreter gets one
+small config so the CPU tests stay fast. Configs are pruned by an estimate of shared
+memory and accumulator registers, which grow with the padded rank ``R_PAD``: ranks
+above 64 leave only the smaller tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+# Rows a split-M program owns are a multiple of this, so every BLOCK_M below divides them.
+ROW_ALIGN_GPU = 128
+ROW_ALIGN_INTERPRETER = 32
+# Accumulator fp32 values a thread may hold before a config is considered to spill.
+MAX_ACCUMULATORS_PER_THREAD = 160
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def padded_rank(rank: int) -> int:
+    """``R_PAD = max(16, next_pow2(rank))``: tl.dot needs every dimension >= 16."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for M: powers of two up to 8192, then one bucket per 8192 rows."""
+    if m <= 8192:
+        return triton.next_power_of_2(max(m, 1))
+    return triton.cdiv(m, 8192) * 8192
+
+
+def row_align() -> int:
+    return ROW_ALIGN_INTERPRETER if interpreting() else ROW_ALIGN_GPU
+
+
+def _cuda_capability() -> tuple[int, int]:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_capability()
+    return (8, 0)
+
+
+def _tile(bm, bn, bk, warps, stages, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                         num_warps=warps, num_stages=stages)
+
+
+_GEMM_AMPERE = [
+    _tile(128, 128, 32, 4, 4),
+    _tile(128, 64, 32, 4, 4),
+    _tile(64, 128, 32, 4, 4),
+    _tile(64, 64, 64, 4, 4),
+    _tile(128, 256, 32, 8, 3),
+    _tile(128, 128, 64, 8, 3),
+    _tile(64, 256, 32, 4, 4),
+    _tile(32, 64, 64, 4, 5),
+    _tile(32, 64, 32, 2, 5),
+]
+
+_GEMM_HOPPER = [
+    _tile(128, 256, 64, 8, 3),
+    _tile(256, 128, 64, 8, 3),
+    _tile(128, 128, 64, 8, 4),
+    _tile(128, 128, 64, 4, 4),
+    _tile(64, 256, 64, 4, 4),
+    _tile(128, 64, 64, 4, 4),
+    _tile(64, 128, 64, 4, 4),
+    _tile(64, 64, 64, 4, 4),
+    _tile(32, 64, 64, 4, 5),
+]
+
+
+def gemm_configs() -> list[triton.Config]:
+    """Tiles of the forward and dx kernels: BLOCK_M rows, BLOCK_N output columns, BLOCK_K reduction step."""
+    if interpreting():
+        return [_tile(32, 32, 32, 4, 1, group=2)]
+    return _GEMM_HOPPER if _cuda_capability()[0] >= 9 else _GEMM_AMPERE
+
+
+def gpass_configs() -> list[triton.Config]:
+    """g-pass tiles: BLOCK_N is fixed by the launcher (it sizes the gb partial sums)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+            for bm in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+
+
+def lora_a_grad_configs() -> list[triton.Config]:
+    """dA tiles: BLOCK_M rows per step (divides the split), BLOCK_K columns of x per program."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bk in ((64, 64), (128, 64), (64, 128), (128, 128), (32, 128))
+            for w, s in ((4, 3), (8, 3), (4, 4))]
+
+
+def gpass_block_n(n: int, r_pad: int) -> int:
+    """Output-column block of the g-pass: wide (fewer gb partials) unless the rank is large."""
+    widest = 32 if interpreting() else (256 if r_pad <= 32 else 128 if r_pad <= 64 else 64)
+    return max(16, min(widest, triton.next_power_of_2(n)))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(device_index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(device_index)
+    shared = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+    return shared, props.multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs a split-M reduction aims for: two waves of SMs (a handful when interpreting)."""
+    if device.type != "cuda":
+        return 8
+    return 2 * _device_limits(device.index if device.index is not None else torch.cuda.current_device())[1]
+
+
+def split_rows(m: int, other_blocks: int, device: torch.device) -> tuple[int, int]:
+    """(splits, rows_per_split) for a deterministic split-M reduction with ``other_blocks`` column blocks."""
+    align = row_align()
+    wanted = max(1, triton.cdiv(target_programs(device), max(other_blocks, 1)))
+    splits = max(1, min(wanted, triton.cdiv(m, align)))
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), align) * align
+    return triton.cdiv(m, rows_per_split), rows_per_split
+
+
+def _fits(config: triton.Config, shared_bytes: int, budget: int, accumulators: int) -> bool:
+    per_thread = accumulators / (config.num_warps * 32)
+    return shared_bytes * config.num_stages <= budget and per_thread <= MAX_ACCUMULATORS_PER_THREAD
+
+
+def _keep_some(configs, kept, footprint):
+    return kept if kept else [min(configs, key=footprint)]
+
+
+def _shared_budget(tensor: torch.Tensor) -> int:
+    if tensor.device.type != "cuda":
+        return 1 << 30
+    return _device_limits(tensor.device.index)[0]
+
+
+def prune_gemm_configs(configs, named_args, **kwargs):
+    """Forward/dx tiles: stage buffers of (x, W, A) tiles and the [BM, BN] + [BM, R_PAD] accumulators."""
+    r_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
+    tensor = named_args["w_ptr"]
+    elt = tensor.element_size()
+    budget = _shared_budget(tensor)
+
+    def stage_bytes(c):
+        m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        return (m * k + k * n + k * r_pad) * elt
+
+    def accumulators(c):
+        return c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + r_pad)
+
+    kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
+    return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c))
+
+
+def prune_gpass_configs(configs, named_args, **kwargs):
+    """g-pass tiles: [BM, BLOCK_N] of g plus [BM, R_PAD] of xa per stage; [BLOCK_N, R_PAD] accumulators."""
+    r_pad, block_n = kwargs["R_PAD"], kwargs["BLOCK_N"]
+    tensor = named_args["g_ptr"]
+    budget = _shared_budget(tensor)
+
+    def stage_bytes(c):
+        return c.kwargs["BLOCK_M"] * (block_n * tensor.element_size() + r_pad * 4)
+
+    def accumulators(c):
+        return block_n * r_pad + c.kwargs["BLOCK_M"] * r_pad
+
+    kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
+    return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c))
+
+
+def prune_lora_a_grad_configs(configs, named_args, **kwargs):
+    """dA tiles: [BM, BK] of x plus [BM, R_PAD] of gb per stage; [R_PAD, BK] accumulators."""
+    r_pad = kwargs["R_PAD"]
+    tensor = named_args["x_ptr"]
+    budget = _shared_budget(tensor)
+
+    def stage_bytes(c):
+        return c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_K"] * tensor.element_size() + r_pad * 4)
+
+    def accumulators(c):
+        return r_pad * c.kwargs["BLOCK_K"]
+
+    kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
+    return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c))
