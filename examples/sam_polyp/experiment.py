@@ -1,0 +1,213 @@
+"""One experiment = data + every (seed, mode) run + the combined report."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import ResumeError
+from .distributed import DistContext, barrier
+from .evaluate import evaluate
+from .model import BoxPromptSam, build_sam, configure_mode
+from .preprocess import PromptedSegmentation
+from .pretrain import PretrainConfig, pretrained_tiny_checkpoint
+from .report import markdown_table, plot_curves, summarise, write_json
+from .train import TrainConfig, read_log, resolve_amp, train
+
+
+@dataclass
+class ExperimentConfig:
+    model: str = "tiny"
+    checkpoint: str | None = None
+    pretrained_tiny: bool = False
+    modes: list[str] = field(default_factory=lambda: ["vanilla", "lora"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    rank: int = 4
+    alpha: float = 1.0
+    lora_dropout: float = 0.0
+    train_decoder: bool = False
+    backend: str = "auto"
+    data: str = "synthetic"
+    test_data: list[str] = field(default_factory=list)
+    data_seed: int = 0
+    val_fraction: float = 0.1
+    synthetic_image_size: int = 128
+    synthetic_train: int = 240
+    synthetic_val: int = 32
+    synthetic_test: int = 64
+    out: str = "outputs/sam_polyp"
+    resume: bool = False
+    num_overlays: int = 4
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+def say(ctx: DistContext, *args) -> None:
+    if ctx.is_main:
+        print(*args, flush=True)
+
+
+# -- data ----------------------------------------------------------------------------------
+def load_data(cfg: ExperimentConfig, ctx: DistContext):
+    """``(train, val, {test_name: test})`` as raw sample datasets, validated before training."""
+    if cfg.data == "synthetic":
+        from .synthetic import make_polyp_splits
+
+        splits = make_polyp_splits(cfg.synthetic_image_size, cfg.synthetic_train, cfg.synthetic_val,
+                                   cfg.synthetic_test, cfg.data_seed)
+        tests = {"synthetic": splits["test"], "synthetic-shifted": splits["test_shifted"]}
+        return splits["train"], splits["val"], {**tests, **_extra_tests(cfg)}
+    from .data import PolypFolderDataset, check_dataset, open_polyp_data
+
+    train_set, tests = open_polyp_data(cfg.data, seed=cfg.data_seed)
+    val_set = None
+    if isinstance(train_set, PolypFolderDataset) and cfg.val_fraction > 0 and len(train_set) >= 10:
+        train_set, val_set = train_set.holdout(cfg.val_fraction, cfg.data_seed)
+    # Box prompts need a polyp: empty masks leave training (reported), but stay in evaluation.
+    train_set = check_dataset(train_set, drop_empty_masks=True, name=f"--data {cfg.data} (train)")
+    if val_set is not None:
+        val_set = check_dataset(val_set, name=f"--data {cfg.data} (validation)")
+    tests = {name: check_dataset(ds, name=name) for name, ds in tests.items()}
+    return train_set, val_set, {**tests, **_extra_tests(cfg)}
+
+
+def _extra_tests(cfg: ExperimentConfig) -> dict:
+    from .data import check_dataset, open_polyp_data
+
+    extra = {}
+    for path in cfg.test_data:
+        whole, tests = open_polyp_data(path, holdout_fraction=0)
+        found = tests or {Path(path).name: whole}
+        for name, ds in found.items():
+            extra[name if name not in extra else f"{Path(path).name}/{name}"] = check_dataset(ds, name=f"--test-data {path}")
+    return extra
+
+
+# -- model ---------------------------------------------------------------------------------
+def base_checkpoint(cfg: ExperimentConfig, ctx: DistContext) -> str | None:
+    if cfg.pretrained_tiny:
+        if cfg.model != "tiny" or cfg.checkpoint:
+            raise ValueError("--pretrained-tiny goes with --model tiny and no --checkpoint")
+        return str(pretrained_tiny_checkpoint(cfg.pretrain, ctx, log=lambda *a: say(ctx, *a)))
+    return cfg.checkpoint
+
+
+def run_signature(cfg: ExperimentConfig, mode: str, seed: int, base: str | None) -> dict:
+    t = cfg.train
+    return {"model": cfg.model, "base": base, "mode": mode, "seed": seed, "rank": cfg.rank, "alpha": cfg.alpha,
+            "lora_dropout": cfg.lora_dropout, "train_decoder": cfg.train_decoder, "data": cfg.data,
+            "data_seed": cfg.data_seed, "steps": t.steps, "batch_size": t.batch_size, "accum_steps": t.accum_steps,
+            "lr": t.lr, "weight_decay": t.weight_decay, "warmup_steps": t.warmup_steps, "amp": t.amp,
+            "box_jitter": t.box_jitter, "loss": json.dumps(asdict(t.loss), sort_keys=True)}
+
+
+def param_line(report) -> str:
+    return (f"trainable params: {report.trainable_params:,} || all params: {report.total_params:,} || "
+            f"trainable%: {report.trainable_percent:.4f}")
+
+
+def run_one(cfg: ExperimentConfig, ctx: DistContext, mode: str, seed: int, base: str | None, data,
+            vanilla_cache: dict) -> dict:
+    train_raw, val_raw, tests_raw = data
+    run_dir = Path(cfg.out) / "runs" / f"seed{seed}" / mode
+    done_file = run_dir / "metrics.json"
+    if cfg.resume and done_file.exists():
+        say(ctx, f"[seed {seed}] {mode}: finished earlier, reusing {done_file}")
+        return json.loads(done_file.read_text())
+    torch.manual_seed(seed)  # LoRA A matrices and anything else initialised below
+    sam = build_sam(cfg.model, base, init_seed=seed)
+    decoder_trains = mode in ("decoder", "full") or (mode.startswith("lora") and cfg.train_decoder)
+    report = configure_mode(sam, mode, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.train_decoder, cfg.backend)
+    label = mode + ("+decoder" if mode.startswith("lora") and cfg.train_decoder else "")
+    say(ctx, f"[seed {seed}] {label}: {report if mode.startswith('lora') else param_line(report)}")
+    model = BoxPromptSam(sam).to(ctx.device)
+    img_size = model.img_size
+    result = {"mode": label, "seed": seed, "trainable_params": report.trainable_params,
+              "total_params": report.total_params, "trainable_percent": report.trainable_percent, "tests": {}}
+    if mode != "vanilla":
+        summary = train(model, PromptedSegmentation(train_raw, img_size),
+                        PromptedSegmentation(val_raw, img_size) if val_raw is not None else None,
+                        cfg.train, run_dir, ctx, run_signature(cfg, mode, seed, base), resume=cfg.resume,
+                        decoder_trains=decoder_trains, desc=f"{label} seed {seed}")
+        result["train"] = summary
+        if not summary["finished"]:
+            say(ctx, f"[seed {seed}] {label}: stopped after step {summary['stopped_at']} (--stop-after); "
+                     f"continue with --resume")
+            return result
+        say(ctx, f"[seed {seed}] {label}: trained {summary['stopped_at'] - summary['start_step']} steps in "
+                 f"{summary['seconds']:.0f}s, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}")
+    vanilla_key = (cfg.model, base) if base is not None else None  # random init depends on the seed
+    if mode == "vanilla" and vanilla_key in vanilla_cache:
+        result["tests"] = vanilla_cache[vanilla_key]
+    else:
+        amp_dtype = resolve_amp(cfg.train.amp, ctx.device)
+        for name, ds in tests_raw.items():
+            overlays = Path(cfg.out) / "overlays" / label / name if seed == cfg.seeds[0] else None
+            metrics = evaluate(model, PromptedSegmentation(ds, img_size), ctx, cfg.train.eval_batch_size, amp_dtype,
+                               desc=f"eval {name}", overlay_dir=overlays, num_overlays=cfg.num_overlays)
+            result["tests"][name] = metrics
+        if mode == "vanilla" and vanilla_key is not None:
+            vanilla_cache[vanilla_key] = result["tests"]
+    say(ctx, f"[seed {seed}] {label}: " + ", ".join(f"{n} Dice {m['dice']:.3f} IoU {m['iou']:.3f}"
+                                                    for n, m in result["tests"].items()))
+    if ctx.is_main:
+        write_json(done_file, result)
+    return result
+
+
+def run_experiment(cfg: ExperimentConfig, ctx: DistContext) -> dict:
+    started = time.time()
+    out = Path(cfg.out)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    data = load_data(cfg, ctx)
+    say(ctx, f"data: train {len(data[0])}, val {len(data[1]) if data[1] is not None else 0}, tests "
+             + ", ".join(f"{n} {len(d)}" for n, d in data[2].items()))
+    base = base_checkpoint(cfg, ctx)
+    runs, vanilla_cache = [], {}
+    for seed in cfg.seeds:
+        for mode in cfg.modes:
+            runs.append(run_one(cfg, ctx, mode, seed, base, data, vanilla_cache))
+    barrier(ctx)
+    if any(run.get("train", {}).get("finished") is False for run in runs):
+        return {"runs": runs, "stopped": True}
+    test_names = list(data[2])
+    rows = summarise(runs, test_names)
+    table = markdown_table(rows, test_names)
+    results = {"config": _jsonable(asdict(cfg)), "base_checkpoint": base, "runs": runs, "summary": rows,
+               "seconds": time.time() - started, "world_size": ctx.world_size, "device": str(ctx.device)}
+    if ctx.is_main:
+        write_json(out / "results.json", results)
+        (out / "results.md").write_text(table)
+        curves = {f"{r['mode']} seed {r['seed']}": read_log(out / "runs" / f"seed{r['seed']}" / _mode_dir(r) /
+                                                            "train_log.csv") for r in runs if "train" in r}
+        if curves:
+            plot_curves(curves, out / "training_curves.png")
+        print("\n" + table, flush=True)
+        print(f"outputs in {out}/: results.json, results.md"
+              + (", training_curves.png" if curves else "") + ", overlays/, runs/", flush=True)
+    return results
+
+
+def _mode_dir(run: dict) -> str:
+    return run["mode"].replace("+decoder", "")
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+
+def check_resume_target(cfg: ExperimentConfig) -> None:
+    if cfg.resume and not (Path(cfg.out) / "runs").is_dir():
+        raise ResumeError(f"--resume: {cfg.out}/runs does not exist; nothing to resume (check --out)")
+
+
+

@@ -1,0 +1,111 @@
+"""Outputs: results.json, the markdown table, training curves and overlay images."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def _matplotlib():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_json(path: Path, payload) -> None:
+    """Atomic JSON write (temp file + os.replace): a reader never sees half a results file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    if not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarise(runs: list[dict], test_names: list[str]) -> list[dict]:
+    """One row per mode: mean ± std over seeds of the mean Dice over test sets, and per test
+    set mean Dice/IoU over seeds. ``runs`` are ``{"mode", "seed", "tests": {name: metrics}, ...}``."""
+    rows = []
+    for mode in dict.fromkeys(run["mode"] for run in runs):
+        mine = [run for run in runs if run["mode"] == mode]
+        overall = [sum(run["tests"][t]["dice"] for t in test_names) / len(test_names) for run in mine]
+        row = {"mode": mode, "seeds": [run["seed"] for run in mine], "dice_mean": mean_std(overall)[0],
+               "dice_std": mean_std(overall)[1], "trainable_params": mine[0]["trainable_params"],
+               "trainable_percent": mine[0]["trainable_percent"], "tests": {}}
+        for t in test_names:
+            dice = mean_std([run["tests"][t]["dice"] for run in mine])
+            iou = mean_std([run["tests"][t]["iou"] for run in mine])
+            row["tests"][t] = {"dice": dice[0], "dice_std": dice[1], "iou": iou[0], "iou_std": iou[1]}
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict], test_names: list[str]) -> str:
+    header = ["mode", "trainable params (%)", "mean Dice ± std over seeds"] + [f"{t} Dice / IoU" for t in test_names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["mode"], f"{row['trainable_params']:,} ({row['trainable_percent']:.2f}%)",
+                 f"{row['dice_mean']:.3f} ± {row['dice_std']:.3f} (n={len(row['seeds'])})"]
+        cells += [f"{row['tests'][t]['dice']:.3f} / {row['tests'][t]['iou']:.3f}" for t in test_names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
+    """Training loss (left) and validation Dice (right) per run, from the CSV logs."""
+    plt = _matplotlib()
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, rows in curves.items():
+        steps = [r["step"] for r in rows if "loss" in r]
+        ax_loss.plot(steps, [r["loss"] for r in rows if "loss" in r], label=label)
+        val = [(r["step"], r["val_dice"]) for r in rows if "val_dice" in r]
+        if val:
+            ax_val.plot(*zip(*val), marker="o", label=label)
+    ax_loss.set(xlabel="optimizer step", ylabel="training loss", title="loss", yscale="log")
+    ax_val.set(xlabel="optimizer step", ylabel="Dice", title="validation Dice", ylim=(0, 1))
+    for ax in (ax_loss, ax_val):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_overlay(path: Path, image: np.ndarray, gt: np.ndarray, pred: np.ndarray, title: str) -> None:
+    """Three panels: the image, ground truth (green) over it, prediction (red) over it."""
+    plt = _matplotlib()
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
+    panels = [("image", None, None), ("ground truth", gt, (0.0, 1.0, 0.0)), ("prediction", pred, (1.0, 0.0, 0.0))]
+    for ax, (name, mask, colour) in zip(axes, panels):
+        shown = image.astype(np.float32) / 255.0
+        if mask is not None:
+            shown = shown.copy()
+            shown[mask.astype(bool)] = 0.5 * shown[mask.astype(bool)] + 0.5 * np.array(colour)
+        ax.imshow(shown)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
