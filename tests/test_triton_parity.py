@@ -1,0 +1,299 @@
+"""Parity of the Triton backend with the float64 reference (DESIGN.md §5), on every shape class.
+
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py)
+with one small config; with a GPU the same matrix runs on CUDA with the autotuned
+configs, and the CUDA-only tests below add bf16 at real sizes and autotuning.
+
+bf16 under the interpreter: the interpreter's tl.dot on bf16 multiplies raw bit
+patterns (triton#11584) and its fp32->bf16 cast truncates, so the kernels widen bf16 dot
+operands to fp32 and round casts to nearest-even themselves *only when interpreting*
+(the INTERPRETED_BF16 constexpr). The bf16 cases here therefore check the kernels' bf16
+loads, stores and index arithmetic on CPU; native bf16 MMAs are checked by the CUDA tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lora_fused
+from lora_fused.kernels import configs as triton_configs
+from lora_fused.kernels import ops as triton_ops
+from parity import assert_parity, make_inputs, reference_outputs
+from conftest import requires_cuda
+
+INTERPRETING = triton_configs.interpreting()
+DEVICE = "cpu" if INTERPRETING else "cuda"
+pytestmark = pytest.mark.skipif(
+    not INTERPRETING and not torch.cuda.is_available(),
+    reason="the triton backend needs a CUDA GPU or TRITON_INTERPRET=1",
+)
+
+SCALING = 1.7
+OUTPUT_NAMES = ("y", "xa", "dx", "dA", "dB", "db")
+
+# (M, K, N, rank, bias, dtype): every rank of the issue in fp32 and fp16, with M in {1, 7, 130},
+# K and N not multiples of 16 (and larger than the interpreter's 32-wide blocks).
+RANK_CASES = [
+    (130, 70, 45, 1, True, torch.float32),
+    (7, 70, 45, 3, False, torch.float32),
+    (1, 33, 17, 4, True, torch.float32),
+    (130, 70, 45, 16, False, torch.float32),
+    (7, 70, 45, 64, True, torch.float32),
+    (7, 70, 45, 1, False, torch.float16),
+    (130, 70, 45, 3, True, torch.float16),
+    (130, 33, 45, 4, False, torch.float16),
+    (1, 70, 45, 16, True, torch.float16),
+    (130, 70, 45, 64, False, torch.float16),
+    (130, 70, 45, 16, True, torch.bfloat16),
+    (7, 33, 17, 3, False, torch.bfloat16),
+    (7, 50, 45, 256, True, torch.float32),
+]
+
+
+def _case_id(case):
+    M, K, N, r, bias, dtype = case
+    return f"M{M}-K{K}-N{N}-r{r}-{'bias' if bias else 'nobias'}-{str(dtype).split('.')[-1]}"
+
+
+def _random_like(shape, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _double(t):
+    return None if t is None else t.double()
+
+
+def check_op_parity(M, K, N, r, bias, dtype, dropout_p=0.0, seed=1234, device=DEVICE):
+    """Forward and all gradients of the Triton ops vs the float64 reference, under DESIGN.md §5's budget."""
+    x, weight, b, lora_A, lora_B = make_inputs(M, K, N, r, dtype, device=device, bias=bias, seed=M * 1000 + r)
+    grad_y = _random_like((M, N), dtype, device, seed=7)
+    seed_t = torch.tensor(seed, dtype=torch.int64)
+
+    y, xa = triton_ops.triton_forward(x, weight, b, lora_A, lora_B, SCALING, dropout_p, seed_t)
+    dx, dA, dB, db = triton_ops.triton_backward(
+        grad_y, x, weight, lora_A, lora_B, xa, SCALING, dropout_p, seed_t, True, bias)
+    got = (y, xa, dx, dA, dB, db)
+
+    exact = reference_outputs(*(_double(t) for t in (x, weight, b, lora_A, lora_B)), SCALING, dropout_p, seed,
+                              grad_y.double())
+    same_dtype = reference_outputs(x, weight, b, lora_A, lora_B, SCALING, dropout_p, seed, grad_y)
+    for name, value, torch_value, exact_value in zip(OUTPUT_NAMES, got, same_dtype, exact):
+        if name == "db" and not bias:
+            assert value.numel() == 0
+            continue
+        assert value.dtype == torch_value.dtype, (name, value.dtype, torch_value.dtype)
+        assert_parity(name, value, torch_value, exact_value)
+
+
+@pytest.mark.parametrize("case", RANK_CASES, ids=_case_id)
+def test_op_parity(case):
+    check_op_parity(*case)
+
+
+@pytest.mark.parametrize("dtype,M,r,p", [
+    (torch.float32, 130, 16, 0.3),
+    (torch.float16, 7, 4, 0.5),
+    (torch.bfloat16, 130, 3, 0.2),
+])
+def test_op_parity_with_dropout(dtype, M, r, p):
+    # The reference draws lora_fused.dropout.keep_mask, so this also checks the kernels' mask in both passes.
+    check_op_parity(M, 70, 45, r, True, dtype, dropout_p=p, seed=99)
+
+
+def _run_layer(x, weight, bias, lora_A, lora_B, grad_y, backend, dropout_p=0.0):
+    x = x.detach().requires_grad_()
+    lora_A = lora_A.detach().requires_grad_()
+    lora_B = lora_B.detach().requires_grad_()
+    if bias is not None:
+        bias = bias.detach().requires_grad_()
+    torch.manual_seed(5)  # the functional draws its dropout seed from the default generator
+    y = lora_fused.lora_linear(x, weight, bias, lora_A, lora_B, SCALING, dropout_p=dropout_p, backend=backend)
+    y.backward(grad_y)
+    return y, x.grad, lora_A.grad, lora_B.grad, (bias.grad if bias is not None else None)
+
+
+def _check_layer_parity(x, weight, bias, lora_A, lora_B, dropout_p=0.0):
+    N = weight.shape[0]
+    grad_y = _random_like((*x.shape[:-1], N), x.dtype, x.device, seed=3)
+    got = _run_layer(x, weight, bias, lora_A, lora_B, grad_y, "triton", dropout_p)
+    same_dtype = _run_layer(x, weight, bias, lora_A, lora_B, grad_y, "torch", dropout_p)
+    exact = _run_layer(*(_double(t) for t in (x, weight, bias, lora_A, lora_B, grad_y)), "torch", dropout_p)
+    for name, value, torch_value, exact_value in zip(("y", "dx", "dA", "dB", "db"), got, same_dtype, exact):
+        if value is None:
+            continue
+        assert value.shape == torch_value.shape, (name, value.shape, torch_value.shape)
+        assert_parity(name, value, torch_value, exact_value)
+
+
+def test_layer_nd_input():
+    x, weight, bias, lora_A, lora_B = make_inputs(0, 37, 45, 4, torch.float32, device=DEVICE, leading=(2, 3, 11))
+    _check_layer_parity(x, weight, bias, lora_A, lora_B, dropout_p=0.25)
+
+
+@pytest.mark.parametrize("layout", ["row_strided", "last_dim_strided", "transposed", "nd_sliced"])
+def test_layer_strided_input(layout):
+    M, K, N, r = 40, 37, 45, 3
+    base, weight, bias, lora_A, lora_B = make_inputs(2 * M, 2 * K, N, r, torch.float16, device=DEVICE)
+    weight, lora_A = weight[:, :K], lora_A[:, :K]  # strided parameters too (unit last stride)
+    if layout == "row_strided":
+        x = base[::2, 5:5 + K]
+    elif layout == "last_dim_strided":
+        x = base[:M, ::2][:, :K]
+    elif layout == "transposed":
+        x = base[:K, :M].t()
+    else:
+        x = base[:M, :K].reshape(4, 10, K)[:, 1:8, :]
+    assert not x.is_contiguous()
+    _check_layer_parity(x, weight, bias, lora_A, lora_B)
+
+
+def test_unit_stride_input_is_not_copied(monkeypatch):
+    seen = {}
+    real = triton_ops.lora_forward
+
+    def recording_forward(x, *args):
+        seen["ptr"], seen["stride"] = x.data_ptr(), x.stride()
+        return real(x, *args)
+
+    monkeypatch.setattr(triton_ops, "lora_forward", recording_forward)
+    base, weight, bias, lora_A, lora_B = make_inputs(20, 50, 17, 4, torch.float32, device=DEVICE)
+    x = base[::2, 3:36]
+    triton_ops.triton_forward(x, weight[:, :33], bias, lora_A[:, :33], lora_B, 1.0, 0.0,
+                              torch.tensor(0, dtype=torch.int64))
+    assert seen == {"ptr": x.data_ptr(), "stride": (100, 1)}
+
+
+def test_empty_batch():
+    x, weight, bias, lora_A, lora_B = make_inputs(0, 20, 17, 4, torch.float32, device=DEVICE)
+    seed = torch.tensor(3, dtype=torch.int64)
+    y, xa = triton_ops.triton_forward(x, weight, bias, lora_A, lora_B, SCALING, 0.1, seed)
+    assert y.shape == (0, 17) and xa.shape == (0, 4) and xa.dtype == torch.float32
+    dx, dA, dB, db = triton_ops.triton_backward(torch.empty(0, 17, device=DEVICE), x, weight, lora_A, lora_B, xa,
+                                                SCALING, 0.1, seed, True, True)
+    assert dx.shape == (0, 20)
+    assert torch.equal(dA, torch.zeros_like(lora_A)) and torch.equal(dB, torch.zeros_like(lora_B))
+    assert torch.equal(db, torch.zeros(17, device=DEVICE))
+    # Through the functional API with a zero-sized leading dimension, gradients are zeros too.
+    x_nd = torch.randn(2, 0, 20, device=DEVICE, requires_grad=True)
+    lora_A.requires_grad_()
+    out = lora_fused.lora_linear(x_nd, weight, bias, lora_A, lora_B, SCALING, backend="triton")
+    out.sum().backward()
+    assert out.shape == (2, 0, 17) and torch.equal(lora_A.grad, torch.zeros_like(lora_A))
+
+
+def test_gradients_are_deterministic():
+    x, weight, bias, lora_A, lora_B = make_inputs(130, 70, 45, 16, torch.float32, device=DEVICE)
+    grad_y = _random_like((130, 45), torch.float32, DEVICE, seed=11)
+    seed = torch.tensor(21, dtype=torch.int64)
+    y, xa = triton_ops.triton_forward(x, weight, bias, lora_A, lora_B, SCALING, 0.3, seed)
+    first = triton_ops.triton_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, 0.3, seed, True, True)
+    second = triton_ops.triton_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, 0.3, seed, True, True)
+    for name, a, b in zip(("dx", "dA", "dB", "db"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical backward calls"
+
+
+def test_only_requested_gradients():
+    x, weight, _, lora_A, lora_B = make_inputs(7, 20, 17, 4, torch.float16, device=DEVICE)
+    seed = torch.tensor(0, dtype=torch.int64)
+    _, xa = triton_ops.triton_forward(x, weight, None, lora_A, lora_B, SCALING, 0.0, seed)
+    dx, dA, dB, db = triton_ops.triton_backward(torch.ones(7, 17, dtype=torch.float16, device=DEVICE), x, weight,
+                                                lora_A, lora_B, xa, SCALING, 0.0, seed, False, False)
+    assert dx.numel() == 0 and db.numel() == 0
+    assert dA.shape == lora_A.shape and dB.shape == lora_B.shape and torch.isfinite(dA).all()
+
+
+@pytest.mark.parametrize("change,error,match", [
+    ({"dtype": torch.float64}, TypeError, "float64"),
+    ({"rank": 257}, ValueError, "ranks 1..256"),
+    ({"b_dtype": torch.float16}, TypeError, "share x's dtype"),
+    ({"bias_len": 5}, ValueError, "bias must be"),
+])
+def test_clear_errors(change, error, match):
+    dtype = change.get("dtype", torch.float32)
+    x, weight, bias, lora_A, lora_B = make_inputs(3, 20, 17, change.get("rank", 4), dtype, device=DEVICE)
+    if "b_dtype" in change:
+        lora_B = lora_B.to(change["b_dtype"])
+    if "bias_len" in change:
+        bias = bias[: change["bias_len"]]
+    with pytest.raises(error, match=match):
+        triton_ops.triton_forward(x, weight, bias, lora_A, lora_B, 1.0, 0.0, torch.tensor(0, dtype=torch.int64))
+
+
+def test_torch_compile_fullgraph():
+    x, weight, bias, lora_A, lora_B = make_inputs(7, 20, 17, 4, torch.float32, device=DEVICE)
+
+    def layer(x, lora_A, lora_B, dropout_p):
+        return lora_fused.lora_linear(x, weight, bias, lora_A, lora_B, SCALING, dropout_p=dropout_p,
+                                      backend="triton")
+
+    compiled = torch.compile(layer, fullgraph=True)
+    results = []
+    for fn in (layer, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, lora_A, lora_B)]
+        y = fn(*leaves, 0.0)
+        y.square().sum().backward()
+        results.append((y, *(t.grad for t in leaves)))
+    for name, eager, comp in zip(("y", "dx", "dA", "dB"), *results):
+        torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-6, msg=name)
+    # The dropout path (seed drawn inside the graph) compiles without graph breaks as well.
+    leaves = [t.detach().clone().requires_grad_() for t in (x, lora_A, lora_B)]
+    compiled(*leaves, 0.4).sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+def test_large_rank_configs_are_pruned_to_fit():
+    # The GPU config lists keep only tiles whose accumulators fit when R_PAD is 256, and never none.
+    weight = torch.empty(8, 8, dtype=torch.float16)
+    for tiles in (triton_configs._GEMM_AMPERE, triton_configs._GEMM_HOPPER):
+        small = triton_configs.prune_gemm_configs(tiles, {"w_ptr": weight}, R_PAD=16)
+        large = triton_configs.prune_gemm_configs(tiles, {"w_ptr": weight}, R_PAD=256)
+        assert 0 < len(large) < len(small)
+        for config in large:
+            accumulators = config.kwargs["BLOCK_M"] * (config.kwargs["BLOCK_N"] + 256)
+            assert accumulators / (32 * config.num_warps) <= triton_configs.MAX_ACCUMULATORS_PER_THREAD
+
+
+# ---- CUDA: native bf16 MMAs, autotuned configs, realistic sizes --------------------------------
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M,K,N,r", [(4096, 768, 2304, 16), (1000, 768, 768, 4), (333, 1280, 5120, 64),
+                                     (129, 1000, 300, 256), (1, 768, 768, 8)])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_cuda_parity_autotuned(dtype, M, K, N, r, dropout_p):
+    check_op_parity(M, K, N, r, True, dtype, dropout_p=dropout_p, device="cuda")
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", RANK_CASES, ids=_case_id)
+def test_cuda_parity_small_shapes(case):
+    check_op_parity(*case, device="cuda")
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_cuda_tf32_follows_torch_setting():
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allow in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            check_op_parity(512, 768, 768, 16, True, torch.float32, device="cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_cuda_gradients_are_deterministic():
+    x, weight, bias, lora_A, lora_B = make_inputs(8192, 768, 2304, 16, torch.bfloat16, device="cuda")
+    grad_y = _random_like((8192, 2304), torch.bfloat16, "cuda", seed=1)
+    seed = torch.tensor(5, dtype=torch.int64)
+    _, xa = triton_ops.triton_forward(x, weight, bias, lora_A, lora_B, 2.0, 0.1, seed)
+    runs = [triton_ops.triton_backward(grad_y, x, weight, lora_A, lora_B, xa, 2.0, 0.1, seed, True, True)
+            for _ in range(3)]
+    for name, *values in zip(("dx", "dA", "dB", "db"), *runs):
+        assert all(torch.equal(values[0], v) for v in values[1:]), name
