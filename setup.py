@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 from setuptools import setup
@@ -41,6 +42,8 @@ def cuda_arch_flags(spec: str) -> list[str]:
             raise ValueError(f"cannot parse CUDA architecture {item!r} in {spec!r}; expected e.g. '8.0', '90' or '9.0+PTX'")
         major, minor, suffix, ptx = match.groups()
         number = f"{major}{minor}" if minor is not None else major
+        if int(number) < 80:
+            raise ValueError(f"CUDA architecture {item!r}: lora_fused's CUDA kernels need sm_80 or newer (bf16 tensor cores, cp.async)")
         number += suffix or ""
         flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
         if ptx:
@@ -60,7 +63,27 @@ def _cuda_reason_to_skip(torch_module, cuda_home) -> str | None:
     return None
 
 
+def _locate_cuda_home() -> None:
+    """Point CUDA_HOME at a toolkit with headers before torch guesses it.
+
+    torch derives CUDA_HOME from the nvcc on PATH; a wrapper script such as
+    /usr/local/bin/nvcc would make that /usr/local, which has no CUDA headers.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(nvcc).resolve().parent.parent)
+    candidates.append(Path("/usr/local/cuda"))
+    for home in candidates:
+        if (home / "include" / "cuda_runtime.h").is_file() and (home / "bin" / "nvcc").is_file():
+            os.environ["CUDA_HOME"] = str(home)
+            return
+
+
 def extensions_and_cmdclass():
+    _locate_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

@@ -1,0 +1,91 @@
+// Host interface of the CUDA kernels (cuda_simt.cu, cuda_tensorcore.cu).
+//
+// Plain types only, no torch headers: the .cu files compile without ATen, which keeps
+// nvcc fast. cuda_ops.cpp validates tensors, allocates outputs and workspaces, and
+// calls these launchers on the current stream. Every launcher returns the CUDA error
+// of its launches (cudaSuccess when there was nothing to do).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "dropout_hash.h"
+
+namespace lora_fused {
+namespace cuda {
+
+enum class DType { kHalf, kBFloat16, kFloat, kDouble };
+
+// Device pointers. x (and grad_y) are row-major with unit column stride and row stride
+// ldx (ldg); everything else is contiguous. xa, gb and workspaces are fp32, or fp64 when
+// dtype is kDouble.
+struct ForwardArgs {
+  DType dtype;
+  const void* x;
+  int64_t ldx;
+  const void* weight;  // [N, K]
+  const void* bias;    // [N] or nullptr
+  const void* lora_A;  // [r, K]
+  const void* lora_B;  // [N, r]
+  void* y;             // [M, N]
+  void* xa;            // [M, r]
+  int64_t M, N, K, r;
+  double scaling;
+  DropoutSpec dropout;
+};
+
+struct BackwardArgs {
+  DType dtype;
+  const void* grad_y;
+  int64_t ldg;
+  const void* x;
+  int64_t ldx;
+  const void* weight;
+  const void* lora_A;
+  const void* lora_B;
+  const void* xa;
+  void* dx;         // [M, K] or nullptr
+  void* dA;         // [r, K]
+  void* dB;         // [N, r]
+  void* db;         // [N] or nullptr
+  void* gb;         // workspace [M, r]
+  void* partials;   // workspace of backward_workspace_elems() accumulator elements
+  int64_t M, N, K, r;
+  double scaling;
+  DropoutSpec dropout;
+};
+
+// Reductions over M (dA, dB, db) run in `reduction_splits(M)` slices whose partial sums
+// are added in slice order: deterministic, no atomics.
+inline int64_t reduction_splits(int64_t M) {
+  const int64_t splits = (M + 511) / 512;
+  return splits < 1 ? 1 : (splits > 64 ? 64 : splits);
+}
+
+inline int64_t backward_workspace_elems(int64_t M, int64_t N, int64_t K, int64_t r) {
+  const int64_t db_cols = N * (r + 1), da = r * K;
+  return reduction_splits(M) * (db_cols > da ? db_cols : da);
+}
+
+// Largest rank whose xa the tensor-core forward accumulates in its own K loop; above it,
+// xa comes from simt_xa first.
+constexpr int64_t kMaxFusedRank = 64;
+
+// SIMT kernels, every dtype (fp32 accumulation; fp64 for kDouble).
+cudaError_t simt_xa(const ForwardArgs& args, cudaStream_t stream);       // xa = x~·Aᵀ
+cudaError_t simt_forward(const ForwardArgs& args, cudaStream_t stream);  // y from precomputed xa (fp32/fp64 only)
+cudaError_t simt_gb(const BackwardArgs& args, cudaStream_t stream);      // gb = g·B
+cudaError_t simt_dx(const BackwardArgs& args, cudaStream_t stream);      // dx (fp32/fp64 only)
+cudaError_t simt_dB_db(const BackwardArgs& args, cudaStream_t stream);   // dB = s·gᵀ·xa, db = Σ g
+cudaError_t simt_dA(const BackwardArgs& args, cudaStream_t stream);      // dA = s·gbᵀ·x~
+
+// Tensor-core kernels, kHalf and kBFloat16 only.
+// y = [x | s·xa]·[W | B]ᵀ + b; xa accumulated in the same K loop when r <= kMaxFusedRank,
+// else read from args.xa (computed by simt_xa).
+cudaError_t tensorcore_forward(const ForwardArgs& args, cudaStream_t stream);
+// dx = g·W + (s·gb·A) ⊙ keep/(1-p), from gb computed by simt_gb.
+cudaError_t tensorcore_dx(const BackwardArgs& args, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace lora_fused

@@ -1,0 +1,159 @@
+// CUDA implementation of the two ops: validation, outputs and workspaces from the caching
+// allocator, the device guard and current stream, and the choice of kernels
+// (tensor cores for fp16/bf16, SIMT for fp32/fp64) in cuda_simt.cu / cuda_tensorcore.cu.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cuda_kernels.h"
+
+namespace lora_fused {
+namespace {
+
+// The SIMT kernels put an output dimension on gridDim.y (at most 65535 tiles of 64).
+constexpr int64_t kMaxGridDimension = int64_t{65535} * 64;
+
+cuda::DType kernel_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf: return cuda::DType::kHalf;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    case at::kFloat: return cuda::DType::kFloat;
+    case at::kDouble: return cuda::DType::kDouble;
+    default: TORCH_CHECK(false, "lora_fused: unsupported dtype ", dtype);
+  }
+}
+
+bool uses_tensor_cores(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
+
+void check_launch(cudaError_t err, const char* op, const char* kernel) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel '", kernel, "' failed: ", cudaGetErrorString(err));
+}
+
+// The kernels read rows with any stride but need unit stride along them.
+at::Tensor with_unit_column_stride(const at::Tensor& t) {
+  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
+}
+
+void check_grid_limits(const char* op, const Sizes& s) {
+  TORCH_CHECK(s.N <= kMaxGridDimension && s.K <= kMaxGridDimension, op, ": N = ", s.N, " and K = ", s.K,
+              " must be at most ", kMaxGridDimension, " on CUDA");
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                      const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                      const at::Tensor& lora_B, double scaling, double dropout_p,
+                                                      const at::Tensor& seed) {
+  const char* op = "lora_fused::fused_forward";
+  const Sizes s = check_forward_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
+  check_grid_limits(op, s);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto dtype = x.scalar_type();
+  at::Tensor y = at::empty({s.M, s.N}, x.options());
+  at::Tensor xa = at::empty({s.M, s.r}, x.options().dtype(accumulator_type(dtype)));
+  if (s.M == 0) return {y, xa};
+
+  const at::Tensor x_k = with_unit_column_stride(x);
+  const at::Tensor weight_c = weight.contiguous(), a_c = lora_A.contiguous(), b_c = lora_B.contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
+
+  cuda::ForwardArgs args;
+  args.dtype = kernel_dtype(dtype);
+  args.x = x_k.data_ptr();
+  args.ldx = x_k.stride(0);
+  args.weight = weight_c.data_ptr();
+  args.bias = has_bias ? bias_c.data_ptr() : nullptr;
+  args.lora_A = a_c.data_ptr();
+  args.lora_B = b_c.data_ptr();
+  args.y = y.data_ptr();
+  args.xa = xa.data_ptr();
+  args.M = s.M, args.N = s.N, args.K = s.K, args.r = s.r;
+  args.scaling = scaling;
+  args.dropout = dropout_spec(dropout_p, seed);
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool tensor_cores = uses_tensor_cores(dtype);
+  // The tensor-core forward accumulates xa itself for r <= kMaxFusedRank (it stores xa
+  // from its first column of blocks, so it needs N > 0); otherwise xa is computed first.
+  if (!tensor_cores || s.r > cuda::kMaxFusedRank || s.N == 0) {
+    check_launch(cuda::simt_xa(args, stream), op, "xa = dropout(x)·lora_Aᵀ");
+  }
+  if (tensor_cores) {
+    check_launch(cuda::tensorcore_forward(args, stream), op, "tensor-core forward");
+  } else {
+    check_launch(cuda::simt_forward(args, stream), op, "forward");
+  }
+  return {y, xa};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed,
+    bool compute_dx, bool compute_db) {
+  const char* op = "lora_fused::fused_backward";
+  const Sizes s = check_backward_args(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed);
+  check_grid_limits(op, s);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto dtype = x.scalar_type();
+  const auto acc_options = x.options().dtype(accumulator_type(dtype));
+  at::Tensor dx = compute_dx ? at::empty({s.M, s.K}, grad_y.options()) : at::empty({0}, grad_y.options());
+  at::Tensor db = at::empty({compute_db ? s.N : 0}, grad_y.options());
+  if (s.M == 0) {
+    if (compute_db) db.zero_();
+    return {dx, at::zeros_like(lora_A, at::MemoryFormat::Contiguous),
+            at::zeros_like(lora_B, at::MemoryFormat::Contiguous), db};
+  }
+  at::Tensor dA = at::empty({s.r, s.K}, lora_A.options());
+  at::Tensor dB = at::empty({s.N, s.r}, lora_B.options());
+
+  const at::Tensor g_k = with_unit_column_stride(grad_y), x_k = with_unit_column_stride(x);
+  const at::Tensor weight_c = weight.contiguous(), a_c = lora_A.contiguous(), b_c = lora_B.contiguous();
+  const at::Tensor xa_c = xa.contiguous();
+  at::Tensor gb = at::empty({s.M, s.r}, acc_options);
+  at::Tensor partials = at::empty({cuda::backward_workspace_elems(s.M, s.N, s.K, s.r)}, acc_options);
+
+  cuda::BackwardArgs args;
+  args.dtype = kernel_dtype(dtype);
+  args.grad_y = g_k.data_ptr();
+  args.ldg = g_k.stride(0);
+  args.x = x_k.data_ptr();
+  args.ldx = x_k.stride(0);
+  args.weight = weight_c.data_ptr();
+  args.lora_A = a_c.data_ptr();
+  args.lora_B = b_c.data_ptr();
+  args.xa = xa_c.data_ptr();
+  args.dx = compute_dx ? dx.data_ptr() : nullptr;
+  args.dA = dA.data_ptr();
+  args.dB = dB.data_ptr();
+  args.db = compute_db ? db.data_ptr() : nullptr;
+  args.gb = gb.data_ptr();
+  args.partials = partials.data_ptr();
+  args.M = s.M, args.N = s.N, args.K = s.K, args.r = s.r;
+  args.scaling = scaling;
+  args.dropout = dropout_spec(dropout_p, seed);
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(cuda::simt_gb(args, stream), op, "gb = grad_y·lora_B");
+  if (compute_dx) {
+    if (uses_tensor_cores(dtype)) {
+      check_launch(cuda::tensorcore_dx(args, stream), op, "tensor-core dx");
+    } else {
+      check_launch(cuda::simt_dx(args, stream), op, "dx");
+    }
+  }
+  // dB/db and dA share the partial-sum workspace; the stream orders them.
+  check_launch(cuda::simt_dB_db(args, stream), op, "dB, db");
+  check_launch(cuda::simt_dA(args, stream), op, "dA");
+  return {dx, dA, dB, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_fused, CUDA, m) {
+  m.impl("fused_forward", &fused_forward_cuda);
+  m.impl("fused_backward", &fused_backward_cuda);
+}
+
+}  // namespace lora_fused
