@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import sys
 import traceback
@@ -54,6 +55,8 @@ PROVIDERS = ("linear", "torch", "peft", "addmm", "triton", "cuda")
 LORA_PROVIDERS = tuple(p for p in PROVIDERS if p != "linear")
 FUSED_PROVIDERS = ("triton", "cuda")
 MODES = ("forward", "backward", "full")
+PROVIDER_COLORS = {"linear": "tab:gray", "torch": "tab:blue", "peft": "tab:orange", "addmm": "tab:green",
+                   "triton": "tab:purple", "cuda": "tab:red"}
 MODE_TITLES = {"forward": "forward", "backward": "backward", "full": "forward + backward"}
 
 SAM_WIDTHS = {"b": 768, "l": 1024, "h": 1280}
@@ -332,8 +335,7 @@ def render_markdown(payload: dict) -> str:
     providers = [p for p in settings["providers"]]
     lora = [p for p in providers if p != "linear"]
     fused = [p for p in providers if p in FUSED_PROVIDERS]
-    title_device = ("CPU — " if stamp["device_type"] == "cpu" else "") + stamp["device_name"]
-    out = [f"# LoRA layer benchmark — {title_device}", "", common.banner(stamp), "", common.stamp_markdown(stamp), ""]
+    out = [f"# LoRA layer benchmark — {stamp['device_name']}", "", common.banner(stamp), "", common.stamp_markdown(stamp), ""]
     out += [
         "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("providers", "skipped")) + ".",
         "",
@@ -347,6 +349,7 @@ def render_markdown(payload: dict) -> str:
         out += ["Providers not run: " + "; ".join(f"`{k}`: {v}" for k, v in settings["skipped"].items()), ""]
     if payload.get("truncated"):
         out += ["**Truncated**: the time budget ran out before every configuration was measured.", ""]
+    out += summary_markdown(payload, device) + [""]
     index = {(shape_key(r), r["rank"], r["dropout"], r["provider"]): r for r in rows}
     linear_index = {shape_key(r): r for r in rows if r["provider"] == "linear"}
     configs = sorted({(r["model"], r["layer"], r["layout"], r["batch"], r["tokens"], r["in_features"],
@@ -408,6 +411,61 @@ def render_markdown(payload: dict) -> str:
     return "\n".join(out)
 
 
+def _geomean(values: list[float]) -> float | None:
+    values = [v for v in values if v]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def summary_markdown(payload: dict, device: torch.device) -> list[str]:
+    """Geometric means over every measured configuration, and on GPU the issue's targets."""
+    rows = [r for r in payload["rows"] if r["status"] == "ok" and r["provider"] != "linear"]
+    providers = [p for p in payload["settings"]["providers"] if p != "linear"]
+    out = ["## Summary (geometric means over all measured shapes, ranks, dtypes and dropouts)", ""]
+    header = ["provider"] + [f"{m}: ×nn.Linear" for m in payload["settings"]["modes"]]
+    header += [f"{m}: speed-up over PEFT" for m in payload["settings"]["modes"]]
+    table = []
+    for prov in providers:
+        mine = [r for r in rows if r["provider"] == prov]
+        cells = [provider_label(prov, device)]
+        for metric in ("ratio_to_linear", "speedup_vs_peft"):
+            for mode in payload["settings"]["modes"]:
+                value = _geomean([r[metric] for r in mine if r["mode"] == mode])
+                cells.append(f"{value:.2f}×" if value else "–")
+        table.append(cells)
+    out += [common.markdown_table(header, table), ""]
+    if device.type != "cuda":
+        return out
+    targets = [r for r in rows if r["dtype"] == "bf16" and r["rank"] <= 16]
+    out += ["## Targets (issue 6: bf16, r ≤ 16; observed worst case, not asserted)", ""]
+    header = ["provider", "forward ≤ 1.10× nn.Linear", "fwd+bwd ≤ 1.25× nn.Linear", "fwd+bwd ≥ 1.3× PEFT",
+              "fwd+bwd faster than addmm", "saved ≤ x + xa"]
+    table = []
+    addmm = {(shape_key(r), r["rank"], r["dropout"]): r["median_ms"] for r in targets if r["provider"] == "addmm"}
+    for prov in [p for p in providers if p in FUSED_PROVIDERS]:
+        mine = [r for r in targets if r["provider"] == prov]
+        if not mine:
+            continue
+        fwd = [r["ratio_to_linear"] for r in mine if r["mode"] == "forward" and r["ratio_to_linear"]]
+        full = [r for r in mine if r["mode"] == "full"]
+        full_ratio = [r["ratio_to_linear"] for r in full if r["ratio_to_linear"]]
+        speedup = [r["speedup_vs_peft"] for r in full if r["speedup_vs_peft"]]
+        vs_addmm = [r["median_ms"] < addmm[k] for r in full if (k := (shape_key(r), r["rank"], r["dropout"])) in addmm]
+        saved = [r["saved_activation_bytes"] <= r["x_bytes"] + r["xa_bytes"] + 64 for r in mine]
+
+        def verdict(ok: bool) -> str:
+            return "met" if ok else "**missed**"
+        table.append([
+            provider_label(prov, device),
+            f"max {max(fwd):.2f}× ({verdict(max(fwd) <= 1.10)})" if fwd else "–",
+            f"max {max(full_ratio):.2f}× ({verdict(max(full_ratio) <= 1.25)})" if full_ratio else "–",
+            f"min {min(speedup):.2f}× ({verdict(min(speedup) >= 1.3)})" if speedup else "–",
+            f"{sum(vs_addmm)}/{len(vs_addmm)} shapes" if vs_addmm else "–",
+            f"{sum(saved)}/{len(saved)}",
+        ])
+    out += [common.markdown_table(header, table) if table else "No fused backend measured in bf16 at r ≤ 16.", ""]
+    return out
+
+
 PROVIDER_NOTES = {
     "linear": "frozen `nn.Linear` (`F.linear`, W and b frozen, x requires grad): the floor.",
     "torch": "lora_fused's PyTorch reference backend: unfused, explicit forward/backward saving x and xa.",
@@ -450,7 +508,7 @@ def render_plots(payload: dict, out_dir: Path) -> list[Path]:
                     by_label = {r["label"]: r[metric] for r in selected if r["provider"] == prov and r["mode"] == mode}
                     xs = [i + (j - (len(providers) - 1) / 2) * width for i in range(len(labels))]
                     ys = [by_label.get(label) or float("nan") for label in labels]
-                    ax.bar(xs, ys, width, label=provider_label(prov, device))
+                    ax.bar(xs, ys, width, label=provider_label(prov, device), color=PROVIDER_COLORS[prov])
                 ax.axhline(1.0, color="black", linewidth=0.8)
                 ax.set_xticks(range(len(labels)))
                 ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
@@ -459,8 +517,8 @@ def render_plots(payload: dict, out_dir: Path) -> list[Path]:
                 ax.grid(axis="y", alpha=0.3)
                 if col == 0:
                     ax.legend(fontsize=8)
-        where = ("CPU — " if device.type == "cpu" else "") + stamp["device_name"]
-        fig.suptitle(f"LoRA layer, {dtype}, rank {rank}, dropout {p} — {where} ({stamp['date_utc'][:10]})")
+        fig.suptitle(f"LoRA layer, {dtype}, rank {rank}, dropout {p} — {stamp['device_name']} "
+                     f"({stamp['date_utc'][:10]})")
         fig.tight_layout()
         path = out_dir / f"layer_{dtype}_r{rank}_p{p}.png"
         fig.savefig(path, dpi=90)
@@ -493,6 +551,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>/)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG figures")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's default)")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="only re-write the markdown and plots of an existing result JSON (into its folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing providers")
     return parser.parse_args(argv)
@@ -572,6 +632,7 @@ def run(args) -> dict:
     payload = {"benchmark": "layer", "stamp": stamp, "settings": settings, "timer": timer,
                "token_counts": {layout: tokens_per_image(settings["image_size"], layout) for layout in settings["layouts"]},
                "truncated": False, "rows": []}
+    settings["rotation"] = "cycling through ≥2 inputs totalling ≥2× the last-level cache (max 8)"
     json_path = out_dir / "layer.json"
     for shape in shapes:
         if deadline.passed():
@@ -593,7 +654,6 @@ def run(args) -> dict:
                     raise
                 print(f"  {shape.label} {dtype_name}: inputs do not fit, skipped", file=sys.stderr)
                 continue
-            settings["rotation"] = "cycling through ≥2 inputs totalling ≥2× the last-level cache (max 8)"
             print(f"  {shape.label} M={m} K={k} N={n} {dtype_name}", file=sys.stderr)
             floor = measure_provider(build_provider("linear", weight, bias, None, None, 0.0, 0.0),
                                      settings["modes"], xs, grads, device, args)
@@ -634,8 +694,20 @@ def run(args) -> dict:
     return payload
 
 
+def render_only(json_path: Path, plot: bool) -> int:
+    payload = json.loads(json_path.read_text())
+    add_ratios(payload["rows"])
+    (json_path.parent / "layer.md").write_text(render_markdown(payload))
+    if plot:
+        render_plots(payload, json_path.parent)
+    return 0
+
+
 def main(argv=None) -> int:
-    payload = run(parse_args(argv))
+    args = parse_args(argv)
+    if args.render:
+        return render_only(args.render, not args.no_plot)
+    payload = run(args)
     failed = [r for r in payload["rows"] if r["status"].startswith("error")]
     if failed:
         print(f"[bench_layer] {len(failed)} measurements failed (status 'error: ...' in layer.json)", file=sys.stderr)

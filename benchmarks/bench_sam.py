@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 import time
 import traceback
@@ -213,8 +214,7 @@ def add_comparisons(rows: list[dict]) -> None:
 
 def render_markdown(payload: dict) -> str:
     stamp, settings = payload["stamp"], payload["settings"]
-    where = ("CPU — " if stamp["device_type"] == "cpu" else "") + stamp["device_name"]
-    out = [f"# SAM image-encoder training step with LoRA — {where}", "", common.banner(stamp), "",
+    out = [f"# SAM image-encoder training step with LoRA — {stamp['device_name']}", "", common.banner(stamp), "",
            common.stamp_markdown(stamp), "",
            "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("skipped",)) + ".", ""]
     if settings.get("skipped"):
@@ -243,6 +243,18 @@ def render_markdown(payload: dict) -> str:
             f"{r['saved_vs_peft']:.2f}×" if r.get("saved_vs_peft") else "–",
         ])
     out += [common.markdown_table(header, table), ""]
+    fused = [r for r in payload["rows"] if r["status"] == "ok" and r["variant"] in ("lora-triton", "lora-cuda")
+             and r.get("speedup_vs_peft")]
+    if stamp["device_type"] == "cuda" and fused:
+        out += ["## Target (issue 6: LoRA step ≥ 1.2× PEFT's images/s at no more peak memory; not asserted)", ""]
+        table = []
+        for variant in dict.fromkeys(r["variant"] for r in fused):
+            mine = [r for r in fused if r["variant"] == variant]
+            speed = min(r["speedup_vs_peft"] for r in mine)
+            memory = max((r["peak_mem_vs_peft"] for r in mine if r.get("peak_mem_vs_peft")), default=None)
+            table.append([variant, f"min {speed:.2f}× ({'met' if speed >= 1.2 else '**missed**'})",
+                          f"max {memory:.2f}× ({'met' if memory <= 1.0 else '**missed**'})" if memory else "–"])
+        out += [common.markdown_table(["variant", "images/s vs PEFT", "peak memory vs PEFT"], table), ""]
     if payload.get("max_batch"):
         out += ["## Largest batch that fits", ""]
         out += [common.markdown_table(
@@ -285,7 +297,7 @@ def render_plot(payload: dict, path: Path) -> Path:
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    where = ("CPU — " if stamp["device_type"] == "cpu" else "") + stamp["device_name"]
+    where = stamp["device_name"]
     fig.suptitle(f"SAM encoder ({payload['settings']['model']}) LoRA r={payload['settings']['rank']} training step"
                  f" — {where} ({stamp['date_utc'][:10]})", fontsize=10)
     fig.tight_layout()
@@ -320,6 +332,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's default)")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>/)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="only re-write the markdown and plots of an existing result JSON (into its folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true")
     return parser.parse_args(argv)
@@ -458,8 +472,20 @@ def run(args) -> dict:
     return payload
 
 
+def render_only(json_path: Path, plot: bool) -> int:
+    payload = json.loads(json_path.read_text())
+    add_comparisons(payload["rows"])
+    (json_path.parent / "sam.md").write_text(render_markdown(payload))
+    if plot:
+        render_plot(payload, json_path.parent / "sam.png")
+    return 0
+
+
 def main(argv=None) -> int:
-    payload = run(parse_args(argv))
+    args = parse_args(argv)
+    if args.render:
+        return render_only(args.render, not args.no_plot)
+    payload = run(args)
     failed = [r for r in payload["rows"] if r["status"].startswith("error")]
     failed += [m for m in payload["max_batch"] if m.get("status", "").startswith("error")]
     if failed:
