@@ -75,7 +75,7 @@ def _pretrain(config: PretrainConfig, path: Path, ctx: DistContext, log) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix=".pretrain-", dir=path.parent))
     settings = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup_steps=30,
-                           seed=config.seed, eval_every=config.steps, box_jitter=0.05, loss=LossWeights())
+                           seed=config.seed, eval_every=max(1, config.steps // 4), box_jitter=0.05, loss=LossWeights())
     try:
         summary = train(model, scenes, val, settings, run_dir, ctx, {"pretrain": asdict(config)},
                         decoder_trains=True, desc="pretrain")

@@ -1,0 +1,98 @@
+"""SAM building, checkpoint errors, the box-prompt wrapper and the trainable sets per mode."""
+
+import pytest
+import torch
+
+from examples.sam_polyp import cli
+from examples.sam_polyp.model import (BoxPromptSam, CheckpointError, TinySamConfig, build_sam, build_tiny_sam,
+                                      configure_mode, load_sam_weights)
+from lora_fused import LoRALinear
+
+SMALL = TinySamConfig(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, window_size=4,
+                      global_attn_indexes=(1,), prompt_dim=32, decoder_mlp_dim=64, decoder_heads=2)
+
+
+def _trainable(sam):
+    return {n for n, p in sam.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "lora", "lora-attn", "decoder", "full"])
+def test_modes_train_what_they_say(mode):
+    torch.manual_seed(0)
+    sam = build_tiny_sam(SMALL)
+    total_before = sum(p.numel() for p in sam.parameters())
+    report = configure_mode(sam, mode)
+    names = _trainable(sam)
+    assert not any(n.startswith("prompt_encoder.") for n in names)  # frozen in every mode
+    lora_layers = [n for n, m in sam.named_modules() if isinstance(m, LoRALinear)]
+    if mode == "vanilla":
+        assert not names and report.trainable_params == 0
+    elif mode == "lora":
+        # every image-encoder linear (qkv, proj, lin1, lin2 per block), nothing outside it
+        assert len(lora_layers) == 4 * SMALL.depth and all(n.startswith("image_encoder.") for n in lora_layers)
+        assert names and all("lora_" in n for n in names)
+        # rank 4 x (in + out) per layer: qkv E->3E, proj E->E, lin1 E->4E, lin2 4E->E
+        expected = SMALL.depth * 4 * SMALL.embed_dim * (4 + 2 + 5 + 5)
+        assert report.trainable_params == expected and report.total_params == total_before + expected
+    elif mode == "lora-attn":
+        assert sorted(n.split(".")[-1] for n in lora_layers) == sorted(["proj", "qkv"] * SMALL.depth)
+    elif mode == "decoder":
+        assert names and all(n.startswith("mask_decoder.") for n in names)
+        assert report.trainable_params == sum(p.numel() for p in sam.mask_decoder.parameters())
+    else:
+        assert {n.split(".")[0] for n in names} == {"image_encoder", "mask_decoder"}
+    assert report.trainable_percent == pytest.approx(100 * report.trainable_params / report.total_params)
+
+
+def test_lora_with_train_decoder_adds_the_decoder():
+    sam = build_tiny_sam(SMALL)
+    report = configure_mode(sam, "lora", train_decoder=True)
+    names = _trainable(sam)
+    assert any(n.startswith("mask_decoder.") for n in names) and any("lora_" in n for n in names)
+    assert report.trainable_params == sum(p.numel() for p in sam.parameters() if p.requires_grad)
+
+
+def test_box_prompt_sam_batches_images_independently():
+    torch.manual_seed(0)
+    model = BoxPromptSam(build_tiny_sam(SMALL)).eval()
+    images = torch.randn(3, 3, 64, 64)
+    boxes = torch.tensor([[4.0, 4.0, 40.0, 30.0], [10.0, 12.0, 60.0, 50.0], [0.0, 0.0, 63.0, 63.0]])
+    with torch.no_grad():
+        logits, iou = model(images, boxes)
+        single, _ = model(images[1:2], boxes[1:2])
+    assert logits.shape == (3, 1, 32, 32) and iou.shape == (3, 1)
+    torch.testing.assert_close(logits[1:2], single, rtol=1e-4, atol=1e-5)
+
+
+def test_missing_corrupt_and_mismatched_checkpoints_name_the_file(tmp_path):
+    sam = build_tiny_sam()
+    with pytest.raises(CheckpointError, match="nope.pth: no such file"):
+        load_sam_weights(sam, tmp_path / "nope.pth", "tiny")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"<html>404 not found</html>")
+    with pytest.raises(CheckpointError, match="corrupt.pth: cannot be read"):
+        load_sam_weights(sam, corrupt, "tiny")
+    partial = tmp_path / "partial.pth"
+    state = build_tiny_sam(SMALL).state_dict()
+    torch.save(state, partial)
+    with pytest.raises(CheckpointError, match="partial.pth does not fit --model tiny: .*shape mismatches"):
+        load_sam_weights(sam, partial, "tiny")
+
+
+def test_checkpoint_round_trip_and_random_weight_warning(tmp_path):
+    torch.manual_seed(1)
+    source = build_tiny_sam()
+    path = tmp_path / "tiny.pth"
+    torch.save(source.state_dict(), path)
+    loaded = build_sam("tiny", path)
+    for (name, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        build_sam("tiny")
+
+
+def test_cli_reports_a_bad_checkpoint_path(tmp_path, capsys):
+    code = cli.main(["train", "--checkpoint", str(tmp_path / "missing_sam.pth"), "--out", str(tmp_path / "o"),
+                     "--num-train", "8", "--num-val", "2", "--num-test", "2", "--modes", "vanilla"])
+    assert code == 2
+    assert "missing_sam.pth: no such file" in capsys.readouterr().err
