@@ -243,6 +243,17 @@ def test_torch_compile_fullgraph():
     assert all(torch.isfinite(t.grad).all() for t in leaves)
 
 
+def test_opcheck():
+    x, weight, bias, lora_A, lora_B = make_inputs(7, 20, 17, 4, torch.float32, device=DEVICE)
+    seed = torch.tensor(3, dtype=torch.int64)
+    torch.library.opcheck(triton_ops.triton_forward,
+                          (x.requires_grad_(), weight, bias, lora_A.requires_grad_(), lora_B, 1.5, 0.2, seed))
+    _, xa = triton_ops.triton_forward(x.detach(), weight, bias, lora_A.detach(), lora_B, 1.5, 0.2, seed)
+    grad_y = _random_like((7, 17), torch.float32, DEVICE, seed=4)
+    torch.library.opcheck(triton_ops.triton_backward,
+                          (grad_y, x.detach(), weight, lora_A.detach(), lora_B, xa, 1.5, 0.2, seed, True, True))
+
+
 def test_large_rank_configs_are_pruned_to_fit():
     # The GPU config lists keep only tiles whose accumulators fit when R_PAD is 256, and never none.
     weight = torch.empty(8, 8, dtype=torch.float16)
