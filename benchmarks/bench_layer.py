@@ -189,7 +189,8 @@ def build_provider(name: str, weight, bias, lora_A, lora_B, scaling: float, drop
         import peft
 
         rank = lora_A.shape[0]
-        base = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        base = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                         dtype=weight.dtype)
         base.weight = nn.Parameter(weight, requires_grad=False)
         if bias is not None:
             base.bias = nn.Parameter(bias, requires_grad=False)
@@ -248,28 +249,63 @@ def mode_callable(provider: Provider, mode: str, xs: list, grads: list) -> Calla
     return backward
 
 
-def measure_provider(provider: Provider, modes, xs, grads, device, args) -> dict:
-    """Timing and peak memory per mode, and the bytes saved for backward, for one provider."""
-    results: dict = {"modes": {}}
-    saved = common.saved_for_backward(lambda: provider.forward(xs[0]), provider.parameters)
-    results["saved_activation_bytes"] = saved["activation_bytes"]
-    results["saved_param_bytes"] = saved["param_bytes"]
-    del saved
-    for mode in modes:
+def measure_group(providers: dict, modes, xs, grads, device, args) -> dict:
+    """For each provider: the bytes saved for backward, then per mode its timing and peak memory.
+
+    On CPU the providers of a group are timed in alternation (one call each per round), so
+    that background load on a shared machine falls on all of them alike; on GPU each is
+    timed on its own with ``do_bench``.
+    """
+    results = {name: {"modes": {}} for name in providers}
+    live = dict(providers)
+
+    def fail(name, exc, mode_list):
+        status = common.failure_status(exc)
+        print(f"    {name}/{','.join(mode_list)}: {status}", file=sys.stderr)
+        if args.verbose and status != "oom":
+            traceback.print_exception(exc)
+        for mode in mode_list:
+            results[name]["modes"][mode] = {"status": status}
+
+    for name, provider in list(live.items()):
         try:
-            fn = mode_callable(provider, mode, xs, grads)
-            timing = common.time_fn(fn, device, args.warmup_ms, args.rep_ms)
-            peak = common.peak_memory_bytes(mode_callable(provider, mode, xs[:1], grads[:1]), device)
-            results["modes"][mode] = {"status": "ok", "timing": timing, "peak_mem_bytes": peak}
+            saved = common.saved_for_backward(lambda: provider.forward(xs[0]), provider.parameters)
+            results[name]["saved_activation_bytes"] = saved["activation_bytes"]
+            results[name]["saved_param_bytes"] = saved["param_bytes"]
         except Exception as exc:  # noqa: BLE001 - one failing provider must not stop the run
-            status = "oom" if common.is_out_of_memory(exc) else f"error: {type(exc).__name__}: {str(exc)[:300]}"
-            print(f"    {provider.name}/{mode}: {status}", file=sys.stderr)
-            if not common.is_out_of_memory(exc) and args.verbose:
-                traceback.print_exc()
-            results["modes"][mode] = {"status": status}
-        finally:
-            fn = None
-            common.release_memory(device)
+            fail(name, exc, modes)
+            del live[name]
+        saved = None
+    for mode in modes:
+        fns = {}
+        for name, provider in live.items():
+            try:
+                fns[name] = mode_callable(provider, mode, xs, grads)
+            except Exception as exc:  # noqa: BLE001
+                fail(name, exc, [mode])
+        if device.type == "cuda":
+            timings = {}
+            for name, fn in fns.items():
+                try:
+                    timings[name] = common.time_gpu(fn, args.warmup_ms, args.rep_ms)
+                except Exception as exc:  # noqa: BLE001
+                    timings[name] = exc
+                common.release_memory(device)
+        else:
+            timings = common.time_cpu_interleaved(fns, args.warmup_ms, args.rep_ms)
+        fns = None
+        common.release_memory(device)
+        for name, timing in timings.items():
+            if isinstance(timing, BaseException):
+                fail(name, timing, [mode])
+                continue
+            try:
+                peak = common.peak_memory_bytes(mode_callable(live[name], mode, xs[:1], grads[:1]), device)
+            except Exception as exc:  # noqa: BLE001
+                fail(name, exc, [mode])
+                continue
+            results[name]["modes"][mode] = {"status": "ok", "timing": timing, "peak_mem_bytes": peak}
+        common.release_memory(device)
     return results
 
 
@@ -284,9 +320,7 @@ def make_rows(shape: LayerShape, dtype_name, rank, dropout, provider_name, measu
             flops = lora_flops(shape.tokens, shape.in_features, shape.out_features, rank, mode)
         rows.append({
             **asdict(shape), "label": shape.label,
-            "rank": None if provider_name == "linear" else rank,
-            "dtype": dtype_name,
-            "dropout": None if provider_name == "linear" else dropout,
+            "rank": rank, "dtype": dtype_name, "dropout": dropout,
             "mode": mode, "provider": provider_name, "status": entry["status"],
             "median_ms": timing.median_ms if timing else None,
             "p20_ms": timing.p20_ms if timing else None,
@@ -306,14 +340,19 @@ def shape_key(row) -> tuple:
     return (row["model"], row["layer"], row["layout"], row["batch"], row["dtype"], row["mode"])
 
 
+def group_key(row) -> tuple:
+    """Rows measured together: one shape, dtype, mode, rank and dropout (the nn.Linear floor included)."""
+    return shape_key(row) + (row["rank"], row["dropout"])
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """ratio_to_linear = t / t(nn.Linear); speedup_vs_peft = t(PEFT) / t, per shape, dtype, rank, p, mode."""
-    linear = {shape_key(r): r["median_ms"] for r in rows if r["provider"] == "linear"}
-    peft = {shape_key(r) + (r["rank"], r["dropout"]): r["median_ms"] for r in rows if r["provider"] == "peft"}
+    """ratio_to_linear = t / t(nn.Linear); speedup_vs_peft = t(PEFT) / t, within each measured group."""
+    linear = {group_key(r): r["median_ms"] for r in rows if r["provider"] == "linear"}
+    peft = {group_key(r): r["median_ms"] for r in rows if r["provider"] == "peft"}
     for row in rows:
         t = row["median_ms"]
-        t_linear = linear.get(shape_key(row))
-        t_peft = peft.get(shape_key(row) + (row["rank"], row["dropout"]))
+        t_linear = linear.get(group_key(row))
+        t_peft = peft.get(group_key(row))
         row["ratio_to_linear"] = t / t_linear if t and t_linear else None
         row["speedup_vs_peft"] = t_peft / t if t and t_peft and row["provider"] != "linear" else None
 
@@ -335,12 +374,13 @@ def render_markdown(payload: dict) -> str:
     providers = [p for p in settings["providers"]]
     lora = [p for p in providers if p != "linear"]
     fused = [p for p in providers if p in FUSED_PROVIDERS]
-    out = [f"# LoRA layer benchmark — {stamp['device_name']}", "", common.banner(stamp), "", common.stamp_markdown(stamp), ""]
+    out = [f"# LoRA layer benchmark — {stamp['device_name']}", "", common.banner(stamp), "",
+           common.stamp_markdown(stamp), ""]
     out += [
         "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("providers", "skipped")) + ".",
         "",
         f"Cells: median time in ms over {payload['timer']}, and in brackets the ratio to the frozen nn.Linear of the "
-        "same shape and dtype (1.00× is the floor). 20/80 percentiles, TFLOP/s and every other figure are in "
+        "same shape and dtype, measured in the same group (1.00× is the floor). 20/80 percentiles, TFLOP/s and every other figure are in "
         "layer.json. Inputs are rotated between repetitions "
         f"({settings['rotation']}). `best fused vs PEFT` = PEFT time / fastest lora_fused fused backend time.",
         "",
@@ -351,20 +391,21 @@ def render_markdown(payload: dict) -> str:
         out += ["**Truncated**: the time budget ran out before every configuration was measured.", ""]
     out += summary_markdown(payload, device) + [""]
     index = {(shape_key(r), r["rank"], r["dropout"], r["provider"]): r for r in rows}
-    linear_index = {shape_key(r): r for r in rows if r["provider"] == "linear"}
     configs = sorted({(r["model"], r["layer"], r["layout"], r["batch"], r["tokens"], r["in_features"],
-                       r["out_features"], r["rank"], r["dtype"], r["dropout"]) for r in rows if r["provider"] != "linear"},
+                       r["out_features"], r["rank"], r["dtype"], r["dropout"])
+                      for r in rows if r["provider"] != "linear"},
                      key=lambda c: (c[8], c[7], c[9] or 0, "bhl".index(c[0]) if c[0] in "bhl" else 0, c[3],
                                     LAYERS.index(c[1]), c[2]))
     for mode in settings["modes"]:
         out += [f"## {MODE_TITLES[mode]} (`{mode}`)", ""]
         header = ["shape", "M", "K→N", "r", "dtype", "p", provider_label("linear", device)]
-        header += [provider_label(p, device) for p in lora] + (["best fused vs PEFT"] if fused and "peft" in lora else [])
+        header += [provider_label(p, device) for p in lora]
+        header += ["best fused vs PEFT"] if fused and "peft" in lora else []
         table = []
         for model, layer, layout, batch, tokens, k, n, rank, dtype, p in configs:
             key = (model, layer, layout, batch, dtype, mode)
             label = f"{model.upper()}.{layer}{'-win' if layout == 'windowed' else ''} ×{batch}"
-            cells = [label, tokens, f"{k}→{n}", rank, dtype, p, _cell(linear_index.get(key))]
+            cells = [label, tokens, f"{k}→{n}", rank, dtype, p, _cell(index.get((key, rank, p, "linear")))]
             cells += [_cell(index.get((key, rank, p, prov))) for prov in lora]
             if fused and "peft" in lora:
                 speedups = [index[(key, rank, p, f)]["speedup_vs_peft"] for f in fused
@@ -387,7 +428,7 @@ def render_markdown(payload: dict) -> str:
         cells = [f"{model.upper()}.{layer}{'-win' if layout == 'windowed' else ''} ×{batch}", rank, dtype, p,
                  common.fmt_mib(any_row["x_bytes"] + any_row["xa_bytes"])]
         for prov in providers:
-            row = linear_index.get(key) if prov == "linear" else index.get((key, rank, p, prov))
+            row = index.get((key, rank, p, prov))
             cells.append(common.fmt_mib(row["saved_activation_bytes"]) if row else "–")
         table.append(cells)
     out += [common.markdown_table(header, table), ""]
@@ -400,7 +441,7 @@ def render_markdown(payload: dict) -> str:
             key = (model, layer, layout, batch, dtype, "full")
             cells = [f"{model.upper()}.{layer}{'-win' if layout == 'windowed' else ''} ×{batch}", rank, dtype, p]
             for prov in providers:
-                row = linear_index.get(key) if prov == "linear" else index.get((key, rank, p, prov))
+                row = index.get((key, rank, p, prov))
                 cells.append(common.fmt_mib(row.get("peak_mem_bytes")) if row else "–")
             table.append(cells)
         out += [common.markdown_table(header, table), ""]
@@ -561,8 +602,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve_settings(args, device: torch.device) -> dict:
     gpu = device.type == "cuda"
     if args.quick:
-        defaults = dict(models="b,h", batches="4", ranks="16", dtypes="bf16", image_size=1024, warmup_ms=10, rep_ms=40) \
-            if gpu else dict(models="b", batches="1", ranks="16", dtypes="fp32", image_size=128, warmup_ms=20, rep_ms=60)
+        if gpu:
+            defaults = dict(models="b,h", batches="4", ranks="16", dtypes="bf16", image_size=1024,
+                            warmup_ms=10, rep_ms=40)
+        else:
+            defaults = dict(models="b", batches="1", ranks="16", dtypes="fp32", image_size=128,
+                            warmup_ms=20, rep_ms=60)
     else:
         defaults = dict(models="b,l,h", batches="1,4,8", ranks="4,8,16,64", dtypes="bf16,fp16,fp32",
                         image_size=1024, warmup_ms=25, rep_ms=100) if gpu else \
@@ -628,9 +673,10 @@ def run(args) -> dict:
           f"{settings['dtypes']} × dropout {settings['dropout']} × modes {settings['modes']}; providers "
           f"{settings['providers']}", file=sys.stderr)
     timer = ("triton.testing.do_bench (CUDA events, L2 flushed per repetition)" if device.type == "cuda"
-             else "time.perf_counter per call after warm-up")
+             else "time.perf_counter per call after warm-up, the providers of a group called in alternation")
     payload = {"benchmark": "layer", "stamp": stamp, "settings": settings, "timer": timer,
-               "token_counts": {layout: tokens_per_image(settings["image_size"], layout) for layout in settings["layouts"]},
+               "token_counts": {layout: tokens_per_image(settings["image_size"], layout)
+                                for layout in settings["layouts"]},
                "truncated": False, "rows": []}
     settings["rotation"] = "cycling through ≥2 inputs totalling ≥2× the last-level cache (max 8)"
     json_path = out_dir / "layer.json"
@@ -648,16 +694,14 @@ def run(args) -> dict:
             try:
                 xs = [torch.randn(shape.batch, m // shape.batch, k, device=device, dtype=dtype).requires_grad_()
                       for _ in range(count)]
-                grads = [torch.randn(shape.batch, m // shape.batch, n, device=device, dtype=dtype) for _ in range(count)]
+                grads = [torch.randn(shape.batch, m // shape.batch, n, device=device, dtype=dtype)
+                         for _ in range(count)]
             except Exception as exc:  # noqa: BLE001
                 if not common.is_out_of_memory(exc):
                     raise
                 print(f"  {shape.label} {dtype_name}: inputs do not fit, skipped", file=sys.stderr)
                 continue
             print(f"  {shape.label} M={m} K={k} N={n} {dtype_name}", file=sys.stderr)
-            floor = measure_provider(build_provider("linear", weight, bias, None, None, 0.0, 0.0),
-                                     settings["modes"], xs, grads, device, args)
-            payload["rows"] += make_rows(shape, dtype_name, None, None, "linear", floor, x_bytes, 0, settings["modes"])
             for rank, dropout in itertools.product(settings["ranks"], settings["dropout"]):
                 if deadline.passed():
                     payload["truncated"] = True
@@ -665,20 +709,21 @@ def run(args) -> dict:
                 lora_A = (torch.randn(rank, k, device=device, dtype=dtype) / math.sqrt(k)).requires_grad_()
                 lora_B = (torch.randn(n, rank, device=device, dtype=dtype) / math.sqrt(rank)).requires_grad_()
                 xa_bytes = m * rank * 4  # xa is kept in fp32 by the contract
+                providers, measured = {}, {}
                 for name in settings["providers"]:
-                    if name == "linear":
-                        continue
                     try:
-                        provider = build_provider(name, weight, bias, lora_A, lora_B, settings["scaling"], dropout)
-                        measured = measure_provider(provider, settings["modes"], xs, grads, device, args)
+                        providers[name] = build_provider(name, weight, bias, lora_A, lora_B, settings["scaling"],
+                                                         dropout)
                     except Exception as exc:  # noqa: BLE001
-                        status = "oom" if common.is_out_of_memory(exc) else f"error: {type(exc).__name__}: {str(exc)[:300]}"
+                        status = common.failure_status(exc)
                         print(f"    {name}: {status}", file=sys.stderr)
-                        measured = {"modes": {mode: {"status": status} for mode in settings["modes"]}}
-                    provider = None
-                    payload["rows"] += make_rows(shape, dtype_name, rank, dropout, name, measured, x_bytes, xa_bytes,
-                                                 settings["modes"])
-                    common.release_memory(device)
+                        measured[name] = {"modes": {mode: {"status": status} for mode in settings["modes"]}}
+                measured.update(measure_group(providers, settings["modes"], xs, grads, device, args))
+                providers = None
+                for name in settings["providers"]:
+                    payload["rows"] += make_rows(shape, dtype_name, rank, dropout, name, measured[name], x_bytes,
+                                                 xa_bytes, settings["modes"])
+                common.release_memory(device)
             xs = grads = weight = bias = None
             common.release_memory(device)
         add_ratios(payload["rows"])

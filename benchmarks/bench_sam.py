@@ -45,7 +45,8 @@ import lora_fused  # noqa: E402
 from lora_fused.backends import unavailable_reason  # noqa: E402
 
 PRESETS = {
-    "b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11), image_size=1024, window_size=14),
+    "b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11), image_size=1024,
+              window_size=14),
     "l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23), image_size=1024,
               window_size=14),
     "h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31), image_size=1024,
@@ -198,6 +199,61 @@ def largest_batch(trainer: Trainer, start: int, limit: int, image_size: int, dev
             "note": "exact" if high - low == 1 else "time budget reached before bisection ended"}
 
 
+def measure_interleaved(runs, settings, args, device, payload, deadline, json_path) -> None:
+    """CPU timing: every variant's model is built up front and, per batch size, their steps
+    alternate (one step each per round, the order rotated every round), so that background
+    load on a shared machine falls on all variants alike."""
+    trainers = {}
+    for variant, dropout in runs:
+        try:
+            encoder = build_encoder(settings["model"], settings["image_size"], device, args.seed)
+            model = apply_variant(encoder, variant, args.rank, args.alpha, dropout or 0.0)
+            trainers[(variant, dropout)] = Trainer(model, device, autocast=not args.no_autocast)
+        except Exception as exc:  # noqa: BLE001
+            status = common.failure_status(exc)
+            print(f"  {variant} p={dropout}: {status}", file=sys.stderr)
+            payload["rows"] += [{"variant": variant, "dropout": dropout, "batch": b, "status": status}
+                                for b in settings["batches"]]
+    for batch in settings["batches"]:
+        if deadline.passed():
+            payload["truncated"] = True
+            break
+        images = random_images(batch, settings["image_size"], device)
+        rows, live = {}, {}
+        for key, trainer in trainers.items():
+            trainable, total = lora_fused.inject.count_parameters(trainer.model)
+            rows[key] = {"variant": key[0], "dropout": key[1], "batch": batch, "trainable_params": trainable,
+                         "total_params": total, "status": "ok"}
+            try:
+                rows[key]["saved_activation_bytes"] = saved_activation_bytes(trainer, images[0])
+                for i in range(settings["warmup_steps"]):
+                    trainer.step(images[i % len(images)])
+                live[key] = trainer
+            except Exception as exc:  # noqa: BLE001
+                rows[key]["status"] = common.failure_status(exc)
+        times: dict = {key: [] for key in live}
+        for step in range(settings["steps"]):
+            keys = list(live)
+            shift = step % max(len(keys), 1)
+            for key in keys[shift:] + keys[:shift]:
+                try:
+                    t0 = time.perf_counter()
+                    live[key].step(images[step % len(images)])
+                    times[key].append((time.perf_counter() - t0) * 1e3)
+                except Exception as exc:  # noqa: BLE001
+                    rows[key]["status"] = common.failure_status(exc)
+                    del live[key]
+        for key in live:
+            timing = common._summarise(times[key])
+            rows[key].update(step_ms=timing.median_ms, step_p20_ms=timing.p20_ms, step_p80_ms=timing.p80_ms,
+                             images_per_s=batch / (timing.median_ms * 1e-3), peak_mem_bytes=None)
+            print(f"  {key[0]} p={key[1]} batch {batch}: {timing.median_ms:.1f} ms/step, "
+                  f"{rows[key]['images_per_s']:.2f} images/s", file=sys.stderr)
+        payload["rows"] += list(rows.values())
+        add_comparisons(payload["rows"])
+        common.write_json(json_path, payload)
+
+
 # -- outputs ------------------------------------------------------------------------
 
 def add_comparisons(rows: list[dict]) -> None:
@@ -221,13 +277,17 @@ def render_markdown(payload: dict) -> str:
         out += ["Variants not run: " + "; ".join(f"`{k}`: {v}" for k, v in settings["skipped"].items()), ""]
     if payload.get("truncated"):
         out += ["**Truncated**: the time budget ran out before every configuration was measured.", ""]
-    out += ["Step = forward (bf16 autocast) + backward + AdamW step. `vs PEFT` compares with PEFT at the same batch "
+    if stamp["device_type"] == "cpu":
+        out += ["On CPU all variants' models are built first and their steps alternate (one step each per round), "
+                "so background load falls on all alike.", ""]
+    out += [f"Step = forward ({settings['precision']}) + backward + AdamW step. `vs PEFT` compares with PEFT at the same batch "
             "and dropout (images/s ratio; memory ratio). Saved = activation bytes kept for backward by one forward "
             "(parameters excluded).", ""]
     header = ["variant", "dropout", "batch", "trainable params", "step ms (p20–p80)", "images/s", "vs PEFT",
               "peak MiB", "peak vs PEFT", "saved MiB", "saved vs PEFT"]
     table = []
-    for r in payload["rows"]:
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    for r in sorted(payload["rows"], key=lambda r: (order.get(r["variant"], 99), r["dropout"] or 0, r["batch"])):
         if r["status"] != "ok":
             table.append([r["variant"], r["dropout"], r["batch"], r.get("trainable_params", "–"), r["status"]]
                          + ["–"] * 6)
@@ -312,7 +372,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cuda or cpu")
-    parser.add_argument("--model", choices=sorted(PRESETS), help="encoder preset (GPU default b; CPU default cpu-small)")
+    parser.add_argument("--model", choices=sorted(PRESETS),
+                        help="encoder preset (GPU default b; CPU default cpu-small)")
     parser.add_argument("--image-size", type=int, help="image side in pixels (default: the preset's)")
     parser.add_argument("--variants", help=f"comma list from {','.join(VARIANTS)} (default: all available)")
     parser.add_argument("--batches", help="batch sizes (GPU default 1,2,4,8; CPU default 1,2)")
@@ -386,8 +447,11 @@ def run(args) -> dict:
     print(f"[bench_sam] {stamp['device_name']}: preset {model} at {image_size}px, variants {variants}, batches "
           f"{settings['batches']}, dropout {settings['dropout']}", file=sys.stderr)
 
-    runs = [(v, None) if v == "full" else (v, p) for v in variants for p in ([None] if v == "full" else settings["dropout"])]
+    runs = [(v, p) for v in variants for p in ([None] if v == "full" else settings["dropout"])]
     trainers_fit: dict = {}
+    if not gpu:
+        measure_interleaved(runs, settings, args, device, payload, deadline, json_path)
+        runs = []  # measured above
     for variant, dropout in runs:
         if deadline.passed():
             payload["truncated"] = True
@@ -399,7 +463,7 @@ def run(args) -> dict:
                               autocast=not args.no_autocast)
             trainable, total = lora_fused.inject.count_parameters(trainer.model)
         except Exception as exc:  # noqa: BLE001
-            status = f"error: {type(exc).__name__}: {str(exc)[:300]}"
+            status = common.failure_status(exc)
             print(f"  {variant} p={dropout}: {status}", file=sys.stderr)
             if args.verbose:
                 traceback.print_exc()
@@ -427,7 +491,7 @@ def run(args) -> dict:
                 print(f"  {variant} p={dropout} batch {batch}: {timing.median_ms:.1f} ms/step, "
                       f"{row['images_per_s']:.2f} images/s", file=sys.stderr)
             except Exception as exc:  # noqa: BLE001
-                row["status"] = "oom" if common.is_out_of_memory(exc) else f"error: {type(exc).__name__}: {str(exc)[:300]}"
+                row["status"] = common.failure_status(exc)
                 print(f"  {variant} p={dropout} batch {batch}: {row['status']}", file=sys.stderr)
                 if args.verbose and row["status"] != "oom":
                     traceback.print_exc()
@@ -455,7 +519,7 @@ def run(args) -> dict:
             entry.update(largest_batch(trainer, max(largest_ok, 1), args.max_batch_limit, image_size, device, deadline))
             print(f"  {variant} p={dropout}: largest batch {entry['largest_fitting_batch']}", file=sys.stderr)
         except Exception as exc:  # noqa: BLE001
-            entry["status"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
+            entry["status"] = common.failure_status(exc)
             print(f"  {variant} p={dropout} max batch: {entry['status']}", file=sys.stderr)
         trainer = encoder = None
         common.release_memory(device)

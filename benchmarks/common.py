@@ -114,7 +114,8 @@ def environment_stamp(device: torch.device) -> dict:
         "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "cuda": torch.version.cuda,
         "cuda_device_capability": ".".join(map(str, torch.cuda.get_device_capability(device))) if on_gpu else None,
-        "nvidia_driver": _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if on_gpu else None,
+        "nvidia_driver": (_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+                          if on_gpu else None),
         "torch": torch.__version__,
         "triton": _version("triton"),
         "peft": _version("peft"),
@@ -135,7 +136,8 @@ def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = "cpu-" + cpu_model_name().replace("(R)", "").replace("(TM)", "").split("@")[0] + f"-{torch.get_num_threads()}t"
+        model = cpu_model_name().replace("(R)", "").replace("(TM)", "").split("@")[0]
+        name = f"cpu-{model}-{torch.get_num_threads()}t"
     cleaned = "".join(c.lower() if c.isalnum() else "-" for c in name)
     while "--" in cleaned:
         cleaned = cleaned.replace("--", "-")
@@ -151,8 +153,8 @@ def banner(stamp: dict) -> str:
 
 
 def stamp_markdown(stamp: dict) -> str:
-    keys = ("date_utc", "device_name", "cpu_threads", "load_average_1m", "cuda", "nvidia_driver", "torch", "triton", "peft",
-            "segment_anything", "lora_fused", "python", "git_revision", "git_dirty", "command")
+    keys = ("date_utc", "device_name", "cpu_threads", "load_average_1m", "cuda", "nvidia_driver", "torch", "triton",
+            "peft", "segment_anything", "lora_fused", "python", "git_revision", "git_dirty", "command")
     lines = ["| | |", "|---|---|"]
     lines += [f"| {key} | `{stamp.get(key)}` |" for key in keys if key in stamp]
     backends = stamp.get("backends", {})
@@ -178,7 +180,8 @@ def _summarise(times_ms: list[float]) -> Timing:
     return Timing(statistics.median(times_ms), cuts[1], cuts[7], len(times_ms))
 
 
-def time_cpu(fn: Callable[[], object], warmup_ms: float, rep_ms: float, min_reps: int = 5, max_reps: int = 1000) -> Timing:
+def time_cpu(fn: Callable[[], object], warmup_ms: float, rep_ms: float, min_reps: int = 5,
+             max_reps: int = 1000) -> Timing:
     """Median and 20/80 percentiles of ``fn``'s wall time, each call timed on its own."""
     start = time.perf_counter()
     runs = 0
@@ -187,11 +190,54 @@ def time_cpu(fn: Callable[[], object], warmup_ms: float, rep_ms: float, min_reps
         runs += 1
     times_ms: list[float] = []
     budget_start = time.perf_counter()
-    while len(times_ms) < min_reps or ((time.perf_counter() - budget_start) * 1e3 < rep_ms and len(times_ms) < max_reps):
+    def more() -> bool:
+        in_budget = (time.perf_counter() - budget_start) * 1e3 < rep_ms
+        return len(times_ms) < min_reps or (in_budget and len(times_ms) < max_reps)
+
+    while more():
         t0 = time.perf_counter()
         fn()
         times_ms.append((time.perf_counter() - t0) * 1e3)
     return _summarise(times_ms)
+
+
+def time_cpu_interleaved(fns: dict, warmup_ms: float, rep_ms: float, min_reps: int = 5,
+                         max_reps: int = 1000) -> dict:
+    """Time several functions in alternation: each round calls every function once, in an
+    order rotated every round, so background load on a shared CPU falls on all of them
+    alike. Returns name → Timing, or name → the exception a function raised."""
+    results: dict = {}
+    live = dict(fns)
+    for name, fn in list(live.items()):
+        try:
+            start, runs = time.perf_counter(), 0
+            while runs < 2 or (time.perf_counter() - start) * 1e3 < warmup_ms:
+                fn()
+                runs += 1
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            results[name] = exc
+            del live[name]
+    times: dict = {name: [] for name in live}
+    budget_ms = rep_ms * max(len(live), 1)
+    start, round_index = time.perf_counter(), 0
+    while live:
+        names = list(live)
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            try:
+                t0 = time.perf_counter()
+                live[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+            except Exception as exc:  # noqa: BLE001
+                results[name] = exc
+                del live[name]
+        round_index += 1
+        counts = [len(times[name]) for name in live]
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        if not counts or (min(counts) >= min_reps and (elapsed_ms >= budget_ms or min(counts) >= max_reps)):
+            break
+    results.update({name: _summarise(times[name]) for name in live})
+    return results
 
 
 def _time_cuda_events(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> Timing:
@@ -298,6 +344,11 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
 
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def failure_status(exc: BaseException) -> str:
+    """The status recorded for a measurement that raised: "oom" or "error: <type>: <message>"."""
+    return "oom" if is_out_of_memory(exc) else f"error: {type(exc).__name__}: {str(exc)[:300]}"
 
 
 # -- output -------------------------------------------------------------------------
