@@ -277,23 +277,25 @@ def measure_group(providers: dict, modes, xs, grads, device, args) -> dict:
             del live[name]
         saved = None
     for mode in modes:
-        fns = {}
-        for name, provider in live.items():
-            try:
-                fns[name] = mode_callable(provider, mode, xs, grads)
-            except Exception as exc:  # noqa: BLE001
-                fail(name, exc, [mode])
-        if device.type == "cuda":
-            timings = {}
-            for name, fn in fns.items():
+        timings: dict = {}
+        if device.type == "cuda":  # one provider's graphs alive at a time
+            for name, provider in live.items():
                 try:
+                    fn = mode_callable(provider, mode, xs, grads)
                     timings[name] = common.time_gpu(fn, args.warmup_ms, args.rep_ms)
                 except Exception as exc:  # noqa: BLE001
                     timings[name] = exc
+                fn = None
                 common.release_memory(device)
         else:
-            timings = common.time_cpu_interleaved(fns, args.warmup_ms, args.rep_ms)
-        fns = None
+            fns = {}
+            for name, provider in live.items():
+                try:
+                    fns[name] = mode_callable(provider, mode, xs, grads)
+                except Exception as exc:  # noqa: BLE001
+                    timings[name] = exc
+            timings.update(common.time_cpu_interleaved(fns, args.warmup_ms, args.rep_ms))
+            fns = None
         common.release_memory(device)
         for name, timing in timings.items():
             if isinstance(timing, BaseException):
