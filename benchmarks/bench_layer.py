@@ -24,7 +24,8 @@ a global layout of (S/16)² tokens and, for qkv/proj, the windowed layout of 14�
 over the grid padded to a multiple of 14 (1024 px: 4096 and 25·196 = 4900 tokens per image).
 
 Run ``python benchmarks/bench_layer.py --help``; results go to ``--out`` (default
-``benchmarks/results/<device>/``) as layer.json, layer.md and layer_<dtype>_r<rank>_p<p>.png.
+``benchmarks/results/<device>/``; ``results/local/<device>/`` with ``--quick``) as layer.json, layer.md
+and layer_<dtype>_r<rank>_p<p>.png.
 """
 
 from __future__ import annotations
@@ -591,7 +592,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup-ms", type=float, help="warm-up time per measurement")
     parser.add_argument("--rep-ms", type=float, help="timed repetitions' budget per measurement")
     parser.add_argument("--time-budget", type=float, help="seconds after which no new configuration is started")
-    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>/)")
+    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>/; with --quick "
+                        "benchmarks/results/local/<device>/, git-ignored)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG figures")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's default)")
     parser.add_argument("--render", type=Path, metavar="JSON",
@@ -662,7 +664,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = resolve_settings(args, device)
-    out_dir = args.out or common.default_out_dir(device)
+    out_dir = args.out or common.default_out_dir(device, args.quick)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = common.environment_stamp(device)
     deadline = common.Deadline(args.time_budget)

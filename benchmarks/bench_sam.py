@@ -391,7 +391,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="GPU: batches 1,4 and fewer steps; CPU: the tiny preset, batch 1")
     parser.add_argument("--time-budget", type=float, help="seconds after which no new measurement is started")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's default)")
-    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>/)")
+    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>/; with --quick "
+                        "benchmarks/results/local/<device>/, git-ignored)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="only re-write the markdown and plots of an existing result JSON (into its folder)")
@@ -437,7 +438,7 @@ def run(args) -> dict:
     for name, reason in skipped.items():
         print(f"[bench_sam] variant {name!r} not run: {reason}", file=sys.stderr)
 
-    out_dir = args.out or common.default_out_dir(device)
+    out_dir = args.out or common.default_out_dir(device, args.quick)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = common.environment_stamp(device)
     deadline = common.Deadline(args.time_budget)

@@ -376,8 +376,10 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
-def default_out_dir(device: torch.device) -> Path:
-    return RESULTS_ROOT / device_label(device)
+def default_out_dir(device: torch.device, quick: bool) -> Path:
+    """Full runs write to benchmarks/results/<device>/ (committed); --quick runs to the
+    git-ignored benchmarks/results/local/<device>/ so they never overwrite committed results."""
+    return (RESULTS_ROOT / "local" if quick else RESULTS_ROOT) / device_label(device)
 
 
 class Deadline:
