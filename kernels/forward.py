@@ -6,6 +6,12 @@ K loop loads every x tile once and feeds two MMAs: ``acc += x·Wᵀ`` and
 from the shared hash, and the ``1/(1-p)`` rescale is applied once to xa instead of to
 every x element. The epilogue adds the LoRA up-projection as one more MMA,
 ``acc += (s·xa)·Bᵀ``, then the bias, and programs with ``pid_n == 0`` store xa.
+
+Cost notes (unmeasured here, for the benchmark issue): every column block recomputes
+its row block's xa (an extra ``R_PAD/BLOCK_N`` of MMA work) and, with dropout, the mask
+hash of its x tiles (~30 integer ops per element per column block), which may show at
+large N; the persistent M-major schedule of DESIGN.md §2 would compute both once per row
+block. Ranks above 64 keep only small tiles after pruning (correct, slower).
 """
 
 from __future__ import annotations
