@@ -12,8 +12,9 @@ Given ``g = dL/dy [M, N]`` and the saved ``x``, ``xa`` and seed::
 Reductions over M never use atomics: each program writes its own partial sum and
 :func:`_sum_partials_kernel` adds them in a fixed order, so the same inputs give
 bit-identical gradients (for a given autotuned config and device). Nothing of size M×N
-is allocated besides dx. The gb partials cost ``R_PAD·4 / (BLOCK_N·itemsize)`` of g's
-traffic again (1/8 for bf16 at r <= 16 with 256-wide blocks) and vanish when N fits one block.
+is allocated besides dx. Writing and re-reading the gb partials moves
+``2·R_PAD·4 / (BLOCK_N·itemsize)`` of g's bytes (1/4 for bf16 at r <= 16 with 256-wide
+blocks); there are none when N fits one block.
 """
 
 from __future__ import annotations
