@@ -1,7 +1,7 @@
 // Validation shared by the CPU and CUDA implementations of the two ops.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <optional>
 
 #include "dropout_hash.h"

@@ -3,8 +3,15 @@
 // operands are converted to fp32 once per call (weights) or per block (activations), so
 // every product accumulates in fp32 (fp64 for fp64) and no M×N temporary exists beyond
 // the outputs; block temporaries are at most kMaxBlockRows rows.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -41,5 +41,11 @@ __device__ __forceinline__ Acc dropout_factor(const DropoutSpec& spec, uint64_t 
   return keep_element(spec.seed, spec.threshold, idx) ? static_cast<Acc>(spec.scale) : Acc(0);
 }
 
+// Blocks of 256 threads for a grid-stride loop over `count` elements.
+inline unsigned reduce_blocks(int64_t count) {
+  const int64_t blocks = (count + 255) / 256;
+  return static_cast<unsigned>(blocks < 4096 ? blocks : 4096);
+}
+
 }  // namespace cuda
 }  // namespace lora_fused

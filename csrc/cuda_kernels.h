@@ -63,9 +63,43 @@ inline int64_t reduction_splits(int64_t M) {
   return splits < 1 ? 1 : (splits > 64 ? 64 : splits);
 }
 
-inline int64_t backward_workspace_elems(int64_t M, int64_t N, int64_t K, int64_t r) {
+// The tensor-core backward (cuda_tensorcore.cu) pads the rank to 16, 32 or 64 columns.
+// Its g-pass gives each block a fixed range of 64-row tiles; its dA kernel covers
+// 128-column tiles of x per reduction slice.
+constexpr int64_t kMaxTensorCoreRank = 64;
+constexpr int64_t kGpassRows = 64, kGpassCols = 64, kDaRows = 32, kDaCols = 128;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int64_t rank_pad(int64_t columns) { return columns <= 16 ? 16 : (columns <= 32 ? 32 : 64); }
+
+inline int64_t gpass_tiles_per_block(int64_t M) {
+  const int64_t tiles = ceil_div(M, kGpassRows);
+  return ceil_div(tiles, tiles < 256 ? tiles : 256);
+}
+
+inline int64_t gpass_blocks(int64_t M) { return ceil_div(ceil_div(M, kGpassRows), gpass_tiles_per_block(M)); }
+
+// Whether the tensor-core g-pass and dA serve this call (fp16/bf16 only).
+inline bool tensorcore_gpass_fits(int64_t N, int64_t r, bool with_db) {
+  return N > 0 && r + (with_db ? 1 : 0) <= kMaxTensorCoreRank;
+}
+inline bool tensorcore_dA_fits(int64_t r) { return r <= kMaxTensorCoreRank; }
+
+// Accumulator elements of the partial-sum workspace the backward needs.
+inline int64_t backward_workspace_elems(int64_t M, int64_t N, int64_t K, int64_t r, bool tensor_cores,
+                                        bool with_db) {
   const int64_t db_cols = N * (r + 1), da = r * K;
-  return reduction_splits(M) * (db_cols > da ? db_cols : da);
+  int64_t elems = reduction_splits(M) * (db_cols > da ? db_cols : da);
+  if (tensor_cores && tensorcore_gpass_fits(N, r, with_db)) {
+    const int64_t g = gpass_blocks(M) * ceil_div(N, kGpassCols) * kGpassCols * rank_pad(r + (with_db ? 1 : 0));
+    elems = g > elems ? g : elems;
+  }
+  if (tensor_cores && tensorcore_dA_fits(r)) {
+    const int64_t a = reduction_splits(M) * rank_pad(r) * ceil_div(K, kDaCols) * kDaCols;
+    elems = a > elems ? a : elems;
+  }
+  return elems;
 }
 
 // Largest rank whose xa the tensor-core forward accumulates in its own K loop; above it,
@@ -84,8 +118,12 @@ cudaError_t simt_dA(const BackwardArgs& args, cudaStream_t stream);      // dA =
 // y = [x | s·xa]·[W | B]ᵀ + b; xa accumulated in the same K loop when r <= kMaxFusedRank,
 // else read from args.xa (computed by simt_xa).
 cudaError_t tensorcore_forward(const ForwardArgs& args, cudaStream_t stream);
-// dx = g·W + (s·gb·A) ⊙ keep/(1-p), from gb computed by simt_gb.
+// gb = g·B, dB = s·gᵀ·xa and db = Σ g in one read of g (when tensorcore_gpass_fits).
+cudaError_t tensorcore_gpass(const BackwardArgs& args, cudaStream_t stream);
+// dx = g·W + (s·gb·A) ⊙ keep/(1-p), from gb.
 cudaError_t tensorcore_dx(const BackwardArgs& args, cudaStream_t stream);
+// dA = s·gbᵀ·x~ (when tensorcore_dA_fits).
+cudaError_t tensorcore_dA(const BackwardArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lora_fused

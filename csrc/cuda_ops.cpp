@@ -1,7 +1,10 @@
 // CUDA implementation of the two ops: validation, outputs and workspaces from the caching
 // allocator, the device guard and current stream, and the choice of kernels
-// (tensor cores for fp16/bf16, SIMT for fp32/fp64) in cuda_simt.cu / cuda_tensorcore.cu.
-#include <ATen/ATen.h>
+// (tensor cores for fp16/bf16 where the rank fits, SIMT for fp32/fp64 and the rest) in
+// cuda_simt.cu / cuda_tensorcore.cu.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -112,7 +115,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   const at::Tensor weight_c = weight.contiguous(), a_c = lora_A.contiguous(), b_c = lora_B.contiguous();
   const at::Tensor xa_c = xa.contiguous();
   at::Tensor gb = at::empty({s.M, s.r}, acc_options);
-  at::Tensor partials = at::empty({cuda::backward_workspace_elems(s.M, s.N, s.K, s.r)}, acc_options);
+  const bool tensor_cores = uses_tensor_cores(dtype);
+  at::Tensor partials = at::empty(
+      {cuda::backward_workspace_elems(s.M, s.N, s.K, s.r, tensor_cores, compute_db)}, acc_options);
 
   cuda::BackwardArgs args;
   args.dtype = kernel_dtype(dtype);
@@ -134,18 +139,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   args.scaling = scaling;
   args.dropout = dropout_spec(dropout_p, seed);
 
+  // gb first (dx and dA read it). The g-pass and dA kernels share the partial-sum
+  // workspace; the stream orders them.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(cuda::simt_gb(args, stream), op, "gb = grad_y·lora_B");
+  if (tensor_cores && cuda::tensorcore_gpass_fits(s.N, s.r, compute_db)) {
+    check_launch(cuda::tensorcore_gpass(args, stream), op, "tensor-core g-pass (gb, dB, db)");
+  } else {
+    check_launch(cuda::simt_gb(args, stream), op, "gb = grad_y·lora_B");
+    check_launch(cuda::simt_dB_db(args, stream), op, "dB, db");
+  }
   if (compute_dx) {
-    if (uses_tensor_cores(dtype)) {
+    if (tensor_cores) {
       check_launch(cuda::tensorcore_dx(args, stream), op, "tensor-core dx");
     } else {
       check_launch(cuda::simt_dx(args, stream), op, "dx");
     }
   }
-  // dB/db and dA share the partial-sum workspace; the stream orders them.
-  check_launch(cuda::simt_dB_db(args, stream), op, "dB, db");
-  check_launch(cuda::simt_dA(args, stream), op, "dA");
+  if (tensor_cores && cuda::tensorcore_dA_fits(s.r)) {
+    check_launch(cuda::tensorcore_dA(args, stream), op, "tensor-core dA");
+  } else {
+    check_launch(cuda::simt_dA(args, stream), op, "dA");
+  }
   return {dx, dA, dB, db};
 }
 

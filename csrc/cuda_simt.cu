@@ -254,11 +254,6 @@ __global__ void reduce_scaled_kernel(const Acc* partials, int64_t splits, int64_
   }
 }
 
-unsigned reduce_blocks(int64_t count) {
-  const int64_t blocks = (count + 255) / 256;
-  return static_cast<unsigned>(blocks < 4096 ? blocks : 4096);
-}
-
 // The slice length of a reduction over M: a multiple of the tile depth.
 int64_t slice_rows(int64_t M, int64_t splits) {
   const int64_t rows = (M + splits - 1) / splits;

@@ -297,8 +297,10 @@ requires_cuda_kernels = pytest.mark.skipif(
 )
 
 # Shapes crossing the 128-wide tensor-core tiles and 32-deep K tiles, with K and N both
-# multiples of 8 (cp.async path) and not (plain-load path); ranks across every kernel
-# variant (16, 32, 64 fused; > 64 precomputed xa).
+# multiples of 8 (cp.async path) and not (plain-load path), and ranks reaching every
+# kernel variant: forward xa fused at rank pads 16/32/64 or precomputed (r > 64); the
+# g-pass on tensor cores at pads 16/32/64 (r + bias column <= 64) or on SIMT; dA on
+# tensor cores (r <= 64) or SIMT.
 CUDA_CASES = [
     (M, K, N, r, dtype, bias)
     for dtype in (torch.float16, torch.bfloat16, torch.float32)
@@ -307,13 +309,14 @@ CUDA_CASES = [
         (7, 64, 48, 3, False),
         (130, 70, 45, 4, True),
         (257, 136, 300, 16, False),
+        (130, 264, 136, 16, True),
         (130, 264, 136, 32, True),
+        (300, 96, 130, 64, False),
         (300, 96, 130, 64, True),
         (129, 200, 72, 100, False),
         (64, 48, 40, 256, True),
     )
 ]
-
 
 @pytest.mark.gpu
 @requires_cuda
@@ -341,6 +344,15 @@ def test_cuda_strided_x(dtype):
 
     check_parity(150, 64, 40, 8, dtype, True, dropout_p=0.2, device="cuda", x_transform=strided)
     check_parity(150, 64, 40, 8, dtype, True, dropout_p=0.2, device="cuda", x_transform=row_strided)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_parity_many_rows(dtype):
+    """Over 16384 rows: several g-pass row tiles per block and many reduction slices."""
+    check_parity(17000, 72, 40, 8, dtype, True, dropout_p=0.1, device="cuda")
 
 
 @pytest.mark.gpu
@@ -381,3 +393,20 @@ def test_cuda_lora_linear_and_compile():
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x, lora_A, lora_B), eager)
     ref = lora_fused.lora_linear(x, weight, b, lora_A, lora_B, 0.5, backend="torch")
     torch.testing.assert_close(eager, ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_opcheck(dtype):
+    x, weight, b, lora_A, lora_B = make_inputs(40, 24, 17, 4, dtype, device="cuda")
+    seed = torch.tensor(5)
+    args = (x.requires_grad_(), weight, b.requires_grad_(), lora_A.requires_grad_(), lora_B.requires_grad_(),
+            0.5, 0.2, seed)
+    torch.library.opcheck(FORWARD, args)
+    _, xa = FORWARD(x.detach(), weight, b.detach(), lora_A.detach(), lora_B.detach(), 0.5, 0.2, seed)
+    grad_y = torch.randn(40, 17, device="cuda", dtype=dtype)
+    torch.library.opcheck(
+        BACKWARD, (grad_y, x.detach(), weight, lora_A.detach(), lora_B.detach(), xa, 0.5, 0.2, seed, True, True)
+    )
