@@ -56,8 +56,8 @@ def _trained_state(model):
 def test_short_training_lowers_loss_and_beats_vanilla(splits, tmp_path):
     ctx = DistContext()
     vanilla = evaluate(_model("vanilla"), splits["test"], ctx)
-    model = _model("lora", train_decoder=True)
-    cfg = TrainConfig(steps=40, batch_size=8, lr=3e-3, warmup_steps=5, log_every=5)
+    model = _model("lora", train_decoder=True)  # from random weights: box prompts take ~100 steps to click
+    cfg = TrainConfig(steps=200, batch_size=8, lr=3e-3, warmup_steps=10, log_every=5)
     summary = train(model, splits["train"], None, cfg, tmp_path, ctx, SIGNATURE, decoder_trains=True)
     rows = read_log(tmp_path / "train_log.csv")
     early = sum(r["loss"] for r in rows[:3]) / 3

@@ -30,12 +30,12 @@ ATTENTION_TARGETS = r"image_encoder\.blocks\.\d+\.attn\.(qkv|proj)"
 class TinySamConfig:
     """A SAM small enough to train on two CPU cores in minutes; same classes, same wiring."""
 
-    img_size: int = 128
+    img_size: int = 64  # 8x8 tokens: learns box prompts within a few hundred CPU steps
     patch_size: int = 8
     embed_dim: int = 96
     depth: int = 4
     num_heads: int = 4
-    window_size: int = 8
+    window_size: int = 4
     global_attn_indexes: tuple[int, ...] = (1, 3)
     prompt_dim: int = 64
     decoder_depth: int = 2

@@ -31,9 +31,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 class PretrainConfig:
     num_scenes: int = 480
     num_val: int = 48
-    steps: int = 500
+    steps: int = 400
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-3
     seed: int = 0
     tiny: TinySamConfig = field(default_factory=TinySamConfig)
 
