@@ -39,17 +39,18 @@ def cuda_arch_flags(spec: str) -> list[str]:
     for item in filter(None, re.split(r"[;,\s]+", spec.strip())):
         match = re.fullmatch(r"(?:sm_|compute_)?(\d+)\.?(\d)?(a)?(\+PTX)?", item, flags=re.IGNORECASE)
         if not match:
-            raise ValueError(f"cannot parse CUDA architecture {item!r} in {spec!r}; expected e.g. '8.0', '90' or '9.0+PTX'")
+            raise ValueError(f"cannot parse CUDA architecture {item!r} in {spec!r}; expected e.g. '8.0' or '9.0+PTX'")
         major, minor, suffix, ptx = match.groups()
         number = f"{major}{minor}" if minor is not None else major
         if int(number) < 80:
-            raise ValueError(f"CUDA architecture {item!r}: lora_fused's CUDA kernels need sm_80 or newer (bf16 tensor cores, cp.async)")
+            print(f"lora_fused: skipping CUDA architecture {item!r}: the kernels need sm_80 or newer (bf16 MMA, cp.async)")
+            continue
         number += suffix or ""
         flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
         if ptx:
             flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
     if not flags:
-        raise ValueError(f"no CUDA architecture in {spec!r}")
+        raise ValueError(f"no CUDA architecture sm_80 or newer in {spec!r}")
     return flags
 
 
