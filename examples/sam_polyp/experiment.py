@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -131,7 +131,8 @@ def run_one(cfg: ExperimentConfig, ctx: DistContext, mode: str, seed: int, base:
     if mode != "vanilla":
         summary = train(model, PromptedSegmentation(train_raw, img_size),
                         PromptedSegmentation(val_raw, img_size) if val_raw is not None else None,
-                        cfg.train, run_dir, ctx, run_signature(cfg, mode, seed, base), resume=cfg.resume,
+                        replace(cfg.train, seed=seed), run_dir, ctx, run_signature(cfg, mode, seed, base),
+                        resume=cfg.resume,
                         decoder_trains=decoder_trains, desc=f"{label} seed {seed}")
         result["train"] = summary
         if not summary["finished"]:

@@ -15,7 +15,6 @@ import torch.nn as nn
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-import lora_fused
 from lora_fused import InjectionReport, inject_lora, mark_trainable, parameter_report
 
 MODEL_TYPES = ("tiny", "vit_b", "vit_l", "vit_h")
@@ -203,13 +202,5 @@ def configure_mode(sam: Sam, mode: str, rank: int = 4, alpha: float = 1.0, dropo
     return parameter_report(sam)
 
 
-def trained_parameter_names(sam: nn.Module) -> list[str]:
-    return [name for name, p in sam.named_parameters() if p.requires_grad]
-
-
 def is_lora_parameter(name: str) -> bool:
     return ".adapters." in name or ".lora_A" in name or ".lora_B" in name
-
-
-def describe_backend(backend: str) -> str:
-    return f"{backend} (available: {', '.join(lora_fused.available_backends())})"
