@@ -43,7 +43,8 @@ def seed_as_int32(seed: int) -> int:
     return low - (1 << 32) if low >= (1 << 31) else low
 
 
-@triton.jit
+# An int argument equal to 1 would otherwise become a constexpr on GPU (no .to(); one compile per seed/threshold/row_start of 1).
+@triton.jit(do_not_specialize=["row_start", "seed", "threshold"])
 def _keep_mask_kernel(out_ptr, rows, K, row_start, seed, threshold, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -42,6 +42,8 @@ def _compile(kernel, pointer_types, constexprs, arch, num_warps, num_stages):
 
 
 def compile_all(arch: int, dtype: str) -> None:
+    import triton
+
     from lora_fused.kernels import backward, forward
 
     ptr = f"*{dtype}"
@@ -74,6 +76,19 @@ def compile_all(arch: int, dtype: str) -> None:
         shared = _compile(kernel, types, constexprs, arch, warps, stages).metadata.shared
         print(name, shared)
         assert shared <= SHARED_MEMORY_LIMIT[arch], f"{name}: {shared} B of shared memory on sm{arch}"
+
+    # A real launch turns every int argument equal to 1 that is not in do_not_specialize into a
+    # constexpr (the interpreter never does): the kernels must still compile with all of them at 1.
+    from lora_fused.kernels import dropout
+    jobs["keep_mask"] = (dropout._keep_mask_kernel, {"out_ptr": "*i8"}, {"BLOCK": 1024}, 4, 1)
+    for name in ("forward", "input_grad", "lora_a_grad", "gpass", "keep_mask"):
+        kernel, types, constexprs, warps, stages = jobs[name]
+        fn = kernel
+        while not isinstance(fn, triton.runtime.jit.JITFunction):
+            fn = fn.fn
+        ones = {p.name: 1 for p in fn.params if not p.do_not_specialize and p.name not in constexprs
+                and p.name not in types and not p.name.endswith("_ptr")}
+        print(f"{name}_ones", _compile(kernel, types, {**constexprs, **ones}, arch, warps, stages).metadata.shared)
 
 
 @pytest.mark.parametrize("arch,dtype", [(90, "bf16"), (80, "fp16")])
