@@ -8,6 +8,7 @@ above 64 leave only the smaller tiles.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 
@@ -135,8 +136,14 @@ def _fits(config: triton.Config, shared_bytes: int, budget: int, accumulators: i
     return shared_bytes * config.num_stages <= budget and per_thread <= MAX_ACCUMULATORS_PER_THREAD
 
 
-def _keep_some(configs, kept, footprint):
-    return kept if kept else [min(configs, key=footprint)]
+def _keep_some(configs, kept, footprint, stage_bytes, budget):
+    if kept:
+        return kept
+    # Nothing fits (fp32 at large ranks): the smallest tile, with as few stages as its buffers need
+    # to fit, since a lone config is launched without benchmarking and would fail with OutOfResources.
+    smallest = copy.copy(min(configs, key=footprint))
+    smallest.num_stages = max(1, min(smallest.num_stages, budget // max(stage_bytes(smallest), 1)))
+    return [smallest]
 
 
 def _shared_budget(tensor: torch.Tensor) -> int:
@@ -160,7 +167,7 @@ def prune_gemm_configs(configs, named_args, **kwargs):
         return c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + r_pad)
 
     kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
-    return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c))
+    return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)
 
 
 def prune_gpass_configs(configs, named_args, **kwargs):
@@ -176,7 +183,7 @@ def prune_gpass_configs(configs, named_args, **kwargs):
         return block_n * r_pad + c.kwargs["BLOCK_M"] * r_pad
 
     kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
-    return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c))
+    return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)
 
 
 def prune_lora_a_grad_configs(configs, named_args, **kwargs):
@@ -192,4 +199,4 @@ def prune_lora_a_grad_configs(configs, named_args, **kwargs):
         return r_pad * c.kwargs["BLOCK_K"]
 
     kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
-    return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c))
+    return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)

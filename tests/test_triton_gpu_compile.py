@@ -77,6 +77,20 @@ def compile_all(arch: int, dtype: str) -> None:
         print(name, shared)
         assert shared <= SHARED_MEMORY_LIMIT[arch], f"{name}: {shared} B of shared memory on sm{arch}"
 
+    # fp32 at rank 256 leaves only the pruner's fallback tile, launched without benchmarking: it must fit.
+    import torch
+
+    from lora_fused.kernels import configs
+    configs._shared_budget = lambda tensor: SHARED_MEMORY_LIMIT[arch]
+    (fallback,) = configs.prune_gemm_configs(configs._GEMM_HOPPER if arch >= 90 else configs._GEMM_AMPERE,
+                                             {"w_ptr": torch.empty(0)}, R_PAD=256)
+    fp32_types = {**{n: "*fp32" for n in jobs["forward"][1] if n.endswith("_ptr")}, "scaling": "fp32", "keep_scale": "fp32"}
+    shared = _compile(forward.lora_forward_kernel, fp32_types,
+                      {**jobs["forward"][2], "R_PAD": 256, "INPUT_PRECISION": "tf32", **fallback.kwargs},
+                      arch, fallback.num_warps, fallback.num_stages).metadata.shared
+    print("forward_rank256_fp32", shared)
+    assert shared <= SHARED_MEMORY_LIMIT[arch], f"forward fp32 rank 256: {shared} B of shared memory on sm{arch}"
+
     # A real launch turns every int argument equal to 1 that is not in do_not_specialize into a
     # constexpr (the interpreter never does): the kernels must still compile with all of them at 1.
     from lora_fused.kernels import dropout
