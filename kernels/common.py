@@ -36,9 +36,18 @@ def interpreted_bf16(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
+def _cublas_allows_tf32() -> bool:
+    # torch >= 2.9: fp32_precision reflects both APIs (and the global torch.backends.fp32_precision),
+    # while reading allow_tf32 raises once the new API has been used.
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return torch.backends.cuda.matmul.allow_tf32
+
+
 def input_precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow ``torch.backends.cuda.matmul.allow_tf32``, as ``nn.Linear`` does."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
+    """fp32 dots follow cuBLAS's TF32 setting (``allow_tf32`` / ``fp32_precision``), as ``nn.Linear`` does."""
+    if dtype == torch.float32 and not interpreting() and _cublas_allows_tf32():
         return "tf32"
     return "ieee"
 

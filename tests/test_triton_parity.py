@@ -308,3 +308,33 @@ def test_cuda_gradients_are_deterministic():
             for _ in range(3)]
     for name, *values in zip(("dx", "dA", "dB", "db"), *runs):
         assert all(torch.equal(values[0], v) for v in values[1:]), name
+
+
+def test_tf32_setting_is_read_through_either_torch_api():
+    # Reading allow_tf32 raises once torch's new fp32_precision API has been used, so the kernels read the
+    # setting through fp32_precision where it exists. A subprocess keeps the global settings of this one.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import torch\n"
+        "from lora_fused.kernels import common\n"
+        "common.interpreting = lambda: False\n"
+        "got = [common.input_precision(torch.float32)]\n"
+        "torch.backends.fp32_precision = 'tf32'\n"
+        "got.append(common.input_precision(torch.float32))\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'ieee'\n"
+        "got.append(common.input_precision(torch.float32))\n"
+        "torch.backends.cuda.matmul.allow_tf32 = True\n"
+        "got.append(common.input_precision(torch.float32))\n"
+        "got.append(common.input_precision(torch.float16))\n"
+        "print(' '.join(got))\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=repo, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ieee", "tf32", "ieee", "tf32", "ieee"]
