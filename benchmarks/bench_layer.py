@@ -630,7 +630,8 @@ def resolve_settings(args, device: torch.device) -> dict:
         "warmup_ms": args.warmup_ms or defaults["warmup_ms"],
         "rep_ms": args.rep_ms or defaults["rep_ms"],
         "scaling": ALPHA_OVER_RANK,
-        "allow_tf32": torch.backends.cuda.matmul.allow_tf32 if gpu else None,
+        # Reading allow_tf32 raises once torch's newer fp32_precision API has been used; prefer the latter.
+        "fp32_matmul_precision": getattr(torch.backends.cuda.matmul, "fp32_precision", None) if gpu else None,
         "quick": args.quick,
     }
     bad = {"models": [m for m in settings["models"] if m not in SAM_WIDTHS],
