@@ -30,6 +30,8 @@ class TrainConfig:
     accum_steps: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.01
+    # LR multipliers by parameter-name prefix (first match wins), e.g. {"image_encoder.": 0.1}.
+    lr_scales: dict[str, float] = field(default_factory=dict)
     warmup_steps: int = 20
     min_lr_ratio: float = 0.05
     clip_grad: float = 1.0  # max global grad norm; <= 0 disables
@@ -71,6 +73,17 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_ratio: flo
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def param_groups(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: weight decay on matrices only (not biases, norms, 1-D embeddings), and
+    the LR scaled by the first matching prefix of ``cfg.lr_scales``."""
+    groups: dict[tuple[float, bool], list] = {}
+    for name, param in named:
+        scale = next((s for prefix, s in cfg.lr_scales.items() if name.startswith(prefix)), 1.0)
+        groups.setdefault((scale, param.dim() >= 2), []).append(param)
+    return [{"params": ps, "lr": cfg.lr * scale, "weight_decay": cfg.weight_decay if decay else 0.0}
+            for (scale, decay), ps in groups.items()]
 
 
 class MicroBatchPlan:
@@ -178,13 +191,11 @@ def train(model: BoxPromptSam, train_set: PromptedSegmentation, val_set: Prompte
             ckpt.load_model_weights(directory, sam)  # before the optimizer: LoRA params are replaced
             start_step = int(state["step"])
 
-    params = [p for p in sam.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in sam.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]  # biases, norms, embeddings' 1-D params
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    optimizer = torch.optim.AdamW(param_groups(named, cfg), lr=cfg.lr)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     amp_dtype = resolve_amp(cfg.amp, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
@@ -233,7 +244,7 @@ def train(model: BoxPromptSam, train_set: PromptedSegmentation, val_set: Prompte
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
+        lr = cfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # the base LR, whatever the group scales
         scheduler.step()
         done = step + 1
         sums = all_reduce_sum(ctx, sums) / ctx.world_size
