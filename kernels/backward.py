@@ -1,20 +1,29 @@
-"""Backward kernels: the g-pass (gb, dB, db), dx, and dA, all deterministic.
+"""Backward kernels: dx (with gb = g·B fused), the g-pass (dB, db), and dA, all deterministic.
 
 Given ``g = dL/dy [M, N]`` and the saved ``x``, ``xa`` and seed::
 
-    g-pass   one read of g per (column block, row split):
-               gb partial  = g[:, cols]·B[cols]          (summed over column blocks afterwards)
-               dB partial  = g[rows]ᵀ·xa[rows]           (summed over row splits afterwards)
-               db partial  = Σ_rows g[rows]
-    dx       dx = g·W + (s/(1-p))·(gb·A) ⊙ mask          the forward kernel's shape, reduction over N
-    dA       dA = (s/(1-p))·gbᵀ·(x ⊙ mask)               one read of x per (column block, row split)
+    dx       dx = g·W + (s/(1-p))·(gb·A) ⊙ mask,  gb = g·B   one kernel, reduction over N
+    g-pass   dB partial = g[rows]ᵀ·xa[rows],  db partial = Σ_rows g[rows]
+    dA       dA = (s/(1-p))·gbᵀ·(x ⊙ mask)                   one read of x per (column block, row split)
 
-Reductions over M never use atomics: each program writes its own partial sum and
-:func:`_sum_partials_kernel` adds them in a fixed order, so the same inputs give
-bit-identical gradients (for a given autotuned config and device). Nothing of size M×N
-is allocated besides dx. Writing and re-reading the gb partials moves
-``2·R_PAD·4 / (BLOCK_N·itemsize)`` of g's bytes (1/4 for bf16 at r <= 16 with 256-wide
-blocks); there are none when N fits one block.
+The dx kernel mirrors the forward: each program (row block × dx column block) already
+loops over all of N reading g tiles for ``g·W``; it accumulates ``gb = g·B`` from the same
+g tiles (B tile ``[BLOCK_K, R_PAD]``), and the epilogue adds ``(s/(1-p))·(gb·A) ⊙ mask``
+as one more MMA. Programs with ``pid_k == 0`` store gb (fp32 ``[M, R_PAD]``) for dA.
+This replaces the earlier g-pass gb partials (``(N/BLOCK_N)·M·R_PAD`` fp32 written and
+re-read: 1/4 of g's bytes at r = 16 in bf16, 2× at r = 64, 16× at r = 256) with one
+``M·R_PAD`` store, at the price of recomputing gb in every dx column block (an extra
+``R_PAD/BLOCK_N`` of the dx MMA work, like the forward's xa).
+
+When the gb product would not be cheap inside the dx loop (R_PAD > 64: its stage buffers
+and ``[BM, R_PAD]`` accumulator squeeze the dx tiles) or dx is not requested, gb comes
+from :func:`~.projection.thin_projection_kernel` instead (one more read of g, no
+partials) and the dx kernel loads it in the epilogue (``PRECOMPUTED_GB``).
+
+Reductions over M never use atomics: each program writes its own partial sum (dB, db:
+``splits×N×R_PAD``; dA: ``splits×R_PAD×K``) and :func:`_sum_partials_kernel` adds them in
+a fixed order, so the same inputs give bit-identical gradients (for a given autotuned
+config and device). Nothing of size M×N is allocated besides dx.
 """
 
 from __future__ import annotations
@@ -39,7 +48,10 @@ from .configs import (
     split_rows,
 )
 from .dropout import dropout_keep, seed_as_int32
+from .projection import project_rows
 
+# Largest padded rank whose gb MMA stays inside the dx kernel's N loop.
+MAX_FUSED_R_PAD = 64
 # Column-block width the dA split count is planned for (its BLOCK_K is autotuned).
 DA_PLANNING_BLOCK_K = 64
 
@@ -52,9 +64,9 @@ DA_PLANNING_BLOCK_K = 64
 )
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_split"])
 def _gpass_kernel(
-    g_ptr, b_ptr, xa_ptr, gb_partial_ptr, db_lora_partial_ptr, db_partial_ptr,
+    g_ptr, xa_ptr, db_lora_partial_ptr, db_partial_ptr,
     M, N, R, rows_per_split, M_BUCKET,
-    stride_gm, stride_gn, stride_bn, stride_br, stride_xam, stride_xar,
+    stride_gm, stride_gn, stride_xam, stride_xar,
     R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DB: tl.constexpr,
     INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -65,22 +77,15 @@ def _gpass_kernel(
     col_ok = cols < N
     rank_ok = ranks < R
 
-    b_ptrs = b_ptr + cols.to(tl.int64)[:, None] * stride_bn + ranks[None, :] * stride_br
-    b = tl.load(b_ptrs, mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-
     dB = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     row_start = pid_split * rows_per_split
     row_end = min(row_start + rows_per_split, M)
-    gb_partial_ptr += pid_n.to(tl.int64) * M * R_PAD
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < row_end
         g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        gb = tl.dot(dot_operand(g, INTERPRETED_BF16), dot_operand(b, INTERPRETED_BF16),
-                    input_precision=INPUT_PRECISION)
-        tl.store(gb_partial_ptr + rows[:, None] * R_PAD + ranks[None, :], gb, mask=row_ok[:, None])
         xa = tl.load(xa_ptr + rows[:, None] * stride_xam + ranks[None, :] * stride_xar,
                      mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         xa = cast_to(xa, g_ptr.dtype.element_ty, INTERPRETED_BF16)
@@ -99,16 +104,17 @@ def _gpass_kernel(
 @triton.heuristics({"HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0})
 @triton.autotune(
     configs=gemm_configs(),
-    key=["N", "K", "R_PAD", "M_BUCKET", "HAS_DROPOUT"],
+    key=["N", "K", "R_PAD", "M_BUCKET", "HAS_DROPOUT", "PRECOMPUTED_GB"],
     prune_configs_by={"early_config_prune": prune_gemm_configs},
 )
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "seed", "dropout_threshold"])
 def _input_grad_kernel(
-    g_ptr, w_ptr, a_ptr, gb_ptr, dx_ptr,
+    g_ptr, w_ptr, a_ptr, b_ptr, gb_ptr, dx_ptr,
     M, N, K, R, M_BUCKET,
-    stride_gm, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    stride_gm, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_dxm, stride_dxk,
     lora_scale, seed, dropout_threshold,
-    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECOMPUTED_GB: tl.constexpr,
     INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -132,17 +138,30 @@ def _input_grad_kernel(
 
     g_ptrs = g_ptr + rows[:, None] * stride_gm + steps[None, :] * stride_gn
     w_ptrs = w_ptr + steps.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk
+    b_ptrs = b_ptr + steps.to(tl.int64)[:, None] * stride_bn + ranks[None, :] * stride_br
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    gb = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_K):
         n_ok = (n0 + steps) < N
         g = tl.load(g_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=n_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(dot_operand(g, INTERPRETED_BF16), dot_operand(w, INTERPRETED_BF16), acc,
                      input_precision=INPUT_PRECISION)
+        if not PRECOMPUTED_GB:
+            # gb = g·B from the same g tile (B padded to R_PAD columns with zeros).
+            b = tl.load(b_ptrs, mask=n_ok[:, None] & rank_ok[None, :], other=0.0)
+            gb = tl.dot(dot_operand(g, INTERPRETED_BF16), dot_operand(b, INTERPRETED_BF16), gb,
+                        input_precision=INPUT_PRECISION)
+            b_ptrs += BLOCK_K * stride_bn
         g_ptrs += BLOCK_K * stride_gn
         w_ptrs += BLOCK_K * stride_wn
 
-    gb = tl.load(gb_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=row_ok[:, None], other=0.0)
+    gb_ptrs = gb_ptr + rows[:, None] * R_PAD + ranks[None, :]
+    if PRECOMPUTED_GB:
+        gb = tl.load(gb_ptrs, mask=row_ok[:, None], other=0.0)
+    elif pid_k == 0:
+        # Every column block computes the same gb; one stores it (all R_PAD columns) for the dA kernel.
+        tl.store(gb_ptrs, gb, mask=row_ok[:, None])
     gb = cast_to(gb * lora_scale, dx_ptr.dtype.element_ty, INTERPRETED_BF16)
     a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols.to(tl.int64)[None, :] * stride_ak,
                 mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
@@ -258,28 +277,13 @@ def lora_backward(
     threshold, keep_scale, seed32 = dropout_threshold(dropout_p), dropout_scale(dropout_p), seed_as_int32(seed)
 
     with device_guard(x):
-        # g-pass: gb partials per column block, dB/db partials per row split.
-        block_n = gpass_block_n(N, r_pad)
-        col_blocks = triton.cdiv(N, block_n)
-        splits, rows_per_split = split_rows(M, col_blocks, device)
-        gb_partial = torch.empty(col_blocks, M, r_pad, dtype=f32, device=device)
-        dB_partial = torch.empty(splits, N, r_pad, dtype=f32, device=device)
-        db_partial = torch.empty(splits, N, dtype=f32, device=device) if compute_db else None
-        _gpass_kernel[(col_blocks, splits)](
-            grad_y, lora_B, xa, gb_partial, dB_partial, db_partial,
-            M, N, R, rows_per_split, bucket,
-            grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
-            R_PAD=r_pad, BLOCK_N=block_n, INTERPRETED_BF16=bf16_fixes, INPUT_PRECISION=precision,
-        )
-        if col_blocks == 1:
-            gb = gb_partial[0]
-        else:
-            gb = _sum_partials(gb_partial, torch.empty(M, r_pad, dtype=f32, device=device), 1.0)
-        dB = _sum_partials(dB_partial, torch.empty(N, R, dtype=lora_B.dtype, device=device), scaling)
-        db = grad_y.new_empty(0)
-        if compute_db:
-            db = torch.empty(N, dtype=grad_y.dtype, device=device)
-            _sum_partials(db_partial.unsqueeze(2), db.unsqueeze(1), 1.0)
+        # gb = g·B, fp32 [M, R_PAD] (padding columns zero): inside the dx kernel when it runs and the
+        # rank is small, else from the thin projection kernel.
+        gb = torch.empty(M, r_pad, dtype=f32, device=device)
+        fused_gb = compute_dx and r_pad <= MAX_FUSED_R_PAD
+        if not fused_gb:
+            project_rows(grad_y, lora_B, lora_B.stride(0), lora_B.stride(1), R, gb, r_pad,
+                         1.0, 0, 0, bf16_fixes, precision)
 
         dx = grad_y.new_empty(0)
         if compute_dx:
@@ -289,13 +293,31 @@ def lora_backward(
                 return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
 
             _input_grad_kernel[dx_grid](
-                grad_y, weight, lora_A, gb, dx,
+                grad_y, weight, lora_A, lora_B, gb, dx,
                 M, N, K, R, bucket,
                 grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
-                lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
+                lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), dx.stride(0), dx.stride(1),
                 float(scaling) * keep_scale, seed32, threshold,
-                R_PAD=r_pad, INTERPRETED_BF16=bf16_fixes, INPUT_PRECISION=precision,
+                R_PAD=r_pad, PRECOMPUTED_GB=not fused_gb, INTERPRETED_BF16=bf16_fixes, INPUT_PRECISION=precision,
             )
+
+        # g-pass: dB/db partials per row split (reductions over M), summed in a fixed order.
+        block_n = gpass_block_n(N, r_pad)
+        col_blocks = triton.cdiv(N, block_n)
+        splits, rows_per_split = split_rows(M, col_blocks, device)
+        dB_partial = torch.empty(splits, N, r_pad, dtype=f32, device=device)
+        db_partial = torch.empty(splits, N, dtype=f32, device=device) if compute_db else None
+        _gpass_kernel[(col_blocks, splits)](
+            grad_y, xa, dB_partial, db_partial,
+            M, N, R, rows_per_split, bucket,
+            grad_y.stride(0), grad_y.stride(1), xa.stride(0), xa.stride(1),
+            R_PAD=r_pad, BLOCK_N=block_n, INTERPRETED_BF16=bf16_fixes, INPUT_PRECISION=precision,
+        )
+        dB = _sum_partials(dB_partial, torch.empty(N, R, dtype=lora_B.dtype, device=device), scaling)
+        db = grad_y.new_empty(0)
+        if compute_db:
+            db = torch.empty(N, dtype=grad_y.dtype, device=device)
+            _sum_partials(db_partial.unsqueeze(2), db.unsqueeze(1), 1.0)
 
         # dA: per (column block, row split) partials of gbᵀ·(x ⊙ mask), then one fixed-order sum.
         da_splits, da_rows_per_split = split_rows(M, triton.cdiv(K, DA_PLANNING_BLOCK_K), device)

@@ -102,8 +102,17 @@ def lora_a_grad_configs() -> list[triton.Config]:
             for w, s in ((4, 3), (8, 3), (4, 4))]
 
 
+def projection_configs() -> list[triton.Config]:
+    """Thin-projection tiles (xa pre-pass, standalone gb): BLOCK_M rows, BLOCK_K reduction step, all R_PAD columns."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bk in ((32, 128), (64, 64), (64, 128), (128, 64), (16, 256), (32, 32))
+            for w, s in ((4, 3), (4, 4), (8, 3))]
+
+
 def gpass_block_n(n: int, r_pad: int) -> int:
-    """Output-column block of the g-pass: wide (fewer gb partials) unless the rank is large."""
+    """Output-column block of the g-pass (dB, db): wide unless the [BLOCK_N, R_PAD] accumulator gets large."""
     widest = 32 if interpreting() else (256 if r_pad <= 32 else 128 if r_pad <= 64 else 64)
     return max(16, min(widest, triton.next_power_of_2(n)))
 
@@ -152,16 +161,26 @@ def _shared_budget(tensor: torch.Tensor) -> int:
     return _device_limits(tensor.device.index)[0]
 
 
+def _flag(name, named_args, kwargs):
+    return bool(kwargs.get(name, named_args.get(name, False)))
+
+
 def prune_gemm_configs(configs, named_args, **kwargs):
-    """Forward/dx tiles: stage buffers of (x, W, A) tiles and the [BM, BN] + [BM, R_PAD] accumulators."""
+    """Forward/dx tiles: stage buffers of (x, W[, A or B]) tiles and the [BM, BN] + [BM, R_PAD] accumulators.
+
+    The rank-sized operand is staged in the loop only when its product is accumulated there
+    (not ``PRECOMPUTED_XA`` / ``PRECOMPUTED_GB``); the [BM, R_PAD] registers count either way
+    (accumulator in the loop, or the loaded xa/gb tile in the epilogue beside the [BM, BN] one).
+    """
     r_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
+    rank_tile_in_loop = not (_flag("PRECOMPUTED_XA", named_args, kwargs) or _flag("PRECOMPUTED_GB", named_args, kwargs))
     tensor = named_args["w_ptr"]
     elt = tensor.element_size()
     budget = _shared_budget(tensor)
 
     def stage_bytes(c):
         m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        return (m * k + k * n + k * r_pad) * elt
+        return (m * k + k * n + (k * r_pad if rank_tile_in_loop else 0)) * elt
 
     def accumulators(c):
         return c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + r_pad)
@@ -171,7 +190,7 @@ def prune_gemm_configs(configs, named_args, **kwargs):
 
 
 def prune_gpass_configs(configs, named_args, **kwargs):
-    """g-pass tiles: [BM, BLOCK_N] of g plus [BM, R_PAD] of xa per stage; [BLOCK_N, R_PAD] accumulators."""
+    """g-pass tiles: [BM, BLOCK_N] of g plus [BM, R_PAD] of xa per stage; the [BLOCK_N, R_PAD] dB accumulator."""
     r_pad, block_n = kwargs["R_PAD"], kwargs["BLOCK_N"]
     tensor = named_args["g_ptr"]
     budget = _shared_budget(tensor)
@@ -180,7 +199,7 @@ def prune_gpass_configs(configs, named_args, **kwargs):
         return c.kwargs["BLOCK_M"] * (block_n * tensor.element_size() + r_pad * 4)
 
     def accumulators(c):
-        return block_n * r_pad + c.kwargs["BLOCK_M"] * r_pad
+        return block_n * r_pad
 
     kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
     return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)
@@ -197,6 +216,22 @@ def prune_lora_a_grad_configs(configs, named_args, **kwargs):
 
     def accumulators(c):
         return r_pad * c.kwargs["BLOCK_K"]
+
+    kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
+    return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)
+
+
+def prune_projection_configs(configs, named_args, **kwargs):
+    """Thin-projection tiles: [BM, BK] of the input plus [BK, R_PAD] of the thin matrix per stage; [BM, R_PAD] accumulators."""
+    r_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
+    tensor = named_args["in_ptr"]
+    budget = _shared_budget(tensor)
+
+    def stage_bytes(c):
+        return (c.kwargs["BLOCK_M"] + r_pad) * c.kwargs["BLOCK_K"] * tensor.element_size()
+
+    def accumulators(c):
+        return c.kwargs["BLOCK_M"] * r_pad
 
     kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
     return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)

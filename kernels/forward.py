@@ -1,17 +1,28 @@
-"""Forward kernel: ``y = x·Wᵀ + b + s·(x~·Aᵀ)·Bᵀ`` and ``xa = x~·Aᵀ`` in one pass over x.
+"""Forward: ``y = x·Wᵀ + b + s·(x~·Aᵀ)·Bᵀ`` and ``xa = x~·Aᵀ`` (``x~`` = x ⊙ mask / (1-p)).
 
-Each program owns a ``[BLOCK_M, BLOCK_N]`` tile of y (grouped order for L2 reuse). Its
-K loop loads every x tile once and feeds two MMAs: ``acc += x·Wᵀ`` and
-``xa += (x⊙mask)·Aᵀ`` (A padded to ``R_PAD`` rows with zeros). The dropout mask comes
-from the shared hash, and the ``1/(1-p)`` rescale is applied once to xa instead of to
-every x element. The epilogue adds the LoRA up-projection as one more MMA,
-``acc += (s·xa)·Bᵀ``, then the bias, and programs with ``pid_n == 0`` store xa.
+Two schedules, chosen per call:
 
-Cost notes (unmeasured here, for the benchmark issue): every column block recomputes
-its row block's xa (an extra ``R_PAD/BLOCK_N`` of MMA work) and, with dropout, the mask
-hash of its x tiles (~30 integer ops per element per column block), which may show at
-large N; the persistent M-major schedule of DESIGN.md §2 would compute both once per row
-block. Ranks above 64 keep only small tiles after pruning (correct, slower).
+- **Fused (p = 0 and R_PAD <= 64)**: one kernel. Each program owns a ``[BLOCK_M, BLOCK_N]``
+  tile of y (grouped order for L2 reuse); its K loop loads every x tile once and feeds two
+  MMAs, ``acc += x·Wᵀ`` and ``xa += x·Aᵀ`` (A padded to ``R_PAD`` rows with zeros). Every
+  column block recomputes its row block's xa, an extra ``R_PAD/BLOCK_N`` of MMA work
+  (<= 1/4 at R_PAD 64 with 256-wide tiles, 1/16 at r <= 16), cheaper than a second pass over x.
+- **Pre-pass (p > 0 or R_PAD > 64)**: :func:`~.projection.thin_projection_kernel` computes
+  ``xa = (x ⊙ mask)·Aᵀ·1/(1-p)`` once (one read of x, the dropout hash evaluated once per
+  element of x instead of once per element per column block, ~30 integer ops each), then
+  the same GEMM kernel runs with ``PRECOMPUTED_XA``: no A tiles or xa MMA in the K loop,
+  xa loaded in the epilogue. At large ranks this also drops the ``[BK, R_PAD]`` stage
+  buffers; the ``[BM, R_PAD]`` xa tile still sits in registers beside the ``[BM, BN]``
+  accumulator in the epilogue, so pruning keeps the same (small) tiles at R_PAD 256.
+
+In both, the epilogue adds the LoRA up-projection as one more MMA, ``acc += (s·xa)·Bᵀ``
+(xa cast to the input dtype, as the reference does), then the bias; in the fused schedule
+programs with ``pid_n == 0`` store xa (fp32) for backward.
+
+Cost notes (unmeasured here, for the benchmark issue): the pre-pass reads x once more
+from memory (M·K elements) and costs one more launch; the persistent M-major schedule of
+DESIGN.md §2 would avoid both. ``MAX_FUSED_R_PAD`` is the switch-over rank, to be tuned
+on a GPU.
 """
 
 from __future__ import annotations
@@ -24,26 +35,27 @@ from lora_fused.dropout import dropout_scale, dropout_threshold
 
 from .common import cast_to, device_guard, dot_operand, input_precision, interpreted_bf16
 from .configs import gemm_configs, m_bucket, padded_rank, prune_gemm_configs
-from .dropout import dropout_keep, seed_as_int32
+from .dropout import seed_as_int32
+from .projection import project_rows
+
+# Largest padded rank whose xa MMA stays inside the fused kernel's K loop when p = 0.
+MAX_FUSED_R_PAD = 64
 
 
-@triton.heuristics({
-    "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
-    "HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0,
-})
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
 @triton.autotune(
     configs=gemm_configs(),
-    key=["N", "K", "R_PAD", "M_BUCKET", "HAS_DROPOUT"],
+    key=["N", "K", "R_PAD", "M_BUCKET", "PRECOMPUTED_XA"],
     prune_configs_by={"early_config_prune": prune_gemm_configs},
 )
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "seed", "dropout_threshold"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def lora_forward_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, xa_ptr,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_ym, stride_yn, stride_xam, stride_xar,
-    scaling, keep_scale, seed, dropout_threshold,
-    R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    scaling,
+    R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, PRECOMPUTED_XA: tl.constexpr,
     INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -74,21 +86,21 @@ def lora_forward_kernel(
         k_ok = (k0 + steps) < K
         x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        a = tl.load(a_ptrs, mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
         acc = tl.dot(dot_operand(x, INTERPRETED_BF16), dot_operand(w, INTERPRETED_BF16), acc,
                      input_precision=INPUT_PRECISION)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows[:, None] * K + (k0 + steps)[None, :], dropout_threshold)
-            x = tl.where(keep, x, 0.0)
-        xa = tl.dot(dot_operand(x, INTERPRETED_BF16), dot_operand(a, INTERPRETED_BF16), xa,
-                    input_precision=INPUT_PRECISION)
+        if not PRECOMPUTED_XA:
+            a = tl.load(a_ptrs, mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+            xa = tl.dot(dot_operand(x, INTERPRETED_BF16), dot_operand(a, INTERPRETED_BF16), xa,
+                        input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
-        a_ptrs += BLOCK_K * stride_ak
 
-    xa = xa * keep_scale
-    if pid_n == 0:
-        xa_ptrs = xa_ptr + rows[:, None] * stride_xam + ranks[None, :] * stride_xar
+    xa_ptrs = xa_ptr + rows[:, None] * stride_xam + ranks[None, :] * stride_xar
+    if PRECOMPUTED_XA:
+        # Already scaled by 1/(1-p) and masked by the pre-pass.
+        xa = tl.load(xa_ptrs, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    elif pid_n == 0:
         tl.store(xa_ptrs, xa, mask=row_ok[:, None] & rank_ok[None, :])
 
     # LoRA up-projection: one more MMA into the same accumulator, in the input dtype as the reference does.
@@ -123,14 +135,22 @@ def lora_forward(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
+    r_pad = padded_rank(R)
+    bf16_fixes, precision = interpreted_bf16(x.dtype), input_precision(x.dtype)
+    precomputed = dropout_p > 0 or r_pad > MAX_FUSED_R_PAD
     with device_guard(x):
+        if precomputed:
+            # xa[m, r] = (1/(1-p)) · Σ_k (x ⊙ mask)[m, k] · A[r, k]: P[k, r] = A[r, k].
+            project_rows(x, lora_A, lora_A.stride(1), lora_A.stride(0), R, xa, r_pad,
+                         dropout_scale(dropout_p), seed_as_int32(seed), dropout_threshold(dropout_p),
+                         bf16_fixes, precision)
         lora_forward_kernel[grid](
             x, weight, bias, lora_A, lora_B, y, xa,
             M, N, K, R, m_bucket(M),
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
             y.stride(0), y.stride(1), xa.stride(0), xa.stride(1),
-            float(scaling), dropout_scale(dropout_p), seed_as_int32(seed), dropout_threshold(dropout_p),
-            R_PAD=padded_rank(R), INTERPRETED_BF16=interpreted_bf16(x.dtype), INPUT_PRECISION=input_precision(x.dtype),
+            float(scaling),
+            R_PAD=r_pad, PRECOMPUTED_XA=precomputed, INTERPRETED_BF16=bf16_fixes, INPUT_PRECISION=precision,
         )
     return y, xa

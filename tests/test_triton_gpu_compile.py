@@ -4,7 +4,9 @@ The interpreter runs the kernels' semantics but not the GPU lowering, so this co
 kernel ahead of time for sm80 and sm90 with the specialisations a real launch gets (unit
 last strides, 16-divisible pointers, strides and sizes), in a subprocess with the
 interpreter off. It also checks that the K loops are software-pipelined (shared memory
-holds more than one stage) and that the tiles fit the architecture's shared memory.
+holds more than one stage) and that the tiles fit the architecture's shared memory: every
+constexpr variant (fused / pre-computed xa and gb, the thin projection kernel) and, at
+ranks 64 and 256, the largest config the pruners keep, in the test's dtype and in fp32.
 
 Run directly: ``python tests/test_triton_gpu_compile.py 90 bf16``.
 """
@@ -41,61 +43,108 @@ def _compile(kernel, pointer_types, constexprs, arch, num_warps, num_stages):
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def _kept(prune, tiles, arch, named_args, **kwargs):
+    """The configs ``prune`` keeps under ``arch``'s shared-memory budget (what autotuning may launch there)."""
+    from lora_fused.kernels import configs
+    real_budget = configs._shared_budget
+    configs._shared_budget = lambda tensor: SHARED_MEMORY_LIMIT[arch]
+    try:
+        kept = prune(tiles, named_args, **kwargs)
+    finally:
+        configs._shared_budget = real_budget
+    return kept
+
+
 def compile_all(arch: int, dtype: str) -> None:
+    import torch
     import triton
 
-    from lora_fused.kernels import backward, forward
+    from lora_fused.kernels import backward, configs, dropout, forward, projection
 
     ptr = f"*{dtype}"
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     common = {"INTERPRETED_BF16": False, "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee"}
     tile = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32 if dtype == "fp32" else 64, "GROUP_M": 8}
+    forward_types = {**{n: ptr for n in ("x_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr")},
+                     "xa_ptr": "*fp32", "scaling": "fp32"}
+    input_grad_types = {"g_ptr": ptr, "w_ptr": ptr, "a_ptr": ptr, "b_ptr": ptr, "gb_ptr": "*fp32", "dx_ptr": ptr,
+                        "lora_scale": "fp32"}
+    projection_types = {"in_ptr": ptr, "p_ptr": ptr, "out_ptr": "*fp32", "scale": "fp32"}
     jobs = {
-        "forward": (forward.lora_forward_kernel,
-                    {**{n: ptr for n in ("x_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr")},
-                     "xa_ptr": "*fp32", "scaling": "fp32", "keep_scale": "fp32"},
-                    {"R_PAD": 16, "HAS_BIAS": True, "HAS_DROPOUT": True, **common, **tile}, 8, 3),
+        "forward": (forward.lora_forward_kernel, forward_types,
+                    {"R_PAD": 16, "HAS_BIAS": True, "PRECOMPUTED_XA": False, **common, **tile}, 8, 3),
+        "forward_precomputed": (forward.lora_forward_kernel, forward_types,
+                                {"R_PAD": 16, "HAS_BIAS": True, "PRECOMPUTED_XA": True, **common, **tile}, 8, 3),
         "gpass": (backward._gpass_kernel,
-                  {"g_ptr": ptr, "b_ptr": ptr, "xa_ptr": "*fp32", "gb_partial_ptr": "*fp32",
-                   "db_lora_partial_ptr": "*fp32", "db_partial_ptr": "*fp32"},
+                  {"g_ptr": ptr, "xa_ptr": "*fp32", "db_lora_partial_ptr": "*fp32", "db_partial_ptr": "*fp32"},
                   {"R_PAD": 16, "BLOCK_N": 256, "COMPUTE_DB": True, "BLOCK_M": 64, **common}, 4, 3),
-        "input_grad": (backward._input_grad_kernel,
-                       {"g_ptr": ptr, "w_ptr": ptr, "a_ptr": ptr, "gb_ptr": "*fp32", "dx_ptr": ptr,
-                        "lora_scale": "fp32"},
-                       {"R_PAD": 16, "HAS_DROPOUT": True, **common, **tile}, 8, 3),
+        "input_grad": (backward._input_grad_kernel, input_grad_types,
+                       {"R_PAD": 16, "HAS_DROPOUT": True, "PRECOMPUTED_GB": False, **common, **tile}, 8, 3),
+        "input_grad_precomputed": (backward._input_grad_kernel, input_grad_types,
+                                   {"R_PAD": 16, "HAS_DROPOUT": True, "PRECOMPUTED_GB": True, **common, **tile}, 8, 3),
         "lora_a_grad": (backward._lora_a_grad_kernel, {"x_ptr": ptr, "gb_ptr": "*fp32", "dA_partial_ptr": "*fp32"},
                         {"R_PAD": 16, "HAS_DROPOUT": True, "BLOCK_M": 64, "BLOCK_K": 128, **common}, 4, 3),
+        # xa pre-pass (P = Aᵀ, k contiguous) and standalone gb (P = B, rank contiguous).
+        "projection_xa": (projection.thin_projection_kernel, projection_types,
+                          {"R_PAD": 16, "HAS_DROPOUT": True, "stride_pk": 1, "BLOCK_M": 64, "BLOCK_K": 64, **common},
+                          4, 3),
+        "projection_gb": (projection.thin_projection_kernel, projection_types,
+                          {"R_PAD": 16, "HAS_DROPOUT": False, "stride_pr": 1, "BLOCK_M": 64, "BLOCK_K": 64, **common},
+                          4, 3),
         "sum_partials": (backward._sum_partials_kernel, {"partial_ptr": "*fp32", "out_ptr": ptr, "scale": "fp32"},
                          {"INTERPRETED_BF16": False, "BLOCK_R": 64, "BLOCK_C": 16}, 4, 1),
-        "forward_rank256": (forward.lora_forward_kernel,
-                            {**{n: ptr for n in ("x_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr")},
-                             "xa_ptr": "*fp32", "scaling": "fp32", "keep_scale": "fp32"},
-                            {"R_PAD": 256, "HAS_BIAS": False, "HAS_DROPOUT": False, **common,
-                             "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, 4, 2),
     }
     for name, (kernel, types, constexprs, warps, stages) in jobs.items():
         shared = _compile(kernel, types, constexprs, arch, warps, stages).metadata.shared
         print(name, shared)
         assert shared <= SHARED_MEMORY_LIMIT[arch], f"{name}: {shared} B of shared memory on sm{arch}"
 
-    # fp32 at rank 256 leaves only the pruner's fallback tile, launched without benchmarking: it must fit.
-    import torch
-
-    from lora_fused.kernels import configs
-    configs._shared_budget = lambda tensor: SHARED_MEMORY_LIMIT[arch]
-    (fallback,) = configs.prune_gemm_configs(configs._GEMM_HOPPER if arch >= 90 else configs._GEMM_AMPERE,
-                                             {"w_ptr": torch.empty(0)}, R_PAD=256)
-    fp32_types = {**{n: "*fp32" for n in jobs["forward"][1] if n.endswith("_ptr")}, "scaling": "fp32", "keep_scale": "fp32"}
-    shared = _compile(forward.lora_forward_kernel, fp32_types,
-                      {**jobs["forward"][2], "R_PAD": 256, "INPUT_PRECISION": "tf32", **fallback.kwargs},
-                      arch, fallback.num_warps, fallback.num_stages).metadata.shared
-    print("forward_rank256_fp32", shared)
-    assert shared <= SHARED_MEMORY_LIMIT[arch], f"forward fp32 rank 256: {shared} B of shared memory on sm{arch}"
+    # Large ranks: every config the pruners keep (in this dtype, and in fp32 where nothing fits and the
+    # fallback tile is launched without benchmarking) must fit the architecture's shared memory.
+    gemm_tiles = configs._GEMM_HOPPER if arch >= 90 else configs._GEMM_AMPERE
+    fp32 = {"INTERPRETED_BF16": False, "INPUT_PRECISION": "tf32"}
+    rank_jobs = []
+    for elt_dtype, elt_name, prec in ((torch_dtype, dtype, common), (torch.float32, "fp32", fp32)):
+        p = f"*{elt_name}"
+        w = torch.empty(0, dtype=elt_dtype)
+        fwd_types = {**{n: p for n in forward_types if n.endswith("_ptr") and n != "xa_ptr"},
+                     "xa_ptr": "*fp32", "scaling": "fp32"}
+        dx_types = {**{n: p for n in input_grad_types if n.endswith("_ptr") and n != "gb_ptr"},
+                    "gb_ptr": "*fp32", "lora_scale": "fp32"}
+        proj_types = {"in_ptr": p, "p_ptr": p, "out_ptr": "*fp32", "scale": "fp32"}
+        for r_pad in (64, 256):
+            fused = r_pad <= forward.MAX_FUSED_R_PAD
+            flags = {"R_PAD": r_pad, **prec}
+            fwd = {**flags, "HAS_BIAS": True, "PRECOMPUTED_XA": not fused}
+            for c in _kept(configs.prune_gemm_configs, gemm_tiles, arch, {"w_ptr": w}, **fwd):
+                rank_jobs.append((f"forward_r{r_pad}_{elt_name}", forward.lora_forward_kernel, fwd_types,
+                                  {**fwd, **c.kwargs}, c))
+            dxf = {**flags, "HAS_DROPOUT": True, "PRECOMPUTED_GB": not fused}
+            for c in _kept(configs.prune_gemm_configs, gemm_tiles, arch, {"w_ptr": w}, **dxf):
+                rank_jobs.append((f"input_grad_r{r_pad}_{elt_name}", backward._input_grad_kernel, dx_types,
+                                  {**dxf, **c.kwargs}, c))
+            proj = {**flags, "HAS_DROPOUT": True, "stride_pk": 1}
+            for c in _kept(configs.prune_projection_configs, configs.projection_configs(), arch,
+                                   {"in_ptr": w}, **proj):
+                rank_jobs.append((f"projection_r{r_pad}_{elt_name}", projection.thin_projection_kernel, proj_types,
+                                  {**proj, **c.kwargs}, c))
+    # One compile per job: the kept config with the most staged tile elements (the largest shared memory).
+    largest = {}
+    for name, kernel, types, constexprs, c in rank_jobs:
+        size = c.num_stages * (c.kwargs.get("BLOCK_M", 1) * c.kwargs.get("BLOCK_K", 1)
+                               + c.kwargs.get("BLOCK_K", 1) * (c.kwargs.get("BLOCK_N", 0) + constexprs["R_PAD"]))
+        if name not in largest or size > largest[name][0]:
+            largest[name] = (size, kernel, types, constexprs, c)
+    for name, (_, kernel, types, constexprs, c) in largest.items():
+        shared = _compile(kernel, types, constexprs, arch, c.num_warps, c.num_stages).metadata.shared
+        print(name, shared)
+        assert shared <= SHARED_MEMORY_LIMIT[arch], f"{name} {c}: {shared} B of shared memory on sm{arch}"
 
     # A real launch turns every int argument equal to 1 that is not in do_not_specialize into a
     # constexpr (the interpreter never does): the kernels must still compile with all of them at 1.
-    from lora_fused.kernels import dropout
     jobs["keep_mask"] = (dropout._keep_mask_kernel, {"out_ptr": "*i8"}, {"BLOCK": 1024}, 4, 1)
-    for name in ("forward", "input_grad", "lora_a_grad", "gpass", "keep_mask"):
+    for name in ("forward", "forward_precomputed", "input_grad", "input_grad_precomputed", "lora_a_grad", "gpass",
+                 "projection_xa", "projection_gb", "keep_mask"):
         kernel, types, constexprs, warps, stages = jobs[name]
         fn = kernel
         while not isinstance(fn, triton.runtime.jit.JITFunction):
