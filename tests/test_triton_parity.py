@@ -96,6 +96,8 @@ def test_op_parity(case):
     (torch.float32, 130, 16, 0.3),
     (torch.float16, 7, 4, 0.5),
     (torch.bfloat16, 130, 3, 0.2),
+    (torch.float16, 130, 64, 0.4),  # largest rank with gb fused into the dx kernel
+    (torch.float32, 7, 256, 0.2),  # gb from the thin projection kernel
 ])
 def test_op_parity_with_dropout(dtype, M, r, p):
     # The reference draws lora_fused.dropout.keep_mask, so this also checks the kernels' mask in both passes.
@@ -192,6 +194,31 @@ def test_gradients_are_deterministic():
     second = triton_ops.triton_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, 0.3, seed, True, True)
     for name, a, b in zip(("dx", "dA", "dB", "db"), first, second):
         assert torch.equal(a, b), f"{name} differs between two identical backward calls"
+
+
+@pytest.mark.parametrize("compute_dx,r", [(True, 16), (False, 16), (True, 256)])
+def test_backward_allocates_no_per_column_block_buffers(monkeypatch, compute_dx, r):
+    # gb = g·B is accumulated inside the dx kernel (or a thin projection kernel), not as per-column-block
+    # partials: the only buffers with M rows are dx and one fp32 gb [M, R_PAD] (the rest: split-M partials of dB, db, dA
+    # and the outputs, sized by N, K and R).
+    M, K, N = 130, 33, 300  # N spans many column blocks
+    x, weight, bias, lora_A, lora_B = make_inputs(M, K, N, r, torch.float16, device=DEVICE)
+    grad_y = _random_like((M, N), torch.float16, DEVICE, seed=2)
+    seed = torch.tensor(1, dtype=torch.int64)
+    _, xa = triton_ops.triton_forward(x, weight, bias, lora_A, lora_B, SCALING, 0.1, seed)
+    shapes = []
+    real_empty = torch.empty
+
+    def recording_empty(*size, **kwargs):
+        out = real_empty(*size, **kwargs)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    triton_ops.triton_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, 0.1, seed, compute_dx, True)
+    r_pad = triton_configs.padded_rank(r)
+    with_rows = sorted(s for s in shapes if M in s)
+    assert with_rows == sorted([(M, r_pad)] + ([(M, K)] if compute_dx else [])), shapes
 
 
 def test_only_requested_gradients():
