@@ -18,7 +18,7 @@ from examples.sam_polyp.losses import LossWeights
 from examples.sam_polyp.model import BoxPromptSam, TinySamConfig, build_tiny_sam, configure_mode
 from examples.sam_polyp.preprocess import PromptedSegmentation
 from examples.sam_polyp.synthetic import make_polyp_splits
-from examples.sam_polyp.train import TrainConfig, read_log, train
+from examples.sam_polyp.train import TrainConfig, param_groups, read_log, train
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = TinySamConfig(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, window_size=4,
@@ -169,3 +169,17 @@ def test_torchrun_two_processes_match_one(tmp_path):
             assert other["iou"] == pytest.approx(metrics["iou"], abs=tolerance)
     for name in ("results.md", "training_curves.png"):
         assert (tmp_path / "two" / name).is_file()
+
+
+def test_param_groups_scale_the_lr_by_prefix_and_skip_decay_on_vectors():
+    sam = build_tiny_sam(SMALL)
+    sam.requires_grad_(True)
+    named = list(sam.named_parameters())
+    cfg = TrainConfig(lr=1e-3, weight_decay=0.01, lr_scales={"image_encoder.": 0.1})
+    groups = param_groups(named, cfg)
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    for name, param in named:
+        assert lr_of[id(param)] == pytest.approx(1e-4 if name.startswith("image_encoder.") else 1e-3), name
+        assert decay_of[id(param)] == (0.01 if param.dim() >= 2 else 0.0), name

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def demo_config(args) -> ExperimentConfig:
     return ExperimentConfig(
-        model="tiny", pretrained_tiny=True, modes=["vanilla", "lora"], seeds=args.seeds, backend=args.backend,
+        # decoder: a context row (the mask decoder alone, ~27% of this tiny model; frozen in lora).
+        model="tiny", pretrained_tiny=True, modes=["vanilla", "lora", "decoder"], seeds=args.seeds, backend=args.backend,
         train_decoder=False, out=args.out, resume=args.resume,
         train=TrainConfig(steps=args.steps, batch_size=8, lr=DEMO_LR, warmup_steps=15, eval_every=50,
                           save_every=0, log_every=5))
