@@ -56,7 +56,7 @@ def _check_operands(x, weight, bias, lora_A, lora_B) -> None:
     for name in ("x", "weight", "lora_A", "lora_B"):
         if tensors[name].dim() != 2:
             raise ValueError(f"triton backend: {name} must be 2-D, got shape {tuple(tensors[name].shape)}")
-    (M, K), (N, K_w), (R, K_a) = x.shape, weight.shape, lora_A.shape
+    K, (N, K_w), (R, K_a) = x.shape[1], weight.shape, lora_A.shape
     if K_w != K or K_a != K:
         raise ValueError(f"triton backend: in_features mismatch: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
                          f"lora_A {tuple(lora_A.shape)}")
