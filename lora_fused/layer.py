@@ -124,7 +124,7 @@ class LoRALinear(nn.Module):
         adapter = LoRAAdapter(self.in_features, self.out_features, rank, alpha, dropout, use_rslora,
                               device=self.weight.device, dtype=dtype)
         self.adapters[name] = adapter
-        if activate or len(self.adapters) == 1:
+        if activate or name == self.active_adapter or len(self.adapters) == 1:
             self.set_adapter(name)
         else:
             adapter.requires_grad_(False)
@@ -141,10 +141,16 @@ class LoRALinear(nn.Module):
         self.active_adapter = name
 
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name``; if it was active, the first remaining adapter becomes active."""
+        if name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r}; this layer has {list(self.adapters)}")
         if name == self.merged_adapter:
             raise RuntimeError(f"adapter {name!r} is merged; unmerge it first")
+        if len(self.adapters) == 1:
+            raise ValueError(f"cannot delete {name!r}, the layer's only adapter: a LoRALinear always has an "
+                             "active adapter (add another one first)")
         del self.adapters[name]
-        if self.active_adapter == name and len(self.adapters):
+        if self.active_adapter == name:
             self.set_adapter(next(iter(self.adapters)))
 
     @property

@@ -108,6 +108,21 @@ def test_model_level_merge_and_switching_adapters():
         lora_fused.set_adapter(model, "absent")
 
 
+def test_replacing_and_deleting_adapters():
+    layer = LoRALinear(6, 4, rank=2)
+    layer.add_adapter("other")
+    replaced = layer.add_adapter("default", rank=3)  # replacing the active adapter keeps it active and trainable
+    assert layer.active_adapter == "default" and layer.adapter is replaced and replaced.lora_A.requires_grad
+    assert not layer.adapters["other"].lora_A.requires_grad
+    with pytest.raises(KeyError, match="no adapter named 'absent'"):
+        layer.delete_adapter("absent")
+    layer.delete_adapter("default")
+    assert layer.active_adapter == "other" and layer.lora_A.requires_grad
+    with pytest.raises(ValueError, match="only adapter"):
+        layer.delete_adapter("other")
+    assert layer(torch.randn(2, 6)).shape == (2, 4)
+
+
 def test_half_precision_base_keeps_fp32_adapters():
     layer = LoRALinear(8, 4, rank=2, dtype=torch.bfloat16)
     assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
