@@ -270,7 +270,7 @@ def measure_group(providers: dict, modes, xs, grads, device, args) -> dict:
 
     for name, provider in list(live.items()):
         try:
-            saved = common.saved_for_backward(lambda: provider.forward(xs[0]), provider.parameters)
+            saved = common.saved_for_backward(lambda provider=provider: provider.forward(xs[0]), provider.parameters)
             results[name]["saved_activation_bytes"] = saved["activation_bytes"]
             results[name]["saved_param_bytes"] = saved["param_bytes"]
         except Exception as exc:  # noqa: BLE001 - one failing provider must not stop the run
@@ -423,7 +423,7 @@ def render_markdown(payload: dict) -> str:
     header = ["shape", "r", "dtype", "p", "x + xa"] + [provider_label(p, device) for p in providers]
     table = []
     first_mode = settings["modes"][0]
-    for model, layer, layout, batch, tokens, k, n, rank, dtype, p in configs:
+    for model, layer, layout, batch, _tokens, _k, _n, rank, dtype, p in configs:
         key = (model, layer, layout, batch, dtype, first_mode)
         any_row = next((index[(key, rank, p, prov)] for prov in lora if (key, rank, p, prov) in index), None)
         if any_row is None:
@@ -440,7 +440,7 @@ def render_markdown(payload: dict) -> str:
         out += ["## Peak memory of one forward + backward (MiB above inputs and parameters)", ""]
         header = ["shape", "r", "dtype", "p"] + [provider_label(p, device) for p in providers]
         table = []
-        for model, layer, layout, batch, tokens, k, n, rank, dtype, p in configs:
+        for model, layer, layout, batch, _tokens, _k, _n, rank, dtype, p in configs:
             key = (model, layer, layout, batch, dtype, "full")
             cells = [f"{model.upper()}.{layer}{'-win' if layout == 'windowed' else ''} ×{batch}", rank, dtype, p]
             for prov in providers:
