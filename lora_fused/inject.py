@@ -74,25 +74,35 @@ def inject_lora(
 
     ``target_modules=None`` targets all ``nn.Linear`` layers. Linears owned by
     ``nn.MultiheadAttention`` are skipped: it reads their weights directly, bypassing forward.
+    A linear reachable under several names is selected by its first name and replaced by one
+    :class:`LoRALinear` everywhere it appears.
     """
-    for param in model.parameters():
-        param.requires_grad_(False)
     owned_by_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     targets = []
     for name, module in model.named_modules():
-        if type(module) is LoRALinear or not isinstance(module, nn.Linear) or id(module) in owned_by_mha:
+        if not isinstance(module, nn.Linear) or id(module) in owned_by_mha:
             continue
         if target_modules is not None and not module_matches(target_modules, name, module):
             continue
         if module_matches(exclude_modules, name, module):
             continue
         targets.append(name)
+    if "" in targets:
+        raise TypeError("inject_lora: the model itself is an nn.Linear and cannot be replaced in place; "
+                        "use LoRALinear.from_linear(model) instead")
     if target_modules is not None and not targets:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear in {type(model).__name__}")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    replacements = {}
     for name in targets:
-        parent, child = _parent_and_attr(model, name)
-        linear = getattr(parent, child)
-        setattr(parent, child, LoRALinear.from_linear(linear, rank, alpha, dropout, use_rslora, backend))
+        linear = model.get_submodule(name)
+        replacements[id(linear)] = LoRALinear.from_linear(linear, rank, alpha, dropout, use_rslora, backend)
+    # Every place a replaced linear appears (named_modules above lists a shared module once).
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if id(module) in replacements:
+            parent, child = _parent_and_attr(model, name)
+            setattr(parent, child, replacements[id(module)])
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.adapter.requires_grad_(True)
@@ -108,16 +118,13 @@ def mark_trainable(model: nn.Module, patterns: str | Iterable[str]) -> int:
     """Unfreeze parameters whose name equals a pattern, lies under it (``pattern.``) or
     fully matches it as a regex. Returns how many parameter tensors were unfrozen."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    count = 0
-    for name, param in model.named_parameters():
-        if any(name == p or name.startswith(p + ".") or re.fullmatch(p, name) for p in patterns):
-            if not param.requires_grad:
-                count += 1
-            param.requires_grad_(True)
-    if patterns and count == 0 and not any(
-        any(n == p or n.startswith(p + ".") or re.fullmatch(p, n) for p in patterns) for n, _ in model.named_parameters()
-    ):
+    matched = [param for name, param in model.named_parameters()
+               if any(name == p or name.startswith(p + ".") or re.fullmatch(p, name) for p in patterns)]
+    if patterns and not matched:
         raise ValueError(f"mark_trainable: no parameter matches {patterns}")
+    count = sum(not param.requires_grad for param in matched)
+    for param in matched:
+        param.requires_grad_(True)
     return count
 
 
@@ -143,9 +150,9 @@ def unmerge_lora(model: nn.Module) -> int:
 def set_adapter(model: nn.Module, name: str) -> None:
     """Switch every LoRA layer of ``model`` to adapter ``name``."""
     layers = lora_layers(model)
-    missing = [n for n, layer in layers if name not in layer.adapters]
     if not layers:
         raise ValueError("set_adapter: the model has no LoRALinear layers")
+    missing = [n for n, layer in layers if name not in layer.adapters]
     if missing:
         raise KeyError(f"adapter {name!r} is missing from {len(missing)} LoRA layers, e.g. {missing[:3]}")
     for _, layer in layers:

@@ -158,3 +158,13 @@ def test_inject_skips_multihead_attention_out_proj():
     report = lora_fused.inject_lora(model, rank=2)
     assert sorted(report.replaced) == ["linear1", "linear2"]
     model(torch.randn(2, 3, 8))
+
+
+def test_inject_replaces_a_shared_linear_everywhere_it_appears():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), nn.Sequential(shared))
+    report = lora_fused.inject_lora(model, rank=2)
+    assert report.replaced == ["0"] and report.trainable_params == 2 * (4 + 4)
+    assert isinstance(model[0], LoRALinear) and model[2][0] is model[0]
+    with pytest.raises(TypeError, match="model itself is an nn.Linear"):
+        lora_fused.inject_lora(nn.Linear(3, 3))
