@@ -32,9 +32,9 @@ if [ $# -ne 1 ]; then
     echo "usage: $0 OUTDIR" >&2
     exit 2
 fi
-mkdir -p "$1"
-OUT=$(cd "$1" && pwd)
-cd "$(dirname "$0")/.."
+mkdir -p "$1" || { echo "gpu_check: cannot create OUTDIR $1" >&2; exit 2; }
+OUT=$(cd "$1" && pwd) || { echo "gpu_check: cannot enter OUTDIR $1" >&2; exit 2; }
+cd "$(dirname "$0")/.." || { echo "gpu_check: cannot enter the checkout above $0" >&2; exit 2; }
 ROOT=$(pwd)
 PY=${PYTHON:-python}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -53,7 +53,7 @@ step() {
     timeout --kill-after=15 "$limit" "$@" >> "$OUT/$name.log" 2>&1
     rc=$?
     local took=$(( $(date +%s) - start ))
-    [ $rc -eq 124 ] && echo "   timed out after ${limit}s" | tee -a "$OUT/$name.log"
+    { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && echo "   timed out after ${limit}s" | tee -a "$OUT/$name.log"
     echo "$name rc=$rc ${took}s" | tee -a "$OUT/steps.txt"
     if [ $rc -ne 0 ]; then
         FAILED+=("$name(rc=$rc)")
@@ -129,6 +129,7 @@ fi
 if has_module pytest; then
     step tests "${T_TESTS:-150}" "$PY" -m pytest tests -q -rA -p no:cacheprovider --junitxml="$OUT/junit.xml"
 else
+    echo "tests rc=skipped: pytest is not installed (see deps.txt)" | tee -a "$OUT/steps.txt"
     FAILED+=("tests(pytest missing)")
 fi
 
