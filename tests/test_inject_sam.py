@@ -40,7 +40,7 @@ def run_sam(sam: Sam, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """Image embeddings and low-res mask logits for one point prompt per image."""
     points = torch.tensor([[[20.0, 30.0]], [[40.0, 12.0]]])
     batch = [{"image": img, "original_size": (IMG, IMG), "point_coords": pts[None], "point_labels": torch.ones(1, 1)}
-             for img, pts in zip(images, points)]
+             for img, pts in zip(images, points, strict=True)]
     with torch.no_grad():
         embeddings = sam.image_encoder(sam.preprocess(images))
         outputs = sam(batch, multimask_output=False)

@@ -43,7 +43,7 @@ def test_reference_matches_composite_autograd():
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, b, lora_A, lora_B), g)
     want = torch.autograd.grad(expected, (x, b, lora_A, lora_B), g)
-    for a, e in zip(got, want):
+    for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e)
 
 

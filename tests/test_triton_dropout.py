@@ -92,7 +92,7 @@ def test_zero_probability_is_the_no_dropout_path_exactly():
         y, xa = triton_ops.triton_forward(x, weight, bias, lora_A, lora_B, 2.0, 0.0, _seed(seed))
         grads = triton_ops.triton_backward(grad_y, x, weight, lora_A, lora_B, xa, 2.0, 0.0, _seed(seed), True, True)
         outputs.append((y, xa, *grads))
-    for a, b in zip(*outputs):
+    for a, b in zip(*outputs, strict=True):
         assert torch.equal(a, b)
     eval_mode = lora_fused.lora_linear(x, weight, bias, lora_A, lora_B, 2.0, dropout_p=0.3, training=False,
                                        backend="triton")
@@ -124,7 +124,7 @@ def test_finite_differences_use_the_forward_mask():
     wrong = reference.backward(probe.float(), x, weight, lora_A, lora_B, wrong_xa, s, p, _seed(1), True, False)
 
     step = 0.5
-    for index, (tensor, grad, wrong_grad) in enumerate(zip((x, lora_A, lora_B), (dx, dA, dB), wrong[:3])):
+    for index, (tensor, grad, wrong_grad) in enumerate(zip((x, lora_A, lora_B), (dx, dA, dB), wrong[:3], strict=True)):
         direction = torch.randn(tensor.shape, generator=gen).to(DEVICE)
         args_plus = [x, lora_A, lora_B]
         args_minus = [x, lora_A, lora_B]

@@ -79,7 +79,7 @@ def check_op_parity(M, K, N, r, bias, dtype, dropout_p=0.0, seed=1234, device=DE
     exact = reference_outputs(*(_double(t) for t in (x, weight, b, lora_A, lora_B)), SCALING, dropout_p, seed,
                               grad_y.double())
     same_dtype = reference_outputs(x, weight, b, lora_A, lora_B, SCALING, dropout_p, seed, grad_y)
-    for name, value, torch_value, exact_value in zip(OUTPUT_NAMES, got, same_dtype, exact):
+    for name, value, torch_value, exact_value in zip(OUTPUT_NAMES, got, same_dtype, exact, strict=True):
         if name == "db" and not bias:
             assert value.numel() == 0
             continue
@@ -122,7 +122,7 @@ def _check_layer_parity(x, weight, bias, lora_A, lora_B, dropout_p=0.0):
     got = _run_layer(x, weight, bias, lora_A, lora_B, grad_y, "triton", dropout_p)
     same_dtype = _run_layer(x, weight, bias, lora_A, lora_B, grad_y, "torch", dropout_p)
     exact = _run_layer(*(_double(t) for t in (x, weight, bias, lora_A, lora_B, grad_y)), "torch", dropout_p)
-    for name, value, torch_value, exact_value in zip(("y", "dx", "dA", "dB", "db"), got, same_dtype, exact):
+    for name, value, torch_value, exact_value in zip(("y", "dx", "dA", "dB", "db"), got, same_dtype, exact, strict=True):
         if value is None:
             continue
         assert value.shape == torch_value.shape, (name, value.shape, torch_value.shape)
@@ -192,7 +192,7 @@ def test_gradients_are_deterministic():
     y, xa = triton_ops.triton_forward(x, weight, bias, lora_A, lora_B, SCALING, 0.3, seed)
     first = triton_ops.triton_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, 0.3, seed, True, True)
     second = triton_ops.triton_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, 0.3, seed, True, True)
-    for name, a, b in zip(("dx", "dA", "dB", "db"), first, second):
+    for name, a, b in zip(("dx", "dA", "dB", "db"), first, second, strict=True):
         assert torch.equal(a, b), f"{name} differs between two identical backward calls"
 
 
@@ -262,7 +262,7 @@ def test_torch_compile_fullgraph():
         y = fn(*leaves, 0.0)
         y.square().sum().backward()
         results.append((y, *(t.grad for t in leaves)))
-    for name, eager, comp in zip(("y", "dx", "dA", "dB"), *results):
+    for name, eager, comp in zip(("y", "dx", "dA", "dB"), *results, strict=True):
         torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-6, msg=name)
     # The dropout path (seed drawn inside the graph) compiles without graph breaks as well.
     leaves = [t.detach().clone().requires_grad_() for t in (x, lora_A, lora_B)]
@@ -333,7 +333,7 @@ def test_cuda_gradients_are_deterministic():
     _, xa = triton_ops.triton_forward(x, weight, bias, lora_A, lora_B, 2.0, 0.1, seed)
     runs = [triton_ops.triton_backward(grad_y, x, weight, lora_A, lora_B, xa, 2.0, 0.1, seed, True, True)
             for _ in range(3)]
-    for name, *values in zip(("dx", "dA", "dB", "db"), *runs):
+    for name, *values in zip(("dx", "dA", "dB", "db"), *runs, strict=True):
         assert all(torch.equal(values[0], v) for v in values[1:]), name
 
 
