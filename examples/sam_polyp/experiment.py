@@ -139,8 +139,11 @@ def run_one(cfg: ExperimentConfig, ctx: DistContext, mode: str, seed: int, base:
             say(ctx, f"[seed {seed}] {label}: stopped after step {summary['stopped_at']} (--stop-after); "
                      f"continue with --resume")
             return result
-        say(ctx, f"[seed {seed}] {label}: trained {summary['stopped_at'] - summary['start_step']} steps in "
-                 f"{summary['seconds']:.0f}s, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}")
+        if summary["first_loss"] is None:  # --resume from the final checkpoint: nothing left to train
+            say(ctx, f"[seed {seed}] {label}: training had finished at step {summary['stopped_at']}; evaluating")
+        else:
+            say(ctx, f"[seed {seed}] {label}: trained {summary['stopped_at'] - summary['start_step']} steps in "
+                     f"{summary['seconds']:.0f}s, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}")
     vanilla_key = (cfg.model, base) if base is not None else None  # random init depends on the seed
     if mode == "vanilla" and vanilla_key in vanilla_cache:
         result["tests"] = vanilla_cache[vanilla_key]
