@@ -16,7 +16,7 @@ from .model import BoxPromptSam, build_sam, configure_mode
 from .preprocess import PromptedSegmentation
 from .pretrain import PretrainConfig, pretrained_tiny_checkpoint
 from .report import markdown_table, plot_curves, summarise, write_json
-from .train import TrainConfig, read_log, resolve_amp, train
+from .train import TrainConfig, plain_config, read_log, resolve_amp, train
 
 
 @dataclass
@@ -182,7 +182,7 @@ def run_experiment(cfg: ExperimentConfig, ctx: DistContext) -> dict:
     test_names = list(data[2])
     rows = summarise(runs, test_names)
     table = markdown_table(rows, test_names)
-    results = {"config": _jsonable(asdict(cfg)), "base_checkpoint": base, "runs": runs, "summary": rows,
+    results = {"config": plain_config(asdict(cfg)), "base_checkpoint": base, "runs": runs, "summary": rows,
                "seconds": time.time() - started, "world_size": ctx.world_size, "device": str(ctx.device)}
     if ctx.is_main:
         write_json(out / "results.json", results)
@@ -199,14 +199,6 @@ def run_experiment(cfg: ExperimentConfig, ctx: DistContext) -> dict:
 
 def _mode_dir(run: dict) -> str:
     return run["mode"].replace("+decoder", "")
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
 
 
 def check_resume_target(cfg: ExperimentConfig) -> None:

@@ -267,7 +267,7 @@ def train(model: BoxPromptSam, train_set: PromptedSegmentation, val_set: Prompte
             if ctx.is_main:
                 ckpt.save_checkpoint(run_dir, done, sam, {
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "signature": signature, "config": _plain(asdict(cfg)),
+                    "scaler": scaler.state_dict(), "signature": signature, "config": plain_config(asdict(cfg)),
                 }, cfg.keep_checkpoints)
             if ctx.enabled:
                 torch.distributed.barrier()
@@ -277,10 +277,10 @@ def train(model: BoxPromptSam, train_set: PromptedSegmentation, val_set: Prompte
             "first_loss": first_loss, "last_loss": last_loss, "seconds": time.time() - started}
 
 
-def _plain(value):
-    """JSON/torch.load(weights_only)-safe copy of a config dict."""
+def plain_config(value):
+    """JSON- and torch.load(weights_only)-safe copy of a config dict: other values become strings."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_config(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_config(v) for v in value]
     return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
