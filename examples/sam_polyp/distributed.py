@@ -71,14 +71,6 @@ def all_gather_objects(ctx: DistContext, obj) -> list:
     return gathered
 
 
-def broadcast_object(ctx: DistContext, obj):
-    if not ctx.enabled:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 def shutdown(ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
