@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(demo, demo=True)
     demo.add_argument("--steps", type=int, default=DEMO_STEPS, help="LoRA training steps per seed")
 
-    pre = sub.add_parser("pretrain", help="(re)build the cached scene-pretrained tiny SAM and print its path")
+    pre = sub.add_parser("pretrain", help="print the path of the cached scene-pretrained tiny SAM, pretraining it first if missing")
     pre.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pre.add_argument("--threads", type=int, default=None)
 
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = demo_config(args) if args.command == "demo" else train_config(args)
         if cfg.model != "tiny" and cfg.checkpoint is None and ctx.is_main:
             print(f"note: --model {cfg.model} without --checkpoint trains from random weights", file=sys.stderr)
-        check_resume_target(cfg) if cfg.resume else None
+        if cfg.resume:
+            check_resume_target(cfg)
         run_experiment(cfg, ctx)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
         if os.environ.get("SAM_POLYP_TRACEBACK"):
