@@ -10,10 +10,11 @@ The dx kernel mirrors the forward: each program (row block × dx column block) a
 loops over all of N reading g tiles for ``g·W``; it accumulates ``gb = g·B`` from the same
 g tiles (B tile ``[BLOCK_K, R_PAD]``), and the epilogue adds ``(s/(1-p))·(gb·A) ⊙ mask``
 as one more MMA. Programs with ``pid_k == 0`` store gb (fp32 ``[M, R_PAD]``) for dA.
-This replaces the earlier g-pass gb partials (``(N/BLOCK_N)·M·R_PAD`` fp32 written and
-re-read: 1/4 of g's bytes at r = 16 in bf16, 2× at r = 64, 16× at r = 256) with one
-``M·R_PAD`` store, at the price of recomputing gb in every dx column block (an extra
-``R_PAD/BLOCK_N`` of the dx MMA work, like the forward's xa).
+Computing gb in the g-pass instead would need per-column-block partials
+(``(N/BLOCK_N)·M·R_PAD`` fp32 written and re-read: 1/4 of g's bytes at r = 16 in bf16,
+2× at r = 64, 16× at r = 256); here it costs one ``M·R_PAD`` store and a recomputation of
+gb in every dx column block (an extra ``R_PAD/BLOCK_N`` of the dx MMA work, like the
+forward's xa).
 
 When the gb product would not be cheap inside the dx loop (R_PAD > 64: its stage buffers
 and ``[BM, R_PAD]`` accumulator squeeze the dx tiles) or dx is not requested, gb comes
@@ -64,7 +65,7 @@ DA_PLANNING_BLOCK_K = 64
 )
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_split"])
 def _gpass_kernel(
-    g_ptr, xa_ptr, db_lora_partial_ptr, db_partial_ptr,
+    g_ptr, xa_ptr, dB_partial_ptr, db_partial_ptr,
     M, N, R, rows_per_split, M_BUCKET,
     stride_gm, stride_gn, stride_xam, stride_xar,
     R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DB: tl.constexpr,
@@ -95,7 +96,7 @@ def _gpass_kernel(
             db += tl.sum(g.to(tl.float32), axis=0)
 
     split_offset = pid_split.to(tl.int64) * N
-    dB_ptrs = db_lora_partial_ptr + (split_offset + cols)[:, None] * R_PAD + ranks[None, :]
+    dB_ptrs = dB_partial_ptr + (split_offset + cols)[:, None] * R_PAD + ranks[None, :]
     tl.store(dB_ptrs, dB, mask=col_ok[:, None])
     if COMPUTE_DB:
         tl.store(db_partial_ptr + split_offset + cols, db, mask=col_ok)

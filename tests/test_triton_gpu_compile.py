@@ -76,7 +76,7 @@ def compile_all(arch: int, dtype: str) -> None:
         "forward_precomputed": (forward.lora_forward_kernel, forward_types,
                                 {"R_PAD": 16, "HAS_BIAS": True, "PRECOMPUTED_XA": True, **common, **tile}, 8, 3),
         "gpass": (backward._gpass_kernel,
-                  {"g_ptr": ptr, "xa_ptr": "*fp32", "db_lora_partial_ptr": "*fp32", "db_partial_ptr": "*fp32"},
+                  {"g_ptr": ptr, "xa_ptr": "*fp32", "dB_partial_ptr": "*fp32", "db_partial_ptr": "*fp32"},
                   {"R_PAD": 16, "BLOCK_N": 256, "COMPUTE_DB": True, "BLOCK_M": 64, **common}, 4, 3),
         "input_grad": (backward._input_grad_kernel, input_grad_types,
                        {"R_PAD": 16, "HAS_DROPOUT": True, "PRECOMPUTED_GB": False, **common, **tile}, 8, 3),
