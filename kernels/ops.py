@@ -5,6 +5,11 @@
 functions and autograd of :mod:`lora_fused.ops`). ``custom_op`` rather than
 ``triton_op`` because the latter breaks under the interpreter with fake tensors.
 
+The checks here repeat part of :func:`lora_fused.lora_linear`'s on purpose: the ops can be
+called directly (``torch.ops.lora_fused.triton_forward``), and a wrong shape or dtype would
+otherwise reach the kernels as out-of-bounds reads. They add what only this backend
+limits: the dtypes, ranks up to ``MAX_RANK`` and the device/interpreter pairing.
+
 Inputs may be strided: only a tensor whose last dimension is not unit-stride is copied
 (the kernels take both strides, but a strided last dimension defeats coalesced loads).
 M = 0 launches nothing.
