@@ -50,7 +50,6 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import lora_fused  # noqa: E402
-from lora_fused.backends import unavailable_reason  # noqa: E402
 
 PROVIDERS = ("linear", "torch", "peft", "addmm", "triton", "cuda")
 LORA_PROVIDERS = tuple(p for p in PROVIDERS if p != "linear")
@@ -212,15 +211,7 @@ def build_provider(name: str, weight, bias, lora_A, lora_B, scaling: float, drop
 def provider_unavailable_reason(name: str, device: torch.device, explicitly_requested: bool) -> str | None:
     if name in ("linear", "addmm"):
         return None
-    if name == "peft":
-        try:
-            import peft  # noqa: F401
-        except ImportError as exc:
-            return f"peft is not installed ({exc})"
-        return None
-    if name == "triton" and device.type == "cpu" and not explicitly_requested:
-        return "skipped on CPU: Triton runs CPU tensors only through its interpreter, which is not a speed path"
-    return unavailable_reason(name, device)
+    return common.lora_unavailable_reason(name, device, explicitly_requested)
 
 
 def provider_label(name: str, device: torch.device) -> str:

@@ -42,7 +42,6 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import lora_fused  # noqa: E402
-from lora_fused.backends import unavailable_reason  # noqa: E402
 
 PRESETS = {
     "b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11), image_size=1024,
@@ -95,16 +94,7 @@ def apply_variant(encoder: nn.Module, variant: str, rank: int, alpha: float, dro
 def variant_unavailable_reason(variant: str, device: torch.device, explicitly_requested: bool) -> str | None:
     if variant == "full":
         return None
-    if variant == "peft":
-        try:
-            import peft  # noqa: F401
-        except ImportError as exc:
-            return f"peft is not installed ({exc})"
-        return None
-    backend = variant.removeprefix("lora-")
-    if backend == "triton" and device.type == "cpu" and not explicitly_requested:
-        return "skipped on CPU: Triton runs CPU tensors only through its interpreter, which is not a speed path"
-    return unavailable_reason(backend, device)
+    return common.lora_unavailable_reason(variant.removeprefix("lora-"), device, explicitly_requested)
 
 
 class Trainer:

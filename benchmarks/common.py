@@ -55,6 +55,23 @@ def parse_list(text: str | None, cast: Callable = str) -> list:
     return [cast(item.strip()) for item in text.split(",") if item.strip()]
 
 
+def lora_unavailable_reason(name: str, device: torch.device, explicitly_requested: bool) -> str | None:
+    """Why the LoRA implementation ``name`` (``peft`` or a lora_fused backend) cannot run on
+    ``device``, or None. Triton on CPU is skipped unless asked for by name."""
+    if name == "peft":
+        try:
+            import peft  # noqa: F401
+        except ImportError as exc:
+            return f"peft is not installed ({exc})"
+        return None
+    if name == "triton" and device.type == "cpu" and not explicitly_requested:
+        return "skipped on CPU: Triton runs CPU tensors only through its interpreter, which is not a speed path"
+    ensure_lora_fused_importable()
+    from lora_fused.backends import unavailable_reason
+
+    return unavailable_reason(name, device)
+
+
 def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
