@@ -34,7 +34,7 @@ def _add_common(p: argparse.ArgumentParser, demo: bool) -> None:
     g.add_argument("--threads", type=int, default=1 if demo else None,
                    help="torch CPU threads (demo: 1; train: torch's default)")
     g.add_argument("--resume", action="store_true", help="continue the runs in --out from their latest checkpoints")
-    g.add_argument("--backend", default="auto", help="lora_fused backend: auto, torch, triton, cuda")
+    g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"), help="lora_fused kernel backend")
 
 
 def build_parser() -> argparse.ArgumentParser:
