@@ -41,6 +41,11 @@ def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, se
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    if weight.requires_grad:
+        # Direct op calls bypass lora_linear's checks; no backend computes dW, so refuse
+        # rather than silently leave the weight without a gradient.
+        raise ValueError("weight requires grad, but the fused LoRA ops keep the base weight frozen "
+                         "(no dW is computed): call weight.requires_grad_(False)")
     _, xa = output
     ctx.mark_non_differentiable(xa)
     ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)

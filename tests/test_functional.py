@@ -152,3 +152,14 @@ def test_torch_compile_fullgraph_with_auto_backend_and_dropout():
     assert layer.lora_A.grad is not None
     layer.eval()
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_direct_op_call_refuses_a_weight_that_requires_grad(backend):
+    if backend not in lora_fused.available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} unavailable: {lora_fused.backend_report()[backend]['cpu']}")
+    forward_op = lora_fused.backends.resolve_backend(backend, "cpu").forward
+    x, weight, bias, lora_A, lora_B = make_inputs(3, 8, 6, 2, torch.float32)
+    weight.requires_grad_()
+    with pytest.raises(ValueError, match="frozen"):
+        forward_op(x, weight, bias, lora_A, lora_B, 1.0, 0.0, torch.tensor(0))
