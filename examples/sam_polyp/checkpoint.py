@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path
 from .model import is_lora_parameter
 
 LATEST = "latest"
@@ -72,20 +73,6 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(run_dir: Path, step: int, sam: nn.Module, training_state: dict, keep_last: int = 2) -> Path:
     """Write ``step_<step>/`` atomically, point ``latest`` at it, prune older ones. ``sam`` is the
     bare model (not the DDP wrapper); ``training_state`` holds optimizer/scheduler/... states."""
@@ -112,7 +99,8 @@ def save_checkpoint(run_dir: Path, step: int, sam: nn.Module, training_state: di
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomically(root / LATEST, final.name + "\n")
+    with atomic_path(root / LATEST) as tmp:
+        tmp.write_text(final.name + "\n")
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in steps[:-keep_last] if keep_last > 0 else []:
         if old != final:

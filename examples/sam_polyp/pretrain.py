@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
 from .distributed import DistContext, barrier
 from .losses import LossWeights
 from .model import BoxPromptSam, TinySamConfig, build_tiny_sam
@@ -90,10 +91,8 @@ def _pretrain(config: PretrainConfig, path: Path, ctx: DistContext, log) -> None
         summary = train(model, scenes, val, settings, run_dir, ctx, {"pretrain": asdict(config)},
                         decoder_trains=True, desc="pretrain")
         shutil.copyfile(run_dir / "train_log.csv", path.with_suffix(".log.csv"))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        torch.save(sam.state_dict(), tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(sam.state_dict(), tmp)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     log(f"pretraining done in {summary['seconds']:.0f}s: loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}")
