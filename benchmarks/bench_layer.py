@@ -567,7 +567,6 @@ def render_plots(payload: dict, out_dir: Path) -> list[Path]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", help="auto (GPU if present), cuda or cpu")
     parser.add_argument("--providers", help=f"comma list from {','.join(PROVIDERS)} (default: all available)")
     parser.add_argument("--models", help="SAM encoders: comma list of b,l,h (GPU default b,l,h; CPU default b)")
     parser.add_argument("--shapes", help=f"layers: comma list of {','.join(LAYERS)} (default all)")
@@ -578,19 +577,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtypes", help="bf16,fp16,fp32 (GPU default all three; CPU default fp32)")
     parser.add_argument("--dropout", help="LoRA dropout probabilities (default 0,0.1)")
     parser.add_argument("--modes", help="forward,backward,full (default all)")
-    parser.add_argument("--quick", action="store_true",
-                        help="small set: GPU ViT-B and ViT-H, batch 4, rank 16, bf16; CPU ViT-B at 128 px, fp32")
     parser.add_argument("--warmup-ms", type=float, help="warm-up time per measurement")
     parser.add_argument("--rep-ms", type=float, help="timed repetitions' budget per measurement")
-    parser.add_argument("--time-budget", type=float, help="seconds after which no new configuration is started")
-    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>/; with --quick "
-                        "benchmarks/results/local/<device>/, git-ignored)")
-    parser.add_argument("--no-plot", action="store_true", help="skip the PNG figures")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's default)")
-    parser.add_argument("--render", type=Path, metavar="JSON",
-                        help="only re-write the markdown and plots of an existing result JSON (into its folder)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing providers")
+    common.add_shared_arguments(
+        parser,
+        quick_help="small set: GPU ViT-B and ViT-H, batch 4, rank 16, bf16; CPU ViT-B at 128 px, fp32",
+        time_budget_help="seconds after which no new configuration is started")
     return parser.parse_args(argv)
 
 

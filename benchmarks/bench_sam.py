@@ -361,7 +361,6 @@ def render_plot(payload: dict, path: Path) -> Path:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", help="auto (GPU if present), cuda or cpu")
     parser.add_argument("--model", choices=sorted(PRESETS),
                         help="encoder preset (GPU default b; CPU default cpu-small)")
     parser.add_argument("--image-size", type=int, help="image side in pixels (default: the preset's)")
@@ -377,17 +376,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="search the largest batch that fits (GPU only; default on unless --quick)")
     parser.add_argument("--no-max-batch", dest="max_batch", action="store_false")
     parser.add_argument("--max-batch-limit", type=int, default=256)
-    parser.add_argument("--quick", action="store_true",
-                        help="GPU: batches 1,4 and fewer steps; CPU: the tiny preset, batch 1")
-    parser.add_argument("--time-budget", type=float, help="seconds after which no new measurement is started")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's default)")
-    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>/; with --quick "
-                        "benchmarks/results/local/<device>/, git-ignored)")
-    parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--render", type=Path, metavar="JSON",
-                        help="only re-write the markdown and plots of an existing result JSON (into its folder)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--verbose", action="store_true")
+    common.add_shared_arguments(
+        parser,
+        quick_help="GPU: batches 1,4 and fewer steps; CPU: the tiny preset, batch 1",
+        time_budget_help="seconds after which no new measurement is started")
     return parser.parse_args(argv)
 
 

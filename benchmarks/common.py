@@ -72,6 +72,21 @@ def lora_unavailable_reason(name: str, device: torch.device, explicitly_requeste
     return unavailable_reason(name, device)
 
 
+def add_shared_arguments(parser, quick_help: str, time_budget_help: str) -> None:
+    """The flags both benchmark scripts take, with one meaning."""
+    parser.add_argument("--device", default="auto", help="auto (GPU if present), cuda or cpu")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--time-budget", type=float, help=time_budget_help)
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's default)")
+    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>/; with --quick "
+                        "benchmarks/results/local/<device>/, git-ignored)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG figures")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="only re-write the markdown and plots of an existing result JSON (into its folder)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing measurements")
+
+
 def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
