@@ -20,6 +20,19 @@ Backward, given ``g = dL/dy``, returns ``(dx, dA, dB, db)``::
 Only ``x`` (no copy), ``xa`` and the seed are saved between the two: nothing of size
 M×N and no mask. These are explicit functions, not autograd of a composite, so the
 reference saves exactly what a fused kernel saves.
+
+Rounding order (fp16/bf16), which every backend follows so that no intermediate
+overflows where PEFT's ``lora_B(lora_A(x~)) * scaling`` would not (DESIGN.md §5):
+
+- every product accumulates in fp32 (fp64 for fp64 inputs);
+- the rank-r intermediates ``xa`` and ``gb`` enter the next product rounded to the
+  input dtype *unscaled* (as PEFT's ``lora_A(x~)`` is), never as ``s·xa`` or ``s·gb``;
+- ``s`` (and the dropout factor) multiply the fp32 accumulator of the rank-r product,
+  which is added to the fp32 accumulator of the base product; the sum is rounded once.
+
+So ``y = round(acc(x·Wᵀ) + b + s · acc(round(xa)·Bᵀ))`` and
+``dx = round(acc(g·W) + s · acc(round(gb)·A) ⊙ keep/(1-p))``; ``dA`` and ``dB`` take
+``round(gb)`` / ``round(xa)`` as operands and apply ``s`` to their fp32 accumulators.
 """
 
 from __future__ import annotations
@@ -56,9 +69,11 @@ def forward(
     acc = accumulator_dtype(x.dtype)
     x_dropped = dropped_input(x, dropout_p, seed)
     xa = x_dropped.to(acc) @ lora_A.to(acc).t()
-    y = F.linear(x, weight, bias)
-    y = y + F.linear((scaling * xa).to(x.dtype), lora_B)
-    return y, xa
+    base = _matmul_acc(x, weight.t(), acc)
+    if bias is not None:
+        base = base + bias.to(acc)
+    lora = _matmul_acc(xa.to(x.dtype), lora_B.t(), acc) * scaling
+    return (base + lora).to(x.dtype), xa
 
 
 def backward(
@@ -76,17 +91,23 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = xa.dtype
     g = grad_y
-    gb = (g @ lora_B).to(acc)
+    gb_rounded = _matmul_acc(g, lora_B, acc).to(g.dtype)
     x_dropped = dropped_input(x, dropout_p, seed)
 
     dx = g.new_empty(0)
     if compute_dx:
-        lora_dx = (scaling * gb) @ lora_A.to(acc)
+        lora_dx = _matmul_acc(gb_rounded, lora_A.to(g.dtype), acc) * scaling
         if dropout_p > 0.0:
             keep = keep_mask(seed_value(seed), x.shape[0], x.shape[1], dropout_p, x.device)
             lora_dx = lora_dx * keep.to(acc) * dropout_scale(dropout_p)
-        dx = g @ weight + lora_dx.to(g.dtype)
-    dA = (scaling * (gb.t() @ x_dropped.to(acc))).to(lora_A.dtype)
-    dB = (scaling * (g.t() @ xa.to(g.dtype))).to(lora_B.dtype)
+        dx = (_matmul_acc(g, weight, acc) + lora_dx).to(g.dtype)
+    dA = (_matmul_acc(gb_rounded.t(), x_dropped, acc) * scaling).to(lora_A.dtype)
+    dB = (_matmul_acc(g.t(), xa.to(g.dtype), acc) * scaling).to(lora_B.dtype)
     db = g.to(acc).sum(0).to(g.dtype) if compute_db else g.new_empty(0)
     return dx, dA, dB, db
+
+
+def _matmul_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``a @ b`` of two same-dtype operands with an ``acc`` accumulator and result (no
+    intermediate rounding to a half dtype, as a tensor-core MMA with fp32 accumulation)."""
+    return a.to(acc) @ b.to(acc)
