@@ -1,6 +1,11 @@
 #include "checks.h"
 
+#include <ATen/ops/fill.h>
+
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <sstream>
 
 namespace lora_fused {
@@ -90,6 +95,27 @@ Sizes check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const a
 
 DropoutSpec dropout_spec(double dropout_p, const at::Tensor& seed) {
   return make_dropout_spec(dropout_p, seed.item<int64_t>());
+}
+
+bool poison_enabled() {
+  const char* value = std::getenv("LORA_FUSED_POISON_OUTPUTS");
+  return value != nullptr && value[0] != '\0' && std::strcmp(value, "0") != 0;
+}
+
+at::Tensor& poison_(at::Tensor& tensor) {
+  if (tensor.defined() && tensor.numel() > 0 && poison_enabled()) {
+    if (at::isFloatingType(tensor.scalar_type())) {
+      tensor.fill_(std::numeric_limits<double>::quiet_NaN());
+    } else {
+      tensor.fill_(-1);
+    }
+  }
+  return tensor;
+}
+
+at::Tensor poison_(at::Tensor&& tensor) {
+  poison_(tensor);
+  return std::move(tensor);
 }
 
 }  // namespace lora_fused

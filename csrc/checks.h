@@ -29,4 +29,14 @@ Sizes check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const a
 // The dropout parameters of a call (seed is a validated 0-dim int64 CPU tensor).
 DropoutSpec dropout_spec(double dropout_p, const at::Tensor& seed);
 
+// Debug switch shared with the Triton launchers (lora_fused/debug.py): when the environment
+// variable LORA_FUSED_POISON_OUTPUTS is set to anything but "" or "0", every output and
+// workspace a kernel is meant to write is filled with NaN (integers: all ones) right after
+// allocation, so an unwritten element fails a parity test. Read at every call.
+bool poison_enabled();
+
+// Fills `tensor` with NaN / all-ones when poison_enabled(); returns it (for chaining).
+at::Tensor& poison_(at::Tensor& tensor);
+at::Tensor poison_(at::Tensor&& tensor);
+
 }  // namespace lora_fused

@@ -61,8 +61,8 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
   const Sizes s = check_forward_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
   const auto acc = accumulator_type(x.scalar_type());
   const bool native = acc == x.scalar_type();  // fp32/fp64: blocks of y are written in place
-  at::Tensor y = at::empty({s.M, s.N}, x.options());
-  at::Tensor xa = at::empty({s.M, s.r}, x.options().dtype(acc));
+  at::Tensor y = poison_(at::empty({s.M, s.N}, x.options()));
+  at::Tensor xa = poison_(at::empty({s.M, s.r}, x.options().dtype(acc)));
   if (s.M == 0) return {y, xa};
 
   const DropoutSpec drop = dropout_spec(dropout_p, seed);
@@ -106,8 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   const Sizes s = check_backward_args(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed);
   const auto acc = accumulator_type(x.scalar_type());
   const bool native = acc == x.scalar_type();
-  at::Tensor dx = compute_dx ? at::empty({s.M, s.K}, grad_y.options()) : at::empty({0}, grad_y.options());
-  at::Tensor db = at::empty({compute_db ? s.N : 0}, grad_y.options());
+  at::Tensor dx = compute_dx ? poison_(at::empty({s.M, s.K}, grad_y.options())) : at::empty({0}, grad_y.options());
+  at::Tensor db = poison_(at::empty({compute_db ? s.N : 0}, grad_y.options()));
   if (s.M == 0) {
     if (compute_db) db.zero_();
     return {dx, at::zeros_like(lora_A, at::MemoryFormat::Contiguous),

@@ -53,8 +53,8 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const
   check_grid_limits(op, s);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dtype = x.scalar_type();
-  at::Tensor y = at::empty({s.M, s.N}, x.options());
-  at::Tensor xa = at::empty({s.M, s.r}, x.options().dtype(accumulator_type(dtype)));
+  at::Tensor y = poison_(at::empty({s.M, s.N}, x.options()));
+  at::Tensor xa = poison_(at::empty({s.M, s.r}, x.options().dtype(accumulator_type(dtype))));
   if (s.M == 0) return {y, xa};
 
   const at::Tensor x_k = with_unit_column_stride(x);
@@ -101,23 +101,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dtype = x.scalar_type();
   const auto acc_options = x.options().dtype(accumulator_type(dtype));
-  at::Tensor dx = compute_dx ? at::empty({s.M, s.K}, grad_y.options()) : at::empty({0}, grad_y.options());
-  at::Tensor db = at::empty({compute_db ? s.N : 0}, grad_y.options());
+  at::Tensor dx = compute_dx ? poison_(at::empty({s.M, s.K}, grad_y.options())) : at::empty({0}, grad_y.options());
+  at::Tensor db = poison_(at::empty({compute_db ? s.N : 0}, grad_y.options()));
   if (s.M == 0) {
     if (compute_db) db.zero_();
     return {dx, at::zeros_like(lora_A, at::MemoryFormat::Contiguous),
             at::zeros_like(lora_B, at::MemoryFormat::Contiguous), db};
   }
-  at::Tensor dA = at::empty({s.r, s.K}, lora_A.options());
-  at::Tensor dB = at::empty({s.N, s.r}, lora_B.options());
+  at::Tensor dA = poison_(at::empty({s.r, s.K}, lora_A.options()));
+  at::Tensor dB = poison_(at::empty({s.N, s.r}, lora_B.options()));
 
   const at::Tensor g_k = with_unit_column_stride(grad_y), x_k = with_unit_column_stride(x);
   const at::Tensor weight_c = weight.contiguous(), a_c = lora_A.contiguous(), b_c = lora_B.contiguous();
   const at::Tensor xa_c = xa.contiguous();
-  at::Tensor gb = at::empty({s.M, s.r}, acc_options);
+  at::Tensor gb = poison_(at::empty({s.M, s.r}, acc_options));
   const bool tensor_cores = uses_tensor_cores(dtype);
-  at::Tensor partials = at::empty(
-      {cuda::backward_workspace_elems(s.M, s.N, s.K, s.r, tensor_cores, compute_db)}, acc_options);
+  at::Tensor partials = poison_(at::empty(
+      {cuda::backward_workspace_elems(s.M, s.N, s.K, s.r, tensor_cores, compute_db)}, acc_options));
 
   cuda::BackwardArgs args;
   args.dtype = kernel_dtype(dtype);
