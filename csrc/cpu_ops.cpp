@@ -1,15 +1,31 @@
-// CPU implementation of the fused LoRA linear: row blocks in parallel (at::parallel_for),
-// ATen BLAS on each block, dropout regenerated from the shared hash. Reduced-precision
-// operands are converted to fp32 once per call (weights) or per block (activations), so
-// every product accumulates in fp32 (fp64 for fp64) and no M×N temporary exists beyond
-// the outputs; block temporaries are at most kMaxBlockRows rows.
-#include <ATen/Dispatch.h>
+// CPU implementation of the fused LoRA linear.
+//
+// Every large product is ONE BLAS call over all M rows (x·Wᵀ forward, g·W backward), so
+// MKL/oneDNN blocks and threads it as it would nn.Linear's; row-block BLAS calls inside
+// at::parallel_for lost 10-20 % to that. The rank-r terms are folded in by accumulation
+// into the same output (addmm with beta = 1: y += s·xa·Bᵀ, dx += s·gb·A), and x and g are
+// passed to BLAS as they are (any strides) — no copies of them in fp32/fp64.
+//
+// Dropout: the mask is regenerated from the counter hash (cpu_dropout.h), never saved. Only
+// products that need x~ = x ⊙ keep/(1-p) (xa forward, dA and the mask on the rank-r part of
+// dx backward) run over row blocks of kDropoutBlockRows rows, each block's mask factor
+// hashed once and held in a cache-sized buffer; backward shares it between dx and dA.
+//
+// Rounding order (lora_fused/reference.py): fp16/bf16 operands are widened to fp32 once per
+// call, products accumulate in fp32, xa and gb enter the next product rounded to the input
+// dtype unscaled, s multiplies the fp32 accumulator, y and dx are rounded once at the end.
+// ATen exposes no bf16×bf16→fp32 GEMM on CPU to extensions (mm.dtype is CUDA-only and the
+// cpublas overloads are not exported), so reduced dtypes run the fp32 GEMM on widened copies.
+//
+// Determinism: dA with dropout sums fixed row groups (a function of M only, not of the
+// thread count) and adds the group partials in order.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/TensorOperators.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
@@ -17,41 +33,50 @@
 #include <algorithm>
 
 #include "checks.h"
+#include "cpu_dropout.h"
 
 namespace lora_fused {
 namespace {
 
-constexpr int64_t kMinBlockRows = 16;
-constexpr int64_t kMaxBlockRows = 256;
+// 64 rows × K ≤ 1280 fp32 is ≤ 320 KiB per buffer: the factor and x~ of a block stay in L2.
+constexpr int64_t kDropoutBlockRows = 64;
+// At most this many dA partials with dropout (memory ≤ kMaxPartials·r·K accumulators).
+constexpr int64_t kMaxPartials = 16;
 
-// Rows per block: about one block per thread, within [kMinBlockRows, kMaxBlockRows].
-int64_t block_rows(int64_t M) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  return std::clamp<int64_t>((M + threads - 1) / threads, kMinBlockRows, kMaxBlockRows);
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The operand as BLAS sees it: the tensor itself in fp32/fp64, a widened copy otherwise.
+at::Tensor widened(const at::Tensor& t, at::ScalarType acc) { return t.scalar_type() == acc ? t : t.to(acc); }
+
+// A rank-r intermediate as it enters the next product: rounded to `dtype`, unscaled.
+at::Tensor rounded_to(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype).to(t.scalar_type());
 }
 
-// keep / (1 - p) for rows [row0, row0 + rows) of an [M, K] input, in the accumulator dtype.
-at::Tensor dropout_factor(const DropoutSpec& spec, int64_t row0, int64_t rows, int64_t K, at::ScalarType acc) {
-  at::Tensor factor = at::empty({rows, K}, at::TensorOptions().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES(acc, "lora_fused_dropout_factor", [&] {
-    scalar_t* out = factor.data_ptr<scalar_t>();
-    const auto kept = static_cast<scalar_t>(spec.scale);
-    for (int64_t i = 0; i < rows; ++i) {
-      const uint64_t base = static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(K);
-      for (int64_t j = 0; j < K; ++j) {
-        out[i * K + j] = keep_element(spec.seed, spec.threshold, base + j) ? kept : scalar_t(0);
-      }
-    }
-  });
+// keep/(1-p) for rows [row0, row0 + rows) of an [M, K] input, in `acc` (a poisoned workspace).
+at::Tensor keep_factor(const DropoutSpec& drop, int64_t row0, int64_t rows, int64_t K, const at::TensorOptions& acc) {
+  at::Tensor factor = poison_(at::empty({rows, K}, acc));
+  if (factor.scalar_type() == at::kDouble) {
+    fill_keep_factor(factor.data_ptr<double>(), rows, K, row0, drop);
+  } else {
+    fill_keep_factor(factor.data_ptr<float>(), rows, K, row0, drop);
+  }
   return factor;
 }
 
-// Sums per-chunk partials [P, ...] in chunk order (deterministic) and scales the sum.
-at::Tensor ordered_sum(const at::Tensor& partials, double scale) {
-  at::Tensor total = partials[0].clone();
-  for (int64_t c = 1; c < partials.size(0); ++c) total.add_(partials[c]);
-  if (scale != 1.0) total.mul_(scale);
-  return total;
+// xa = x~ · Aᵀ block by block (x~ exists one block at a time).
+void dropped_projection(at::Tensor& xa, const at::Tensor& x_acc, const at::Tensor& a_t, const DropoutSpec& drop) {
+  const int64_t M = x_acc.size(0), K = x_acc.size(1);
+  const auto acc = x_acc.options().memory_format(at::MemoryFormat::Contiguous);
+  at::parallel_for(0, ceil_div(M, kDropoutBlockRows), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t row0 = b * kDropoutBlockRows, rows = std::min(kDropoutBlockRows, M - row0);
+      at::Tensor x_dropped = keep_factor(drop, row0, rows, K, acc);
+      x_dropped.mul_(x_acc.narrow(0, row0, rows));
+      at::Tensor xa_blk = xa.narrow(0, row0, rows);
+      at::mm_out(xa_blk, x_dropped, a_t);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -59,44 +84,67 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
                                                      const at::Tensor& lora_B, double scaling, double dropout_p,
                                                      const at::Tensor& seed) {
   const Sizes s = check_forward_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
-  const auto acc = accumulator_type(x.scalar_type());
-  const bool native = acc == x.scalar_type();  // fp32/fp64: blocks of y are written in place
+  const auto dtype = x.scalar_type();
+  const auto acc = accumulator_type(dtype);
+  const bool native = acc == dtype;
   at::Tensor y = poison_(at::empty({s.M, s.N}, x.options()));
   at::Tensor xa = poison_(at::empty({s.M, s.r}, x.options().dtype(acc)));
   if (s.M == 0) return {y, xa};
 
   const DropoutSpec drop = dropout_spec(dropout_p, seed);
-  const at::Tensor weight_t = weight.to(acc).t();  // [K, N]
-  const at::Tensor a_t = lora_A.to(acc).t();       // [K, r]
-  const at::Tensor b_t = lora_B.to(acc).t();       // [r, N]
-  const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor bias_acc = has_bias ? bias->to(acc) : at::Tensor();
+  const at::Tensor x_acc = widened(x, acc);
+  const at::Tensor a_t = widened(lora_A, acc).t();  // [K, r]
+  if (drop.enabled) {
+    dropped_projection(xa, x_acc, a_t, drop);
+  } else {
+    at::mm_out(xa, x_acc, a_t);
+  }
 
-  const int64_t rows_per_block = block_rows(s.M);
-  const int64_t blocks = (s.M + rows_per_block - 1) / rows_per_block;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t row0 = b * rows_per_block;
-      const int64_t rows = std::min(rows_per_block, s.M - row0);
-      const at::Tensor x_blk = x.narrow(0, row0, rows).to(acc);
-      at::Tensor xa_blk = xa.narrow(0, row0, rows);
-      if (drop.enabled) {
-        at::mm_out(xa_blk, x_blk * dropout_factor(drop, row0, rows, s.K, acc), a_t);
-      } else {
-        at::mm_out(xa_blk, x_blk, a_t);
+  at::Tensor y_acc = native ? y : poison_(at::empty({s.M, s.N}, x.options().dtype(acc)));
+  const at::Tensor weight_t = widened(weight, acc).t();  // [K, N]
+  if (bias.has_value() && bias->defined()) {
+    at::addmm_out(y_acc, widened(*bias, acc), x_acc, weight_t);
+  } else {
+    at::mm_out(y_acc, x_acc, weight_t);
+  }
+  y_acc.addmm_(rounded_to(xa, dtype), widened(lora_B, acc).t(), /*beta=*/1.0, /*alpha=*/scaling);
+  if (!native) y.copy_(y_acc);
+  return {y, xa};
+}
+
+// With dropout: dA = s·Σ_blocks gb_blkᵀ·x~_blk and, when dx_acc is defined, dx_acc += s·(gb·A) ⊙ factor,
+// each block's mask factor hashed once and shared by the two.
+at::Tensor dropped_backward_terms(at::Tensor& dx_acc, const at::Tensor& gb, const at::Tensor& x_acc,
+                                  const at::Tensor& a_acc, double scaling, const DropoutSpec& drop) {
+  const int64_t M = x_acc.size(0), K = x_acc.size(1), r = a_acc.size(0);
+  const auto acc = x_acc.options().memory_format(at::MemoryFormat::Contiguous);
+  const int64_t blocks = ceil_div(M, kDropoutBlockRows);
+  const int64_t blocks_per_group = ceil_div(blocks, kMaxPartials);
+  const int64_t groups = ceil_div(blocks, blocks_per_group);  // every group gets at least one block
+  at::Tensor partials = poison_(at::empty({groups, r, K}, acc));
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t grp = begin; grp < end; ++grp) {
+      at::Tensor partial = partials[grp];
+      const int64_t first = grp * blocks_per_group, last = std::min(blocks, first + blocks_per_group);
+      for (int64_t b = first; b < last; ++b) {
+        const int64_t row0 = b * kDropoutBlockRows, rows = std::min(kDropoutBlockRows, M - row0);
+        const at::Tensor factor = keep_factor(drop, row0, rows, K, acc);
+        const at::Tensor gb_blk = gb.narrow(0, row0, rows);
+        const at::Tensor x_dropped = at::mul(x_acc.narrow(0, row0, rows), factor);
+        if (b == first) {
+          at::mm_out(partial, gb_blk.t(), x_dropped);
+        } else {
+          partial.addmm_(gb_blk.t(), x_dropped);
+        }
+        if (dx_acc.defined()) {
+          dx_acc.narrow(0, row0, rows).addcmul_(at::mm(gb_blk, a_acc), factor, scaling);
+        }
       }
-      at::Tensor y_dst = y.narrow(0, row0, rows);
-      at::Tensor y_blk = native ? y_dst : at::empty({rows, s.N}, x.options().dtype(acc));
-      if (has_bias) {
-        at::addmm_out(y_blk, bias_acc, x_blk, weight_t);
-      } else {
-        at::mm_out(y_blk, x_blk, weight_t);
-      }
-      y_blk.addmm_(xa_blk, b_t, /*beta=*/1.0, /*alpha=*/scaling);
-      if (!native) y_dst.copy_(y_blk);
     }
   });
-  return {y, xa};
+  at::Tensor dA = partials[0];
+  for (int64_t grp = 1; grp < groups; ++grp) dA.add_(partials[grp]);
+  return dA.mul_(scaling);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
@@ -104,8 +152,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed,
     bool compute_dx, bool compute_db) {
   const Sizes s = check_backward_args(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed);
-  const auto acc = accumulator_type(x.scalar_type());
-  const bool native = acc == x.scalar_type();
+  const auto dtype = x.scalar_type();
+  const auto acc = accumulator_type(dtype);
+  const bool native = acc == dtype;
   at::Tensor dx = compute_dx ? poison_(at::empty({s.M, s.K}, grad_y.options())) : at::empty({0}, grad_y.options());
   at::Tensor db = poison_(at::empty({compute_db ? s.N : 0}, grad_y.options()));
   if (s.M == 0) {
@@ -115,51 +164,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   }
 
   const DropoutSpec drop = dropout_spec(dropout_p, seed);
-  const at::Tensor weight_acc = weight.to(acc);  // [N, K]
-  const at::Tensor a_acc = lora_A.to(acc);       // [r, K]
-  const at::Tensor b_acc = lora_B.to(acc);       // [N, r]
+  const at::Tensor g_acc = widened(grad_y, acc);
+  const at::Tensor a_acc = widened(lora_A, acc);  // [r, K]
+  const at::Tensor gb = rounded_to(at::mm(g_acc, widened(lora_B, acc)), dtype);  // [M, r]
 
-  // Rows are split into `chunks` contiguous ranges, each summing its own partial dA/dB/db;
-  // the partials are then added in chunk order, so the result does not depend on scheduling.
-  const int64_t rows_per_block = block_rows(s.M);
-  const int64_t blocks = (s.M + rows_per_block - 1) / rows_per_block;
-  const int64_t chunks = std::min<int64_t>(blocks, std::max<int64_t>(1, at::get_num_threads()));
-  const int64_t blocks_per_chunk = (blocks + chunks - 1) / chunks;
-  const auto acc_opts = x.options().dtype(acc);
-  at::Tensor dA_parts = at::zeros({chunks, s.r, s.K}, acc_opts);
-  at::Tensor dB_parts = at::zeros({chunks, s.N, s.r}, acc_opts);
-  at::Tensor db_parts = compute_db ? at::zeros({chunks, s.N}, acc_opts) : at::Tensor();
+  at::Tensor dx_acc;
+  if (compute_dx) {
+    dx_acc = native ? dx : poison_(at::empty({s.M, s.K}, grad_y.options().dtype(acc)));
+    at::mm_out(dx_acc, g_acc, widened(weight, acc));
+    if (!drop.enabled) dx_acc.addmm_(gb, a_acc, /*beta=*/1.0, /*alpha=*/scaling);
+  }
+  const at::Tensor x_acc = widened(x, acc);
+  at::Tensor dA = drop.enabled ? dropped_backward_terms(dx_acc, gb, x_acc, a_acc, scaling, drop)
+                               : at::mm(gb.t(), x_acc).mul_(scaling);
+  if (compute_dx && !native) dx.copy_(dx_acc);
 
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      at::Tensor dA_part = dA_parts[c], dB_part = dB_parts[c];
-      for (int64_t b = c * blocks_per_chunk; b < std::min(blocks, (c + 1) * blocks_per_chunk); ++b) {
-        const int64_t row0 = b * rows_per_block;
-        const int64_t rows = std::min(rows_per_block, s.M - row0);
-        const at::Tensor g_blk = grad_y.narrow(0, row0, rows).to(acc);
-        const at::Tensor x_blk = x.narrow(0, row0, rows).to(acc);
-        const at::Tensor xa_blk = xa.narrow(0, row0, rows);
-        const at::Tensor gb_blk = at::mm(g_blk, b_acc);  // [rows, r]
-        const at::Tensor factor = drop.enabled ? dropout_factor(drop, row0, rows, s.K, acc) : at::Tensor();
-        if (compute_dx) {
-          at::Tensor dx_dst = dx.narrow(0, row0, rows);
-          at::Tensor lora_dx = at::mm(gb_blk, a_acc);  // [rows, K], scaled below
-          if (drop.enabled) lora_dx.mul_(factor);
-          at::Tensor dx_blk = native ? dx_dst : at::empty({rows, s.K}, acc_opts);
-          at::addmm_out(dx_blk, lora_dx, g_blk, weight_acc, /*beta=*/scaling, /*alpha=*/1.0);
-          if (!native) dx_dst.copy_(dx_blk);
-        }
-        dA_part.addmm_(gb_blk.t(), drop.enabled ? x_blk * factor : x_blk);
-        dB_part.addmm_(g_blk.t(), xa_blk);
-        if (compute_db) db_parts[c].add_(g_blk.sum(0));
-      }
-    }
-  });
-
-  at::Tensor dA = ordered_sum(dA_parts, scaling).to(lora_A.scalar_type());
-  at::Tensor dB = ordered_sum(dB_parts, scaling).to(lora_B.scalar_type());
-  if (compute_db) db.copy_(ordered_sum(db_parts, 1.0));
-  return {dx, dA, dB, db};
+  at::Tensor dB = at::mm(g_acc.t(), rounded_to(xa, dtype)).mul_(scaling);
+  if (compute_db) db.copy_(at::sum(grad_y, {0}, /*keepdim=*/false, acc));
+  return {dx, dA.to(lora_A.scalar_type()), dB.to(lora_B.scalar_type()), db};
 }
 
 }  // namespace

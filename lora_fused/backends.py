@@ -4,8 +4,10 @@
 ``"triton"`` Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
 ``"cuda"``   the compiled extension ``lora_fused._C``: CUDA kernels for GPU tensors and
              C++ kernels for CPU tensors.
-``"auto"``   the fastest available for the tensors' device; the environment variable
-             ``LORA_FUSED_BACKEND`` overrides it (and is then held to the explicit rules).
+``"auto"``   the first backend of the device's :data:`AUTO_ORDER` that is available and
+             accepts the operands' dtype and LoRA rank (Triton refuses float64 and ranks
+             above its ``MAX_RANK``); the environment variable ``LORA_FUSED_BACKEND``
+             overrides it (and is then held to the explicit rules).
 
 Asking explicitly for a backend that cannot serve the tensors raises
 :class:`BackendUnavailableError` saying why; ``auto`` falls back quietly.
@@ -34,6 +36,20 @@ class Backend:
     name: str
     forward: Callable
     backward: Callable
+    dtypes: tuple[torch.dtype, ...] | None = None  # the dtypes it accepts; None: every floating dtype
+    max_rank: int | None = None  # the largest LoRA rank it accepts; None: any
+
+
+def operand_refusal(backend: Backend, dtype: torch.dtype, rank: int) -> str | None:
+    """Why ``backend`` refuses operands of ``dtype`` with LoRA ``rank``, or None when it accepts them.
+
+    Plain comparisons, so a symbolic rank under ``torch.compile(dynamic=True)`` becomes a guard.
+    """
+    if backend.dtypes is not None and dtype not in backend.dtypes:
+        return f"backend {backend.name!r} does not support dtype {dtype} (supported: {backend.dtypes})"
+    if backend.max_rank is not None and rank > backend.max_rank:
+        return f"backend {backend.name!r} supports LoRA ranks up to {backend.max_rank}, got {rank}"
+    return None
 
 
 def _triton_interpreting() -> bool:
@@ -55,7 +71,8 @@ def _load_triton() -> Backend:
         module = importlib.import_module("lora_fused.kernels.ops")
     except ImportError as exc:
         raise BackendUnavailableError(f"backend 'triton' is unavailable: its kernels failed to import ({exc})") from exc
-    return Backend("triton", module.triton_forward, module.triton_backward)
+    return Backend("triton", module.triton_forward, module.triton_backward,
+                   dtypes=module.SUPPORTED_DTYPES, max_rank=module.MAX_RANK)
 
 
 def _load_cuda() -> Backend:
@@ -110,11 +127,13 @@ def unavailable_reason(name: str, device: torch.device | str) -> str | None:
 
 
 @torch.compiler.assume_constant_result
-def resolve_backend_name(name: str, device_type: str) -> str:
-    """The name of the backend that runs ``device_type`` tensors for the requested ``name``.
+def candidate_backend_names(name: str, device_type: str) -> tuple[str, ...]:
+    """The backends that may run ``device_type`` tensors for the requested ``name``, in order.
 
-    Evaluated eagerly even under ``torch.compile`` (it imports modules and reads the
-    environment), its result treated as a constant of the graph.
+    An explicit name (or ``LORA_FUSED_BACKEND``) gives itself, or raises
+    BackendUnavailableError saying why it cannot; ``auto`` gives every available backend of
+    the device's order. Evaluated eagerly even under ``torch.compile`` (it imports modules
+    and reads the environment), its result treated as a constant of the graph.
     """
     explicit_source = "backend"
     if name == "auto":
@@ -122,19 +141,35 @@ def resolve_backend_name(name: str, device_type: str) -> str:
         if override and override != "auto":
             name, explicit_source = override, f"{ENV_BACKEND}={override}"
     if name == "auto":
-        for candidate in AUTO_ORDER.get(device_type, ("torch",)):
-            if unavailable_reason(candidate, device_type) is None:
-                return candidate
-        return "torch"
+        available = tuple(c for c in AUTO_ORDER.get(device_type, ("torch",)) if unavailable_reason(c, device_type) is None)
+        return available or ("torch",)
     reason = unavailable_reason(name, device_type)
     if reason is not None:
         raise BackendUnavailableError(f"{explicit_source} {name!r} requested for {device_type} tensors: {reason}")
-    return name
+    return (name,)
 
 
-def resolve_backend(name: str, device: torch.device | str) -> Backend:
-    """The backend that runs tensors on ``device`` for the requested ``name``."""
-    return _load(resolve_backend_name(name, torch.device(device).type))
+def resolve_backend_name(name: str, device_type: str) -> str:
+    """The name of the backend that runs ``device_type`` tensors for ``name`` (operands unknown)."""
+    return candidate_backend_names(name, device_type)[0]
+
+
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None,
+                    rank: int | None = None) -> Backend:
+    """The backend that runs tensors on ``device`` for the requested ``name``.
+
+    With ``dtype`` and ``rank``, ``auto`` takes the first candidate that accepts them; an
+    explicitly named backend is returned as is, and its op raises its own clear error for
+    operands it refuses.
+    """
+    candidates = candidate_backend_names(name, torch.device(device).type)
+    if dtype is None or rank is None or len(candidates) == 1:
+        return _load(candidates[0])
+    for candidate in candidates:
+        backend = _load(candidate)
+        if operand_refusal(backend, dtype, rank) is None:
+            return backend
+    return _load(candidates[-1])
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import math
+import sys
 
 import torch
 import torch.nn.functional as F
 
 from .backends import resolve_backend
 from .dropout import new_seed
+
+_MAX_FLOAT = sys.float_info.max
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
@@ -45,10 +47,16 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
         raise ValueError(f"bias must be [out_features] = [{out_features}], got {tuple(bias.shape)}")
     if weight.requires_grad:
         raise ValueError("weight requires grad, but the base weight of a LoRA layer is frozen: call weight.requires_grad_(False)")
-    if not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+    if not isinstance(scaling, (int, float, torch.SymInt, torch.SymFloat)) or not _is_finite(scaling):
         raise ValueError(f"scaling must be a finite number, got {scaling!r}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if not isinstance(dropout_p, (int, float, torch.SymInt, torch.SymFloat)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def _is_finite(value) -> bool:
+    # math.isfinite cannot be traced when torch.compile(dynamic=True) turns a float argument
+    # into a symbolic one; |v| <= max float is the same test in plain comparisons (NaN fails).
+    return abs(value) <= _MAX_FLOAT
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -91,6 +99,6 @@ def lora_linear(
 
     p = float(dropout_p) if training else 0.0
     seed = new_seed() if p > 0.0 else torch.zeros((), dtype=torch.int64)
-    op = resolve_backend(backend, x.device)
+    op = resolve_backend(backend, x.device, x.dtype, lora_A.shape[0])
     y, _ = op.forward(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed)
     return y.reshape(*leading, out_features)

@@ -48,15 +48,44 @@ def _setup_context(ctx, inputs, output):
                          "(no dW is computed): call weight.requires_grad_(False)")
     _, xa = output
     ctx.mark_non_differentiable(xa)
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    # W and A are read only for dx: saving them otherwise would keep autocast copies alive
+    # for nothing (SAM's first block, whose input needs no gradient). xa enters every backward
+    # product rounded to x's dtype (reference.py), so it is kept rounded: half the bytes
+    # under autocast. The seed matters only with dropout.
+    needs_dx = ctx.needs_input_grad[0]
+    saved_xa = xa if xa.dtype == x.dtype else xa.to(x.dtype)
+    ctx.save_for_backward(x, weight if needs_dx else None, lora_A if needs_dx else None, lora_B, saved_xa,
+                          seed if dropout_p > 0.0 else None)
+    ctx.weight_shape, ctx.lora_A_shape = tuple(weight.shape), tuple(lora_A.shape)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
     ctx.has_bias = bias is not None
 
 
-def _make_backward(backward_op: Callable) -> Callable:
+def _refuse_double_backward(forward_name: str, tensors) -> None:
+    """create_graph=True would need a derivative of the backward op, which no backend has."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
+        t is not None and t.requires_grad for t in tensors
+    ):
+        raise RuntimeError(
+            f"{forward_name}: double backward (create_graph=True, higher-order gradients) is not "
+            "supported by the fused LoRA ops on any backend; run the backward without create_graph, "
+            "or compute higher-order gradients through an unfused layer (e.g. PEFT's)"
+        )
+
+
+def _make_backward(backward_op: Callable, forward_name: str) -> Callable:
     def backward(ctx, grad_y, grad_xa):
-        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        x, weight, lora_A, lora_B, saved_xa, seed = ctx.saved_tensors
+        _refuse_double_backward(forward_name, (grad_y, x, lora_A, lora_B))
+        if weight is None:
+            # dx is not requested, so no backend reads W or A: [N, K] / [r, K] views of K
+            # elements pass the ops' shape checks without having kept either alive.
+            weight = x.new_empty(ctx.weight_shape[1]).expand(ctx.weight_shape)
+            lora_A = x.new_empty(ctx.lora_A_shape[1]).expand(ctx.lora_A_shape)
+        if seed is None:
+            seed = torch.zeros((), dtype=torch.int64)
+        xa = saved_xa.to(accumulator_dtype(x.dtype))
         compute_dx = ctx.needs_input_grad[0]
         compute_db = ctx.has_bias and ctx.needs_input_grad[2]
         dx, dA, dB, db = backward_op(
@@ -81,7 +110,8 @@ def register_fake_and_autograd(forward_name: str, backward_name: str, backward_o
     """Give an already-defined pair of ops the shared fake functions and autograd."""
     torch.library.register_fake(forward_name)(_forward_fake)
     torch.library.register_fake(backward_name)(_backward_fake)
-    torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
+    torch.library.register_autograd(forward_name, _make_backward(backward_op, forward_name),
+                                    setup_context=_setup_context)
 
 
 def define_python_ops(prefix: str, forward_impl: Callable, backward_impl: Callable):

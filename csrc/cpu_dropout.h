@@ -1,0 +1,63 @@
+// The CPU dropout factor of one row block: keep / (1 - p) per element, regenerated from the
+// shared counter hash (dropout_hash.h) instead of a saved mask.
+//
+// The hash is ~12 integer operations per element, as much as the rank-16 products it feeds,
+// so the loop must vectorise: within a run of elements whose linear index has one high word
+// the per-row key is hoisted and the body is branch-free 32-bit arithmetic. GCC's
+// target_clones compiles it for AVX-512, AVX2 and baseline x86-64 and picks one at load time
+// (the extension is built with the portable default flags).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "dropout_hash.h"
+
+namespace lora_fused {
+
+namespace detail {
+
+template <typename scalar_t>
+inline void fill_keep_factor_impl(scalar_t* out, int64_t rows, int64_t cols, int64_t row0, uint32_t seed,
+                                  uint32_t threshold, scalar_t kept) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint64_t row_begin = static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(cols);
+    scalar_t* out_row = out + i * cols;
+    int64_t j = 0;
+    while (j < cols) {
+      // [j, run_end) shares the high word of its linear index, so the key is constant there.
+      const uint64_t idx = row_begin + static_cast<uint64_t>(j);
+      const uint64_t to_wrap = (uint64_t{1} << 32) - (idx & 0xFFFFFFFFull);
+      const int64_t run_end = static_cast<int64_t>(
+          std::min<uint64_t>(static_cast<uint64_t>(cols), static_cast<uint64_t>(j) + to_wrap));
+      const uint32_t key = mix32(seed ^ (static_cast<uint32_t>(idx >> 32) * 0x9E3779B9u));
+      const uint32_t lo0 = static_cast<uint32_t>(idx) - static_cast<uint32_t>(j);
+      for (int64_t c = j; c < run_end; ++c) {
+        const uint32_t lo = lo0 + static_cast<uint32_t>(c);
+        const uint32_t hash = mix32(mix32(lo ^ key) + key);
+        out_row[c] = (hash >> 8) >= threshold ? kept : scalar_t(0);
+      }
+      j = run_end;
+    }
+  }
+}
+
+}  // namespace detail
+
+// out[i * cols + c] = keep(row0 + i, c) ? 1 / (1 - p) : 0 for an [rows, cols] block of an
+// input with `cols` columns (the linear index of dropout_hash.h is (row0 + i) * cols + c).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LORA_FUSED_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LORA_FUSED_CPU_CLONES
+#endif
+
+LORA_FUSED_CPU_CLONES inline void fill_keep_factor(float* out, int64_t rows, int64_t cols, int64_t row0, const DropoutSpec& spec) {
+  detail::fill_keep_factor_impl(out, rows, cols, row0, spec.seed, spec.threshold, static_cast<float>(spec.scale));
+}
+
+inline void fill_keep_factor(double* out, int64_t rows, int64_t cols, int64_t row0, const DropoutSpec& spec) {
+  detail::fill_keep_factor_impl(out, rows, cols, row0, spec.seed, spec.threshold, spec.scale);
+}
+
+}  // namespace lora_fused
