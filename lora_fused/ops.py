@@ -81,8 +81,8 @@ def _make_backward(backward_op: Callable, forward_name: str) -> Callable:
         if weight is None:
             # dx is not requested, so no backend reads W or A: [N, K] / [r, K] views of K
             # elements pass the ops' shape checks without having kept either alive.
-            weight = x.new_empty(ctx.weight_shape[1]).expand(ctx.weight_shape)
-            lora_A = x.new_empty(ctx.lora_A_shape[1]).expand(ctx.lora_A_shape)
+            weight = x.new_zeros(ctx.weight_shape[1]).expand(ctx.weight_shape)
+            lora_A = x.new_zeros(ctx.lora_A_shape[1]).expand(ctx.lora_A_shape)
         if seed is None:
             seed = torch.zeros((), dtype=torch.int64)
         xa = saved_xa.to(accumulator_dtype(x.dtype))
