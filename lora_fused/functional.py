@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .backends import resolve_backend
 from .dropout import new_seed
+from .ops import autocast_copy
 
 _MAX_FLOAT = sys.float_info.max
 
@@ -85,7 +86,8 @@ def lora_linear(
     if isinstance(x, torch.Tensor):
         cast_to = _autocast_dtype(x.device.type)
         if cast_to is not None and x.is_floating_point():
-            x, weight, lora_A, lora_B = (t.to(cast_to) for t in (x, weight, lora_A, lora_B))
+            x = x.to(cast_to)
+            weight, lora_A, lora_B = (autocast_copy(t, cast_to) for t in (weight, lora_A, lora_B))
             bias = bias.to(cast_to) if bias is not None else None
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
 

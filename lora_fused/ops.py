@@ -26,6 +26,35 @@ from .reference import accumulator_dtype
 
 LIBRARY = "lora_fused"
 
+# The attribute linking an autocast copy to the parameter it was cast from (autocast_copy).
+_CAST_SOURCE = "_lora_fused_cast_source"
+
+
+def autocast_copy(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)``, remembering ``tensor`` when a copy was made.
+
+    The autograd glue then saves the source (a parameter, alive anyway) instead of the copy
+    and repeats the cast in backward: under autocast the op keeps no copy of W, A or B
+    between forward and backward (PEFT keeps its autocast copies of all three). Eager mode
+    only; under torch.compile the copy itself is saved.
+    """
+    copy = tensor.to(dtype)
+    if copy is not tensor and not torch.compiler.is_compiling():
+        setattr(copy, _CAST_SOURCE, tensor)
+    return copy
+
+
+def _saved_form(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.dtype | None]:
+    """What to save for ``tensor``: its autocast source and the dtype to recast to, or itself."""
+    source = getattr(tensor, _CAST_SOURCE, None)
+    if source is None or torch.compiler.is_compiling():
+        return tensor, None
+    return source, tensor.dtype
+
+
+def _restored(saved: torch.Tensor | None, cast_dtype: torch.dtype | None) -> torch.Tensor | None:
+    return saved if saved is None or cast_dtype is None else saved.to(cast_dtype)
+
 
 def _forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     y = x.new_empty(x.shape[0], weight.shape[0])
@@ -49,13 +78,16 @@ def _setup_context(ctx, inputs, output):
     _, xa = output
     ctx.mark_non_differentiable(xa)
     # W and A are read only for dx: saving them otherwise would keep autocast copies alive
-    # for nothing (SAM's first block, whose input needs no gradient). xa enters every backward
-    # product rounded to x's dtype (reference.py), so it is kept rounded: half the bytes
-    # under autocast. The seed matters only with dropout.
+    # for nothing (SAM's first block, whose input needs no gradient); autocast copies are
+    # replaced by their parameters (autocast_copy). xa enters every backward product rounded
+    # to x's dtype (reference.py), so it is kept rounded: half the bytes under autocast. The
+    # seed matters only with dropout.
     needs_dx = ctx.needs_input_grad[0]
+    saved_weight, ctx.weight_cast = _saved_form(weight) if needs_dx else (None, None)
+    saved_A, ctx.lora_A_cast = _saved_form(lora_A) if needs_dx else (None, None)
+    saved_B, ctx.lora_B_cast = _saved_form(lora_B)
     saved_xa = xa if xa.dtype == x.dtype else xa.to(x.dtype)
-    ctx.save_for_backward(x, weight if needs_dx else None, lora_A if needs_dx else None, lora_B, saved_xa,
-                          seed if dropout_p > 0.0 else None)
+    ctx.save_for_backward(x, saved_weight, saved_A, saved_B, saved_xa, seed if dropout_p > 0.0 else None)
     ctx.weight_shape, ctx.lora_A_shape = tuple(weight.shape), tuple(lora_A.shape)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
@@ -78,6 +110,9 @@ def _make_backward(backward_op: Callable, forward_name: str) -> Callable:
     def backward(ctx, grad_y, grad_xa):
         x, weight, lora_A, lora_B, saved_xa, seed = ctx.saved_tensors
         _refuse_double_backward(forward_name, (grad_y, x, lora_A, lora_B))
+        weight = _restored(weight, ctx.weight_cast)
+        lora_A = _restored(lora_A, ctx.lora_A_cast)
+        lora_B = _restored(lora_B, ctx.lora_B_cast)
         if weight is None:
             # dx is not requested, so no backend reads W or A: [N, K] / [r, K] views of K
             # elements pass the ops' shape checks without having kept either alive.

@@ -43,7 +43,7 @@ def unique_bytes(tensors, exclude=()) -> int:
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("x_needs_grad", [False, True])
-def test_autocast_saves_weight_only_for_dx_and_xa_in_the_autocast_dtype(backend, x_needs_grad):
+def test_autocast_saves_weight_only_for_dx_no_copies_and_xa_in_the_autocast_dtype(backend, x_needs_grad):
     backend_or_skip(backend)
     layer = lora_fused.LoRALinear(48, 40, rank=4, alpha=8.0, backend=backend)
     nn.init.normal_(layer.lora_B)
@@ -52,6 +52,8 @@ def test_autocast_saves_weight_only_for_dx_and_xa_in_the_autocast_dtype(backend,
         saved, y = saved_tensors(lambda: layer(x))
     weight_like = [t for t in saved if tuple(t.shape) == (40, 48)]
     assert bool(weight_like) == x_needs_grad, [tuple(t.shape) for t in saved]
+    # The frozen fp32 weight itself, not an autocast copy of it (recast in backward).
+    assert all(t.untyped_storage().data_ptr() == layer.weight.untyped_storage().data_ptr() for t in weight_like)
     xa = [t for t in saved if tuple(t.shape) == (18, 4)]
     assert len(xa) == 1 and xa[0].dtype == torch.bfloat16
     y.float().square().sum().backward()
