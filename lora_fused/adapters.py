@@ -1,7 +1,8 @@
 """Adapter I/O in PEFT's format, and conversion of PEFT models.
 
 Files (as ``PeftModel.save_pretrained`` writes them): ``adapter_model.safetensors`` with keys
-``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (no adapter name in the key),
+``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (no adapter name in the key)
+plus ``base_model.model.<module>.<tensor>`` for every tensor of a module in ``modules_to_save``,
 and ``adapter_config.json`` with ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``rank_pattern`` /
 ``alpha_pattern`` for layers that differ, ``target_modules`` and the rest. PEFT loads what
 :func:`save_adapter` writes; :func:`load_adapter` reads that and PEFT's own files.
@@ -529,13 +530,14 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     ``PeftModel``, a ``LoraModel`` or any module holding PEFT LoRA layers; returns the
     underlying base model. Refuses merged layers and features LoRALinear lacks (DoRA and
     other LoRA variants, fan_in_fan_out, LoRA bias, embedding/conv/quantized LoRA layers,
-    several active adapters at once, modules_to_save).
+    several active adapters at once). A ``modules_to_save`` wrapper gives way to the active
+    adapter's trained copy, which :func:`save_adapter` then writes as ``modules_to_save``.
     """
     try:
         from peft.tuners.lora.layer import Linear as PeftLinear
         from peft.tuners.lora.layer import LoraLayer
         from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import AuxiliaryTrainingWrapper
+        from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
     except ImportError as exc:
         raise ImportError(f"from_peft needs the optional dependency peft ({exc})") from exc
 
@@ -546,11 +548,16 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     if hasattr(base, "peft_config") and hasattr(base, "model") and isinstance(base.model, nn.Module):  # LoraModel
         base = base.model
 
-    targets = []
+    targets, wrapped = [], []
     for name, module in base.named_modules():
+        if any(name.startswith(outer + ".") for outer, *_ in wrapped):
+            continue  # the original and the trained copies inside a modules_to_save wrapper
+        if isinstance(module, ModulesToSaveWrapper):
+            wrapped.append((name, *_saved_module(name, module)))
+            continue
         if isinstance(module, AuxiliaryTrainingWrapper):
-            raise ValueError(f"from_peft: module {name!r} is a PEFT {type(module).__name__} (modules_to_save or "
-                             "trainable tokens), which from_peft does not convert")
+            raise ValueError(f"from_peft: module {name!r} is a PEFT {type(module).__name__} (trainable tokens), "
+                             "which from_peft does not convert")
         if not isinstance(module, BaseTunerLayer):
             continue
         if type(module) is not PeftLinear or not isinstance(module, LoraLayer):
@@ -614,4 +621,22 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         layer.train(module.training)
         parent, child = _parent_and_attr(base, name)
         setattr(parent, child, layer)
+    for name, module, _ in wrapped:
+        parent, child = _parent_and_attr(base, name)
+        setattr(parent, child, module)
+    record_modules_to_save(base, [name for name, _, trained_copy in wrapped if trained_copy])
     return base
+
+
+def _saved_module(name: str, wrapper) -> tuple[nn.Module, bool]:
+    """The module a PEFT ``ModulesToSaveWrapper`` runs now, which takes the wrapper's place:
+    (the active adapter's trained copy, True), or (the original, False) where it has none."""
+    if wrapper.disable_adapters:
+        raise ValueError(f"from_peft: module {name!r} has its adapters disabled (inside disable_adapter()?)")
+    if len(wrapper.active_adapters) > 1:
+        raise ValueError(f"from_peft: module {name!r} has several active adapters {wrapper.active_adapters}; "
+                         "a converted model keeps one trained copy")
+    active = wrapper.active_adapters[0] if wrapper.active_adapters else None
+    if active in wrapper.modules_to_save:
+        return wrapper.modules_to_save[active], True
+    return wrapper.original_module, False

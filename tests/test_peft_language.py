@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lora_fused import LoRALinear, inject_lora, load_adapter, save_adapter
+from lora_fused import LoRALinear, from_peft, inject_lora, load_adapter, save_adapter
 from adapter_files import edit_adapter
 from parity import assert_module_parity
 
@@ -191,3 +191,18 @@ def test_a_file_listing_modules_to_save_without_their_tensors_is_refused(tmp_pat
     with pytest.raises(ValueError, match=r"lists 'stem' in modules_to_save but has no tensor .*stem.weight"):
         load_adapter(fresh, tmp_path)
     assert not any(isinstance(m, LoRALinear) for m in fresh.modules())
+
+
+def test_from_peft_puts_the_trained_copy_of_a_module_to_save_in_place_and_saves_it(tmp_path):
+    theirs = get_peft_model(encoder(), LoraConfig(r=2, lora_alpha=4, target_modules=["proj"],
+                                                  modules_to_save=["head"]))
+    train_a_little(theirs, seed=3)
+    x = torch.randn(2, 6)
+    reference = copy.deepcopy(theirs)
+    trained_head = theirs.base_model.model.head.modules_to_save["default"]
+    converted = from_peft(theirs)
+    assert converted.head is trained_head and trained_head.weight.requires_grad
+    assert_module_parity("from_peft with modules_to_save", converted, reference, x)
+    save_adapter(converted, tmp_path)
+    assert torch.equal(load_file(tmp_path / "adapter_model.safetensors")["base_model.model.head.weight"],
+                       trained_head.weight)
