@@ -55,7 +55,7 @@ test-gpu-stack: $(STACK_STAMP)
 	rm -rf $(STACK_DIR)/src && mkdir -p $(STACK_DIR)/src
 	git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C $(STACK_DIR)/src
 	cd $(STACK_DIR)/src && LORA_FUSED_SKIP_CUDA=1 MAX_JOBS=$(MAX_JOBS) ../venv/bin/python setup.py -q build_ext --inplace
-	cd $(STACK_DIR)/src && LORA_FUSED_REQUIRE_EXTENSION=1 ../venv/bin/python -m pytest $(STACK_PYTEST_ARGS) $(PYTEST_ARGS)
+	cd $(STACK_DIR)/src && LORA_FUSED_SKIP_CUDA=1 LORA_FUSED_REQUIRE_EXTENSION=1 ../venv/bin/python -m pytest $(STACK_PYTEST_ARGS) $(PYTEST_ARGS)
 
 bench: $(BUILD_STAMP)
 	$(PY) benchmarks/bench_layer.py --quick
