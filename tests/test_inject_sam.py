@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lora_fused import LoRALinear, inject_lora, mark_trainable, merge_lora, parameter_report, unmerge_lora
+from lora_fused import (
+    LoRALinear,
+    inject_lora,
+    mark_trainable,
+    merge_and_unload,
+    merge_lora,
+    parameter_report,
+    unmerge_lora,
+)
 from parity import assert_parity
 
 segment_anything = pytest.importorskip("segment_anything")
@@ -149,6 +157,24 @@ def test_merge_unmerge_round_trip(images):
         bound = torch.finfo(weight.dtype).eps * (weight.abs() + delta.abs())
         assert ((layer.weight - weight).abs() <= bound).all(), name
     assert_same_outputs(run_sam(sam, images), merged_outputs, exact)
+
+
+def test_merge_and_unload_gives_a_plain_sam_that_a_fresh_sam_loads_strictly(images):
+    sam = small_sam()
+    plain_keys = list(small_sam().state_dict())
+    inject_lora(sam, rank=3, alpha=6, target_modules=r"image_encoder\..*", modules_to_save=["mask_decoder"])
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for param in (p for p in sam.parameters() if p.requires_grad):  # LoRA B and the decoder "trained"
+            param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    lora_outputs, exact = run_sam(sam, images), run_sam_float64(sam, images)
+
+    assert merge_and_unload(sam) is sam and not lora_names(sam)
+    assert list(sam.state_dict()) == plain_keys
+    fresh = small_sam(seed=1)
+    fresh.load_state_dict(sam.state_dict(), strict=True)
+    exported = run_sam(fresh, images)  # plain F.linear with merged weights: the PyTorch baseline
+    assert_same_outputs(lora_outputs, exported, exact)
 
 
 def _expected(sam: Sam, keep) -> list[str]:

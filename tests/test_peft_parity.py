@@ -172,7 +172,7 @@ class Mixed(nn.Module):
     (dict(target_modules=["lin"], use_dora=True), "DoRA"),
     (dict(target_modules=["emb"]), "Embedding"),
     (dict(target_modules=["conv"]), "Conv2d"),
-    (dict(target_modules=["lin"], modules_to_save=["conv"]), "ModulesToSaveWrapper"),
+    (dict(target_modules=["lin"], trainable_token_indices={"emb": [0, 1]}), "TrainableTokensWrapper"),
 ])
 def test_from_peft_refuses_unsupported_layers(config_kwargs, message):
     peft_model = get_peft_model(Mixed(), LoraConfig(r=2, **config_kwargs))
