@@ -1,4 +1,5 @@
-"""Put LoRA into a model: ``inject_lora``, ``mark_trainable``, ``merge_lora``/``unmerge_lora``."""
+"""Put LoRA into a model and take it out: ``inject_lora``, ``mark_trainable``, ``merge_lora``/``unmerge_lora``,
+``merge_and_unload``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Union
 
+import torch
 import torch.nn as nn
 
 from .layer import LoRALinear
@@ -98,11 +100,7 @@ def inject_lora(
     for name in targets:
         linear = model.get_submodule(name)
         replacements[id(linear)] = LoRALinear.from_linear(linear, rank, alpha, dropout, use_rslora, backend)
-    # Every place a replaced linear appears (named_modules above lists a shared module once).
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if id(module) in replacements:
-            parent, child = _parent_and_attr(model, name)
-            setattr(parent, child, replacements[id(module)])
+    replace_everywhere(model, replacements)
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.adapter.requires_grad_(True)
@@ -112,6 +110,15 @@ def inject_lora(
 def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def replace_everywhere(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
+    """Swap each module whose ``id`` is a key of ``replacements`` at EVERY name it has in
+    ``model`` (``named_modules`` lists a module shared under several names only once)."""
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if name and id(module) in replacements:
+            parent, child = _parent_and_attr(model, name)
+            setattr(parent, child, replacements[id(module)])
 
 
 def mark_trainable(model: nn.Module, patterns: str | Iterable[str]) -> int:
@@ -132,19 +139,120 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+# -- merging ----------------------------------------------------------------------------
+def _memory_span(tensor: torch.Tensor) -> tuple[int, int, int]:
+    """(storage address, first byte, one past the last byte) that ``tensor`` can touch."""
+    size = tensor.element_size()
+    first = tensor.storage_offset() * size
+    extent = 1 + sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride())) if tensor.numel() else 0
+    return tensor.untyped_storage().data_ptr(), first, first + extent * size
+
+
+def _overlaps(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    return a[0] == b[0] and a[0] != 0 and a[1] < b[2] and b[1] < a[2]
+
+
+def _merge_groups(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> list[list[tuple[str, LoRALinear]]]:
+    """The LoRA layers grouped by the base weight memory they share (one group per weight).
+
+    Merging writes into the base weight, so a group can only be merged if every layer in it
+    adds the same delta (then it is written once), and no other parameter or buffer of the
+    model reads that memory. Anything else raises, naming the modules, before any change.
+    """
+    spans = [(_memory_span(layer.weight), name, layer) for name, layer in layers]
+    groups: list[list[tuple[tuple[int, int, int], str, LoRALinear]]] = []
+    for entry in spans:  # an entry touching several groups joins them into one
+        touching = [g for g in groups if any(_overlaps(entry[0], other[0]) for other in g)]
+        groups = [g for g in groups if not any(g is t for t in touching)]
+        groups.append([member for g in touching for member in g] + [entry])
+
+    # A weight tied to something that is not a LoRA base weight (e.g. an embedding) would change too.
+    lora_weight_names = {f"{name}.weight" if name else "weight"
+                         for name, module in model.named_modules(remove_duplicate=False)
+                         if isinstance(module, LoRALinear)}
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for tensor_name, tensor in tensors:
+        if tensor_name in lora_weight_names:
+            continue
+        span = _memory_span(tensor)
+        for group in groups:
+            if any(_overlaps(span, other[0]) for other in group):
+                raise RuntimeError(f"cannot merge LoRA layer {group[0][1]!r}: its weight shares memory with "
+                                   f"{tensor_name!r}, which merging would change too (untie them first)")
+
+    for group in groups:
+        if len(group) == 1:
+            continue
+        deltas = [_effective_delta(layer) for _, _, layer in group]
+        if any(not torch.equal(deltas[0], delta) for delta in deltas[1:]):
+            names = [name for _, name, _ in group]
+            raise RuntimeError(f"cannot merge: LoRA layers {names} share one base weight but add different deltas "
+                               "(their adapters differ), so no single merged weight serves them all")
+    return [[(name, layer) for _, name, layer in group] for group in groups]
+
+
+def _effective_delta(layer: LoRALinear) -> torch.Tensor:
+    """The delta ``layer``'s weight holds once merged: its merged adapter's, else its active one's."""
+    return layer.adapters[layer.merged_adapter or layer.active_adapter].delta_weight()
+
+
 def merge_lora(model: nn.Module) -> int:
-    """Merge the active adapter of every LoRA layer into its base weight; returns the count."""
+    """Merge the active adapter of every LoRA layer into its base weight; returns the count.
+
+    A base weight shared by several LoRA layers is written once (allowed only when they add
+    the same delta); weights tied to other parameters are refused. Checked before any change.
+    """
     layers = lora_layers(model)
-    for _, layer in layers:
-        layer.merge()
+    for group in _merge_groups(model, layers):
+        merged = next((layer for _, layer in group if layer.merged_adapter is not None), None)
+        if merged is None:
+            merged = group[0][1]
+            merged.merge()
+        for _, layer in group:
+            if layer.merged_adapter is None:
+                layer._set_merged_flag(layer.active_adapter)
     return len(layers)
 
 
 def unmerge_lora(model: nn.Module) -> int:
+    """Undo :func:`merge_lora`: each merged base weight gets its delta subtracted once."""
     layers = lora_layers(model)
-    for _, layer in layers:
-        layer.unmerge()
+    for group in _merge_groups(model, layers):
+        merged = [layer for _, layer in group if layer.merged_adapter is not None]
+        if merged:
+            merged[0].unmerge()
+            for layer in merged[1:]:
+                layer._set_merged_flag(None)
     return len(layers)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every LoRA layer's active adapter into its weight and put a plain ``nn.Linear``
+    back in its place (PEFT's ``merge_and_unload``). Returns the model (the new linear if
+    ``model`` itself is a :class:`LoRALinear`).
+
+    The result's state dict has the keys of the model before LoRA was injected; it runs at
+    plain ``nn.Linear`` cost and no longer holds adapters. Layers shared under several names
+    stay shared; shared weights follow :func:`merge_lora`'s rules.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"merge_and_unload: {type(model).__name__} has no LoRALinear layers")
+    merge_lora(model)
+    replacements = {id(layer): _plain_linear(layer) for _, layer in layers}
+    if isinstance(model, LoRALinear):
+        return replacements[id(model)]
+    replace_everywhere(model, replacements)
+    return model
+
+
+def _plain_linear(layer: LoRALinear) -> nn.Linear:
+    """An ``nn.Linear`` reusing ``layer``'s (merged) weight and bias parameters."""
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight = layer.weight
+    linear.bias = layer.bias
+    linear.train(layer.training)
+    return linear
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
