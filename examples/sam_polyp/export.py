@@ -73,10 +73,11 @@ def load_run_model(run_dir: str | Path, log=print) -> tuple[torch.nn.Module, dic
 
 def merged_sam(run_dir: str | Path, log=print) -> tuple[torch.nn.Module, dict]:
     """The run's SAM with every adapter merged and plain ``nn.Linear`` layers back."""
-    from lora_fused import merge_and_unload
+    from lora_fused import LoRALinear, merge_and_unload
 
     sam, info = load_run_model(run_dir, log)
-    sam = merge_and_unload(sam)
+    if any(isinstance(m, LoRALinear) for m in sam.modules()):  # decoder/full runs have no adapters
+        sam = merge_and_unload(sam)
     sam.requires_grad_(False)
     return sam, info
 
