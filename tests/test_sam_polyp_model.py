@@ -16,7 +16,7 @@ def _trainable(sam):
     return {n for n, p in sam.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("mode", ["vanilla", "lora", "lora-attn", "decoder", "full"])
+@pytest.mark.parametrize("mode", ["vanilla", "lora", "lora-attn", "lora-all", "decoder", "full"])
 def test_modes_train_what_they_say(mode):
     torch.manual_seed(0)
     sam = build_tiny_sam(SMALL)
@@ -36,6 +36,12 @@ def test_modes_train_what_they_say(mode):
         assert report.trainable_params == expected and report.total_params == total_before + expected
     elif mode == "lora-attn":
         assert sorted(n.split(".")[-1] for n in lora_layers) == sorted(["proj", "qkv"] * SMALL.depth)
+    elif mode == "lora-all":
+        decoder_linears = [n for n, m in sam.named_modules() if n.startswith("mask_decoder.")
+                           and type(m).__name__ in ("Linear", "LoRALinear")]
+        assert len(lora_layers) == 4 * SMALL.depth + len(decoder_linears) and decoder_linears
+        assert set(decoder_linears) <= set(lora_layers)  # every decoder linear, nothing else trains
+        assert names and all("lora_" in n for n in names)
     elif mode == "decoder":
         assert names and all(n.startswith("mask_decoder.") for n in names)
         assert report.trainable_params == sum(p.numel() for p in sam.mask_decoder.parameters())

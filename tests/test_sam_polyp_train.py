@@ -214,3 +214,12 @@ def test_early_stopping_stops_when_validation_stops_improving_and_stays_stopped(
     assert summary["best_step"] == 2 and ckpt.best_checkpoint(tmp_path)[1]["step"] == 2
     again = train(_model("decoder"), splits["train"], splits["val"], cfg, tmp_path, ctx, SIGNATURE, resume=True)
     assert again["start_step"] == again["stopped_at"] == 6 and again["early_stopped"] and again["finished"]
+
+
+def test_temporaries_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
+    sam = _model("lora", train_decoder=True).sam
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-step_000004-abc" / "adapter").mkdir(parents=True)  # a save killed mid-write
+    (root / ".latest.x1y2.tmp").write_text("step_000004\n")
+    ckpt.save_checkpoint(tmp_path, 6, sam, {"signature": SIGNATURE})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000006"]

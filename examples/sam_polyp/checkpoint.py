@@ -105,13 +105,21 @@ def _write_weights(directory: Path, sam: nn.Module) -> None:
         save_file(tensors, str(directory / WEIGHTS_FILE))
 
 
+def _remove_stale_temporaries(root: Path) -> None:
+    """Temporaries a killed save left behind (one writer per run: none is in use now). The
+    ``.old-*`` copies are kept: a kill mid-swap can leave the only copy of a step there."""
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(f".{LATEST}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def _replace_directory(final: Path, fill) -> None:
     """Build ``final`` under a temporary name with ``fill(tmp)`` and rename it into place;
     an existing ``final`` is moved aside first and dropped once replaced."""
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f".tmp-{final.name}-*"):  # left by a killed save
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_stale_temporaries(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
         fill(tmp)

@@ -156,7 +156,8 @@ def run_one(cfg: ExperimentConfig, ctx: DistContext, mode: str, seed: int, base:
     sam = build_sam(cfg.model, base, init_seed=seed, input_size=cfg.input_size)
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(sam)
-    decoder_trains = mode in ("decoder", "full") or (mode.startswith("lora") and cfg.train_decoder)
+    # the IoU head learns the achieved IoU wherever the decoder trains (lora-all: through its adapters)
+    decoder_trains = mode in ("decoder", "full", "lora-all") or (mode.startswith("lora") and cfg.train_decoder)
     report = configure_mode(sam, mode, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.train_decoder, cfg.backend)
     if ctx.is_main:
         write_json(run_dir / RUN_FILE, run_description(cfg, model_input_size(cfg.model, cfg.input_size), mode, seed,

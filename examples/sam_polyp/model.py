@@ -29,7 +29,7 @@ REGISTRY_ENCODERS = {
 }
 SAM_INPUT_SIZE = 1024
 SAM_PATCH_SIZE = 16
-MODES = ("vanilla", "lora", "lora-attn", "decoder", "full")
+MODES = ("vanilla", "lora", "lora-attn", "lora-all", "decoder", "full")
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 # LoRA targets for ``lora-attn``: the attention input and output projections of every encoder block.
@@ -276,15 +276,24 @@ def _image_encoder_linear(name: str, module: nn.Module) -> bool:
     return name.startswith("image_encoder.") and isinstance(module, nn.Linear)
 
 
+def _encoder_or_decoder_linear(name: str, module: nn.Module) -> bool:
+    """``lora-all``: every linear of the image encoder and of the mask decoder (its two-way
+    transformer, output hypernetworks and IoU head); the prompt encoder has none."""
+    return name.startswith(("image_encoder.", "mask_decoder.")) and isinstance(module, nn.Linear)
+
+
+LORA_TARGETS = {"lora": _image_encoder_linear, "lora-attn": ATTENTION_TARGETS, "lora-all": _encoder_or_decoder_linear}
+
+
 def configure_mode(sam: Sam, mode: str, rank: int = 4, alpha: float = 1.0, dropout: float = 0.0,
                    train_decoder: bool = False, backend: str = "auto") -> InjectionReport:
     """Freeze/unfreeze ``sam`` for ``mode`` (injecting LoRA for the lora modes) and return the
     parameter report. The prompt encoder is frozen in every mode."""
     if mode not in MODES:
         raise ValueError(f"--modes entries must be among {MODES}, got {mode!r}")
-    if mode in ("lora", "lora-attn"):
-        targets = _image_encoder_linear if mode == "lora" else ATTENTION_TARGETS
-        report = inject_lora(sam, rank=rank, alpha=alpha, dropout=dropout, target_modules=targets, backend=backend)
+    if mode in LORA_TARGETS:
+        report = inject_lora(sam, rank=rank, alpha=alpha, dropout=dropout, target_modules=LORA_TARGETS[mode],
+                             backend=backend)
         if train_decoder:
             mark_trainable(sam, "mask_decoder")
         return parameter_report(sam, report.replaced)
