@@ -150,7 +150,7 @@ class DataProblem:
     """One thing wrong with one file.
 
     kind: ``unreadable_image``, ``unreadable_mask``, ``missing_mask``, ``missing_image``,
-    ``size_mismatch``, ``duplicate_stem``, ``faint_mask``, ``bad_sample`` (errors) or
+    ``size_mismatch``, ``duplicate_stem``, ``faint_mask``, ``bad_sample``, ``bad_size`` (errors) or
     ``empty_mask``, ``full_mask`` (warnings).
     """
 
