@@ -228,3 +228,28 @@ def test_overlap_check_compares_pixels_not_names(tmp_path):
     check_no_overlap({"train": a}, {"test": b})
     with pytest.raises(DataOverlapError):
         check_no_overlap({"train": a}, {"test": a})
+
+
+# -- the other preprocessing and model sizes run end to end ---------------------------------------
+def test_medsam_preprocessing_and_no_validation_set_run_end_to_end(tmp_path, capsys):
+    import json
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["train", *TINY_RUN, "--modes", "lora", "--preprocess", "medsam", "--num-val", "0",
+                     "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    assert run["eval_step"] == 2 and run["eval_val_dice"] is None  # no validation: the last step
+    assert json.loads((tmp_path / "runs" / "seed0" / "lora" / "run.json").read_text())["preprocess"] == "medsam"
+
+
+@pytest.mark.slow
+def test_vit_b_at_a_small_input_size_trains_and_evaluates(tmp_path, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["train", *TINY_RUN, "--model", "vit_b", "--input-size", "64", "--modes", "lora", "--steps", "1",
+                     "--batch-size", "2", "--num-train", "2", "--num-val", "0", "--num-test", "2", "--rank", "2",
+                     "--grad-checkpointing", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    assert "| lora | " in (tmp_path / "results.md").read_text()

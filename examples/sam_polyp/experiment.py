@@ -67,7 +67,8 @@ def load_data(cfg: ExperimentConfig, ctx: DistContext):
         tests = {"synthetic": splits["test"], "synthetic-shifted": splits["test_shifted"]}
         extra = _extra_tests(cfg)
         _check_folder_data(cfg, None, None, extra)  # generated splits come from disjoint seeds
-        return splits["train"], splits["val"], {**tests, **extra}
+        # --num-val 0: no validation (the last step is evaluated), not an empty set scoring 0
+        return splits["train"], splits["val"] if len(splits["val"]) else None, {**tests, **extra}
     from .data import PolypFolderDataset, check_dataset, open_polyp_data
 
     train_set, tests = open_polyp_data(cfg.data, seed=cfg.data_seed)
