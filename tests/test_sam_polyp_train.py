@@ -223,3 +223,15 @@ def test_temporaries_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
     (root / ".latest.x1y2.tmp").write_text("step_000004\n")
     ckpt.save_checkpoint(tmp_path, 6, sam, {"signature": SIGNATURE})
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000006"]
+
+
+def test_a_fresh_start_does_not_inherit_an_earlier_runs_checkpoints(splits, tmp_path, capsys):
+    ctx = DistContext()
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1, eval_every=1)
+    train(_model("decoder"), splits["train"], splits["val"], cfg, tmp_path, ctx, SIGNATURE)
+    assert ckpt.best_checkpoint(tmp_path) is not None
+    capsys.readouterr()
+    summary = train(_model("decoder"), splits["train"], None, replace(cfg, steps=1), tmp_path, ctx, SIGNATURE)
+    assert "removing the checkpoints of an earlier run" in capsys.readouterr().out
+    assert summary["best_step"] is None and ckpt.best_checkpoint(tmp_path) is None  # not the old run's best
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000001"]

@@ -178,6 +178,22 @@ def best_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     return directory, json.loads(info.read_text())
 
 
+def discard_stale(run_dir: Path, best: dict | None, log=print) -> None:
+    """Before training: a fresh start (``best`` None) removes an earlier run's checkpoints
+    from ``run_dir``, so neither its steps nor its best weights are mistaken for this run's;
+    a resumed one drops ``best/`` unless it is the best its training state records (a best
+    saved after the resumed step is recomputed identically)."""
+    root = Path(run_dir) / "checkpoints"
+    if best is None:
+        if root.is_dir() and any(root.iterdir()):
+            log(f"note: starting over in {run_dir}: removing the checkpoints of an earlier run there")
+            shutil.rmtree(root)
+        return
+    kept = best_checkpoint(run_dir)
+    if kept is not None and kept[1] != {"step": best["step"], "val_dice": best["val_dice"]}:
+        shutil.rmtree(kept[0])
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The step directory ``latest`` names (None when there is no pointer); it must exist."""
     pointer = Path(run_dir) / "checkpoints" / LATEST

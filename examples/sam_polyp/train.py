@@ -134,10 +134,13 @@ def _check_finite(loss: float, grad_norm: float, step: int, scaled_fp16: bool, r
     bad = "loss" if not math.isfinite(loss) else "gradient norm" if not (scaled_fp16 or math.isfinite(grad_norm)) else None
     if bad is None:
         return
+    _diverged(f"the {bad} is {loss if bad == 'loss' else grad_norm}", step, run_dir)
+
+
+def _diverged(what: str, step: int, run_dir: Path) -> None:
     kept = ckpt.latest_checkpoint_or_none(run_dir)
     raise NonFiniteLossError(
-        f"training diverged at step {step}: the {bad} is {loss if bad == 'loss' else grad_norm} "
-        f"(learning rate too high? try a lower --lr or --clip-grad); "
+        f"training diverged at step {step}: {what} (learning rate too high? try a lower --lr or --clip-grad); "
         + (f"the last good checkpoint is kept: {kept}" if kept else "no checkpoint was written before it"))
 
 
@@ -210,6 +213,8 @@ def train(model: BoxPromptSam, train_set: PromptedSegmentation, val_set: Prompte
             ckpt.load_model_weights(directory, sam)  # before the optimizer: LoRA params are replaced
             start_step = int(state["step"])
             best = dict(state.get("best", best))
+    if ctx.is_main:
+        ckpt.discard_stale(run_dir, best if state is not None else None, log=print)
 
     named = [(n, p) for n, p in sam.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -300,7 +305,7 @@ def train(model: BoxPromptSam, train_set: PromptedSegmentation, val_set: Prompte
         if done == stop or early_stopped or (cfg.save_every > 0 and done % cfg.save_every == 0):
             if ctx.is_main:
                 if not all(bool(torch.isfinite(p).all()) for p in params):  # never save a diverged model
-                    raise NonFiniteLossError(f"step {done}: trained parameters are not finite; not saved")
+                    _diverged("the trained parameters are not finite (not saved)", done, run_dir)
                 ckpt.save_checkpoint(run_dir, done, sam, {
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "signature": signature, "config": plain_config(asdict(cfg)),
