@@ -15,7 +15,7 @@ from .inject import (
 )
 from .layer import LoRAAdapter, LoRALinear
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 
 __all__ = [
     "BackendUnavailableError",

@@ -225,22 +225,27 @@ class LoRALinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        marker = state_dict.pop(prefix + self.MERGED_KEY, None) if isinstance(state_dict, dict) else None
+        # Checked before anything loads (raising, not error_msgs: torch would still load the
+        # adapters below and leave weight and merged flag disagreeing).
+        marker = state_dict.pop(prefix + self.MERGED_KEY, None)
+        name = bytes(marker.tolist()).decode() if marker is not None else None
+        has_weight = prefix + "weight" in state_dict
+        if name is not None and not has_weight:
+            raise RuntimeError(f"{prefix}{self.MERGED_KEY} says the weight is merged, but {prefix}weight is missing "
+                               "from the state dict")
+        if name is not None and name not in self.adapters:
+            raise RuntimeError(f"{prefix}weight was saved with adapter {name!r} merged into it, but this layer has "
+                               f"no adapter {name!r} (it has {list(self.adapters)})")
+        merged_prefix = f"{prefix}adapters.{self.merged_adapter}."
+        if not has_weight and self.merged_adapter is not None and any(k.startswith(merged_prefix) for k in state_dict):
+            raise RuntimeError(f"{prefix}: adapter {self.merged_adapter!r} is merged into the weight, so its A/B "
+                               "cannot be loaded without the weight; unmerge first")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if prefix + "weight" not in state_dict:
-            if marker is not None:
-                error_msgs.append(f"{prefix}{self.MERGED_KEY} says the weight is merged, but {prefix}weight is "
-                                  "missing from the state dict")
-            return
-        name = bytes(marker.tolist()).decode() if marker is not None else None
-        if name is not None and name not in self.adapters:
-            error_msgs.append(f"{prefix}weight was saved with adapter {name!r} merged into it, but this layer has "
-                              f"no adapter {name!r} (it has {list(self.adapters)})")
-            return
-        self.merged_adapter = name
-        if name is not None:
-            self.set_adapter(name)
+        if has_weight:
+            self.merged_adapter = name
+            if name is not None:
+                self.set_adapter(name)
 
     # -- forward --------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

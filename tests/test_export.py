@@ -172,3 +172,18 @@ def test_merged_state_naming_an_absent_adapter_is_refused():
     state["lora_merged_adapter"] = torch.tensor(list(b"other"), dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="adapter 'other' merged into it"):
         LoRALinear(4, 4, rank=1).load_state_dict(state)
+
+
+def test_adapter_weights_alone_cannot_load_into_a_merged_layer():
+    torch.manual_seed(7)
+    layer = LoRALinear(5, 3, rank=2)
+    nn.init.normal_(layer.lora_B)
+    adapter_only = {k: v for k, v in copy.deepcopy(layer.state_dict()).items() if k.startswith("adapters.")}
+    layer.merge()
+    weight = layer.weight.clone()
+    with pytest.raises(RuntimeError, match="'default' is merged into the weight, so its A/B cannot be loaded"):
+        layer.load_state_dict(adapter_only, strict=False)
+    marker_only = {"lora_merged_adapter": layer.state_dict()["lora_merged_adapter"]}
+    with pytest.raises(RuntimeError, match="says the weight is merged, but weight is missing"):
+        LoRALinear(5, 3, rank=2).load_state_dict(marker_only, strict=False)
+    assert torch.equal(layer.weight, weight) and layer.merged_adapter == "default"
