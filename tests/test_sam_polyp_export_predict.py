@@ -18,7 +18,8 @@ from examples.sam_polyp.model import BoxPromptSam, build_sam, build_tiny_sam, co
 from examples.sam_polyp.predict import PredictError, read_boxes_csv
 from examples.sam_polyp.train import TrainConfig
 from lora_fused import LoRALinear
-from tests.parity import assert_parity
+from parity import assert_parity
+from sam_float64 import sam_in_float64
 
 KVASIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg-sample"
 needs_kvasir = pytest.mark.skipif(not (KVASIR / "images").is_dir(), reason=f"Kvasir-SEG sample not found at {KVASIR}")
@@ -53,25 +54,6 @@ def _inputs(size=64, count=2):
     return images, boxes
 
 
-def _forward_float64(sam, images, boxes):
-    """BoxPromptSam's forward in float64: LoRA encoder and decoder in float64 (the reference
-    backend); the prompt encoder, which builds its grid in float32 and has no LoRA, runs in
-    float32 and its outputs enter exactly."""
-    for m in sam.modules():
-        if isinstance(m, LoRALinear):
-            m.backend = "torch"
-    sam.image_encoder.double()
-    sam.mask_decoder.double()
-    embeddings = sam.image_encoder(images.double())
-    sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
-    pe = sam.prompt_encoder.get_dense_pe().double()
-    logits, iou = zip(*(sam.mask_decoder(image_embeddings=embeddings[i : i + 1], image_pe=pe,
-                                         sparse_prompt_embeddings=sparse[i : i + 1].double(),
-                                         dense_prompt_embeddings=dense[i : i + 1].double(), multimask_output=False)
-                        for i in range(len(images))))
-    return torch.cat(logits), torch.cat(iou)
-
-
 def test_the_table_says_which_step_was_evaluated(lora_run):
     run_dir, results = lora_run
     best = ckpt.best_checkpoint(run_dir)
@@ -100,7 +82,10 @@ def test_export_loads_strictly_into_the_builder_and_matches_the_lora_model(lora_
     with torch.no_grad():
         lora_logits, lora_iou = BoxPromptSam(lora_sam)(images, boxes)
         exported_logits, exported_iou = BoxPromptSam(plain.eval())(images, boxes)
-        ref_logits, ref_iou = _forward_float64(lora_sam, images, boxes)
+        for m in lora_sam.modules():
+            if isinstance(m, LoRALinear):
+                m.backend = "torch"  # the reference op runs in float64
+        ref_logits, ref_iou = BoxPromptSam(sam_in_float64(lora_sam))(images.double(), boxes.double())
     assert_parity("exported logits", exported_logits, lora_logits, ref_logits)
     assert_parity("exported IoU", exported_iou, lora_iou, ref_iou)
 

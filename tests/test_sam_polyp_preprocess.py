@@ -134,7 +134,7 @@ def test_preprocess_matches_resize_longest_side_and_sam_preprocess(size):
     from segment_anything.utils.transforms import ResizeLongestSide
 
     from examples.sam_polyp.model import SAM_PIXEL_STD, TinySamConfig, build_tiny_sam
-    from tests.parity import assert_parity, max_error
+    from parity import assert_parity, max_error
 
     sam = build_tiny_sam(TinySamConfig(img_size=size))
     for image in _sam_pipeline_inputs():
