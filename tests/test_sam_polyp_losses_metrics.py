@@ -97,12 +97,13 @@ def test_iou_term_regresses_the_achieved_iou():
 
 def test_summary_table_mean_and_std_over_seeds():
     runs = [{"mode": m, "seed": s, "trainable_params": 10, "trainable_percent": 1.0,
-             "tests": {"A": {"dice": d, "iou": d / 2}, "B": {"dice": d + 0.1, "iou": d}}}
+             "tests": {"A": {"dice": d, "iou": d / 2}, "B": {"dice": d + 0.1, "iou": d}},
+             "eval_step": None if m == "vanilla" else 100 + s}
             for m, s, d in [("vanilla", 0, 0.2), ("vanilla", 1, 0.2), ("lora", 0, 0.6), ("lora", 1, 0.8)]]
     rows = summarise(runs, ["A", "B"])
     lora = rows[1]
     assert lora["mode"] == "lora" and lora["dice_mean"] == pytest.approx(0.75)
     assert lora["dice_std"] == pytest.approx(mean_std([0.65, 0.85])[1]) and lora["dice_std"] == pytest.approx(0.1414, abs=1e-4)
     table = markdown_table(rows, ["A", "B"])
-    assert "| lora | 10 (1.00%) | 0.750 ± 0.141 (n=2) | 0.700 / 0.350 | 0.800 / 0.700 |" in table
+    assert "| lora | 10 (1.00%) | 100, 101 | 0.750 ± 0.141 (n=2) | 0.700 / 0.350 | 0.800 / 0.700 |" in table
     assert table.splitlines()[0].startswith("| mode |")

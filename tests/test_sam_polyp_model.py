@@ -18,7 +18,7 @@ def _trainable(sam):
     return {n for n, p in sam.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("mode", ["vanilla", "lora", "lora-attn", "decoder", "full"])
+@pytest.mark.parametrize("mode", ["vanilla", "lora", "lora-attn", "lora-all", "decoder", "full"])
 def test_modes_train_what_they_say(mode):
     torch.manual_seed(0)
     sam = build_tiny_sam(SMALL)
@@ -38,6 +38,12 @@ def test_modes_train_what_they_say(mode):
         assert report.trainable_params == expected and report.total_params == total_before + expected
     elif mode == "lora-attn":
         assert sorted(n.split(".")[-1] for n in lora_layers) == sorted(["proj", "qkv"] * SMALL.depth)
+    elif mode == "lora-all":
+        decoder_linears = [n for n, m in sam.named_modules() if n.startswith("mask_decoder.")
+                           and type(m).__name__ in ("Linear", "LoRALinear")]
+        assert len(lora_layers) == 4 * SMALL.depth + len(decoder_linears) and decoder_linears
+        assert set(decoder_linears) <= set(lora_layers)  # every decoder linear, nothing else trains
+        assert names and all("lora_" in n for n in names)
     elif mode == "decoder":
         assert names and all(n.startswith("mask_decoder.") for n in names)
         assert report.trainable_params == sum(p.numel() for p in sam.mask_decoder.parameters())
@@ -100,3 +106,82 @@ def test_cli_reports_a_bad_checkpoint_path(tmp_path, capsys):
                      "--num-train", "8", "--num-val", "2", "--num-test", "2", "--modes", "vanilla"])
     assert code == 2
     assert "missing_sam.pth: no such file" in capsys.readouterr().err
+
+
+# -- --input-size: registry models at another input size ------------------------------------
+def test_registry_sam_at_512_has_the_registry_layout_with_a_smaller_position_grid():
+    from segment_anything import sam_model_registry
+
+    from examples.sam_polyp.model import build_registry_sam
+
+    with torch.device("meta"):  # layouts only: no 90 M random values
+        full = sam_model_registry["vit_b"]().state_dict()
+        half = build_registry_sam("vit_b", 512).state_dict()
+        same = build_registry_sam("vit_b", 1024).state_dict()
+    assert {k: v.shape for k, v in same.items()} == {k: v.shape for k, v in full.items()}
+    assert half.keys() == full.keys()
+    differ = sorted(k for k in full if full[k].shape != half[k].shape)
+    assert set(differ) == {"image_encoder.pos_embed"} | {f"image_encoder.blocks.{b}.attn.rel_pos_{a}"
+                                                         for b in (2, 5, 8, 11) for a in "hw"}
+    assert half["image_encoder.pos_embed"].shape == (1, 32, 32, 768)
+    assert half["image_encoder.blocks.2.attn.rel_pos_h"].shape == (63, 64)  # 2 * 32 - 1 positions
+    assert half["image_encoder.blocks.0.attn.rel_pos_h"].shape == full["image_encoder.blocks.0.attn.rel_pos_h"].shape
+
+
+def test_a_checkpoint_loads_at_a_smaller_input_size_with_interpolated_positions(tmp_path, capsys):
+    torch.manual_seed(0)
+    big = build_tiny_sam(SMALL)  # 64 px: 8x8 position grid, global-attention tables of 15
+    path = tmp_path / "big.pth"
+    torch.save(big.state_dict(), path)
+    small = build_tiny_sam(TinySamConfig(**{**SMALL.__dict__, "img_size": 32}))
+    load_sam_weights(small, path, "tiny")
+    assert "position tensors interpolated" in capsys.readouterr().err
+    state, own = big.state_dict(), small.state_dict()
+    assert own["image_encoder.pos_embed"].shape == (1, 4, 4, SMALL.embed_dim)
+    assert own["image_encoder.blocks.1.attn.rel_pos_h"].shape == (7, SMALL.embed_dim // SMALL.num_heads)
+    for key in own:  # everything else is the checkpoint's, unchanged
+        if "pos_embed" not in key and "rel_pos" not in key:
+            assert torch.equal(own[key], state[key]), key
+    # a constant embedding stays constant: interpolation, not noise
+    const = {**state, "image_encoder.pos_embed": torch.full_like(state["image_encoder.pos_embed"], 0.25)}
+    torch.save(const, path)
+    load_sam_weights(small, path, "tiny")
+    assert torch.allclose(small.image_encoder.pos_embed, torch.tensor(0.25))
+
+
+def test_input_size_is_refused_for_the_tiny_model_and_checked_at_parse_time(capsys):
+    with pytest.raises(ValueError, match="--input-size is for the registry models"):
+        build_sam("tiny", input_size=128)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--model", "vit_b", "--input-size", "500"])
+    assert "multiple of 16" in capsys.readouterr().err
+
+
+# -- gradient checkpointing ------------------------------------------------------------------
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients_with_dropout():
+    from examples.sam_polyp.model import enable_gradient_checkpointing
+
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    boxes = torch.tensor([[4.0, 6.0, 40.0, 50.0], [10.0, 10.0, 60.0, 30.0]])
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        sam = build_tiny_sam(SMALL)
+        configure_mode(sam, "lora", rank=4, alpha=4.0, dropout=0.25, train_decoder=True, backend="torch")
+        with torch.no_grad():  # non-zero B: the LoRA branch (and its dropout) shapes the output
+            for name, p in sam.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        if checkpointed:
+            assert enable_gradient_checkpointing(sam) == SMALL.depth
+        model = BoxPromptSam(sam).train()
+        torch.manual_seed(42)  # the dropout seeds of this forward
+        logits, iou = model(images, boxes)
+        (logits.square().mean() + iou.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in sam.named_parameters() if p.requires_grad}
+        results.append((logits.detach(), grads))
+    (plain, plain_grads), (ckpt_out, ckpt_grads) = results
+    assert torch.equal(plain, ckpt_out)
+    assert plain_grads.keys() == ckpt_grads.keys() and any("lora_A" in n for n in plain_grads)
+    for name in plain_grads:
+        assert torch.equal(plain_grads[name], ckpt_grads[name]), name

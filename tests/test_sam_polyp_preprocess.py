@@ -1,5 +1,7 @@
 """SAM preprocessing: resize/pad/normalise, box prompts and their jitter, mapping back."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -109,3 +111,87 @@ def test_image_mask_size_mismatch_names_the_sample():
     samples.items[0]["mask"] = np.zeros((10, 10), dtype=bool)
     with pytest.raises(ValueError, match="s0"):
         PromptedSegmentation(samples, 32)[0]
+
+
+# -- parity with segment_anything's own preprocessing -------------------------------------
+KVASIR_IMAGES = sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg-sample" / "images").glob("*.jpg"))
+
+
+def _sam_pipeline_inputs():
+    """Real Kvasir frames (odd sizes) when present, else a random non-square image."""
+    from examples.sam_polyp.data import read_image
+
+    if KVASIR_IMAGES:
+        return [read_image(p) for p in KVASIR_IMAGES[:2]]
+    return [np.random.default_rng(0).integers(0, 256, (531, 621, 3), dtype=np.uint8)]
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_preprocess_matches_resize_longest_side_and_sam_preprocess(size):
+    """Ours (fp32) and segment_anything's ResizeLongestSide + Sam.preprocess, each against the
+    exact float64 antialiased resize: ours within 2x SAM's own error (SAM's PIL resize rounds
+    to uint8), and SAM's within one grey level of the exact one (the filters agree)."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from examples.sam_polyp.model import SAM_PIXEL_STD, TinySamConfig, build_tiny_sam
+    from parity import assert_parity, max_error
+
+    sam = build_tiny_sam(TinySamConfig(img_size=size))
+    for image in _sam_pipeline_inputs():
+        ours, (h, w) = preprocess_image(image, size)
+        resized = ResizeLongestSide(size).apply_image(image)
+        assert resized.shape[:2] == (h, w)
+        theirs = sam.preprocess(torch.from_numpy(resized).permute(2, 0, 1).float()[None])[0]
+        x = torch.from_numpy(image).permute(2, 0, 1).double()[None]
+        exact = torch.nn.functional.interpolate(x, (h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+        mean, std = (torch.tensor(v, dtype=torch.float64).view(3, 1, 1) for v in (SAM_PIXEL_MEAN, SAM_PIXEL_STD))
+        reference = torch.nn.functional.pad((exact - mean) / std, (0, size - w, 0, size - h))
+        assert_parity(f"preprocess {image.shape} -> {size}", ours, theirs, reference)
+        assert max_error(theirs, reference) < 1.0 / min(SAM_PIXEL_STD)  # under one grey level
+
+
+def test_boxes_match_resize_longest_side_apply_boxes():
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    box = np.array([13.0, 40.5, 600.0, 511.0])
+    for hw, size in [((529, 622), 1024), ((1070, 1348), 64), ((622, 529), 256)]:
+        theirs = ResizeLongestSide(size).apply_boxes(box[None], hw)[0]
+        assert np.array_equal(box_to_input_frame(box, hw, size), theirs.astype(np.float32))
+
+
+def test_logits_to_original_matches_sam_postprocess_masks():
+    from examples.sam_polyp.model import TinySamConfig, build_tiny_sam
+
+    sam = build_tiny_sam(TinySamConfig(img_size=64))
+    low_res = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    for original in [(529, 622), (1070, 1348), (40, 30)]:
+        input_hw = resized_shape(*original, 64)
+        theirs = sam.postprocess_masks(low_res, input_hw, original)[0, 0]
+        assert torch.equal(logits_to_original(low_res[0], input_hw, original, 64), theirs)  # the same computation
+
+
+def test_medsam_preprocessing_is_a_square_resize_scaled_to_unit_range():
+    rng = np.random.default_rng(0)
+    image = rng.integers(30, 200, size=(60, 90, 3), dtype=np.uint8)
+    pixels, (h, w) = preprocess_image(image, 64, "medsam")
+    assert pixels.shape == (3, 64, 64) and (h, w) == (64, 64)  # no aspect ratio kept, no padding
+    assert pixels.min().item() == 0.0 and pixels.max().item() == pytest.approx(1.0)
+    box = np.array([9.0, 6.0, 45.0, 30.0])
+    # MedSAM's own box mapping: box / [W, H, W, H] * 1024 (here 64)
+    expected = box / np.array([90, 60, 90, 60]) * 64
+    assert box_to_input_frame(box, (60, 90), 64, "medsam") == pytest.approx(expected.astype(np.float32))
+    mask = np.zeros((60, 90), dtype=bool)
+    mask[10:30, 20:50] = True
+    assert preprocess_mask(mask, 64, "medsam").shape == (64, 64)
+
+
+def test_a_too_thin_image_names_the_file():
+    class _Thin(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return {"image": np.zeros((8, 2000, 3), np.uint8), "mask": np.ones((8, 2000), bool), "name": "thin.png"}
+
+    with pytest.raises(ValueError, match=r"thin.png: a 2000x8 image .* too thin"):
+        PromptedSegmentation(_Thin(), 64)[0]

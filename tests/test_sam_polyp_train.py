@@ -183,3 +183,55 @@ def test_param_groups_scale_the_lr_by_prefix_and_skip_decay_on_vectors():
     for name, param in named:
         assert lr_of[id(param)] == pytest.approx(1e-4 if name.startswith("image_encoder.") else 1e-3), name
         assert decay_of[id(param)] == (0.01 if param.dim() >= 2 else 0.0), name
+
+
+def test_best_checkpoint_and_early_stopping_are_the_same_after_an_interruption(splits, tmp_path):
+    ctx = DistContext()
+    cfg = TrainConfig(steps=8, batch_size=4, lr=3e-3, warmup_steps=1, eval_every=2, save_every=2,
+                      early_stop_patience=2, log_every=1)
+    straight = train(_model("lora", train_decoder=True), splits["train"], splits["val"], cfg, tmp_path / "a", ctx,
+                     SIGNATURE, decoder_trains=True)
+    train(_model("lora", train_decoder=True), splits["train"], splits["val"], replace(cfg, stop_after=3),
+          tmp_path / "b", ctx, SIGNATURE, decoder_trains=True)
+    resumed = train(_model("lora", train_decoder=True, seed=5), splits["train"], splits["val"], cfg, tmp_path / "b",
+                    ctx, SIGNATURE, resume=True, decoder_trains=True)
+    for key in ("best_step", "best_val_dice", "stopped_at", "early_stopped", "finished"):
+        assert straight[key] == resumed[key], key
+    best_a, best_b = ckpt.best_checkpoint(tmp_path / "a"), ckpt.best_checkpoint(tmp_path / "b")
+    assert best_a[1] == best_b[1] == {"step": straight["best_step"], "val_dice": straight["best_val_dice"]}
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(best_a[0] / ckpt.WEIGHTS_FILE)), load_file(str(best_b[0] / ckpt.WEIGHTS_FILE))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_early_stopping_stops_when_validation_stops_improving_and_stays_stopped(splits, tmp_path):
+    ctx = DistContext()
+    # an LR too small to move validation Dice: the first evaluation stays the best
+    cfg = TrainConfig(steps=20, batch_size=4, lr=1e-12, warmup_steps=1, eval_every=2, early_stop_patience=2)
+    summary = train(_model("decoder"), splits["train"], splits["val"], cfg, tmp_path, ctx, SIGNATURE)
+    assert summary["early_stopped"] and summary["finished"] and summary["stopped_at"] == 6
+    assert summary["best_step"] == 2 and ckpt.best_checkpoint(tmp_path)[1]["step"] == 2
+    again = train(_model("decoder"), splits["train"], splits["val"], cfg, tmp_path, ctx, SIGNATURE, resume=True)
+    assert again["start_step"] == again["stopped_at"] == 6 and again["early_stopped"] and again["finished"]
+
+
+def test_temporaries_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
+    sam = _model("lora", train_decoder=True).sam
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-step_000004-abc" / "adapter").mkdir(parents=True)  # a save killed mid-write
+    (root / ".latest.x1y2.tmp").write_text("step_000004\n")
+    ckpt.save_checkpoint(tmp_path, 6, sam, {"signature": SIGNATURE})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000006"]
+
+
+def test_a_fresh_start_does_not_inherit_an_earlier_runs_checkpoints(splits, tmp_path, capsys):
+    ctx = DistContext()
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1, eval_every=1)
+    train(_model("decoder"), splits["train"], splits["val"], cfg, tmp_path, ctx, SIGNATURE)
+    assert ckpt.best_checkpoint(tmp_path) is not None
+    capsys.readouterr()
+    summary = train(_model("decoder"), splits["train"], None, replace(cfg, steps=1), tmp_path, ctx, SIGNATURE)
+    assert "removing the checkpoints of an earlier run" in capsys.readouterr().out
+    assert summary["best_step"] is None and ckpt.best_checkpoint(tmp_path) is None  # not the old run's best
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000001"]

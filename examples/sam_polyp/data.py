@@ -67,15 +67,32 @@ class UnreadableFileError(OSError):
 # Reading files
 
 
-def _to_uint8(img: Image.Image) -> Image.Image:
-    """Bring 16-bit and float images to 8 bits; PIL's own convert() clips them instead of scaling."""
+# Bit depths a 16-bit container may hold (10-bit endoscopy sensors, 12/14-bit raw exports).
+_BIT_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def _to_uint8(img: Image.Image, path: Path | None = None) -> Image.Image:
+    """Bring 16-bit and float images to 8 bits; PIL's own convert() clips them instead of scaling.
+
+    Integer images are scaled by their actual bit depth — the smallest of 8/10/12/14/16 bits
+    that holds the image's maximum — not by the container's 16 bits (10-bit values divided by
+    257 come out nearly black); when that is not 16 bits a warning says so.
+    """
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         peak = float(arr.max()) if arr.size else 0.0
-        if img.mode == "F" and peak <= 1.0:
-            arr = arr * 255.0
+        if img.mode == "F":
+            if peak <= 1.0:
+                arr = arr * 255.0
+            elif peak > 255.0:
+                arr = arr * (255.0 / peak)
         elif peak > 255.0:
-            arr = arr / (257.0 if peak <= 65535.0 else peak / 255.0)
+            bits = next((b for b in _BIT_DEPTHS if peak <= 2 ** b - 1), None)
+            full = 2.0 ** bits - 1 if bits is not None else peak
+            if bits != 16:
+                logger.warning("%s: %s values up to %d read as %s (scaled by 255/%d)", path or "image", img.mode,
+                               int(peak), f"{bits}-bit" if bits else "their maximum", int(full))
+            arr = arr * (255.0 / full)
         return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
     return img
 
@@ -86,7 +103,7 @@ def _open_decoded(path: Path, what: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated or corrupt file fails here, not mid-training
-            return _to_uint8(img)
+            return _to_uint8(img, path)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise UnreadableFileError(f"cannot read {what} file {path}: {err}") from err
 
@@ -112,7 +129,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return read_mask_gray(path) > MASK_THRESHOLD
 
 
-def _image_size(path: Path) -> tuple[int, int] | None:
+def image_size(path: Path) -> tuple[int, int] | None:
     """(height, width) from the header, or None when unreadable (decoding is checked elsewhere)."""
     try:
         with Image.open(path) as img:
@@ -133,7 +150,7 @@ class DataProblem:
     """One thing wrong with one file.
 
     kind: ``unreadable_image``, ``unreadable_mask``, ``missing_mask``, ``missing_image``,
-    ``size_mismatch``, ``duplicate_stem``, ``faint_mask``, ``bad_sample`` (errors) or
+    ``size_mismatch``, ``duplicate_stem``, ``faint_mask``, ``bad_sample``, ``bad_size`` (errors) or
     ``empty_mask``, ``full_mask`` (warnings).
     """
 
@@ -146,6 +163,9 @@ class DataProblem:
         return f"[{self.severity}] {self.message}"
 
 
+_MAX_LISTED = 25  # problems spelled out in an error message; the rest are counted
+
+
 class DataValidationError(ValueError):
     """A data set has problems that stop training; ``problems`` lists every one of them."""
 
@@ -154,7 +174,10 @@ class DataValidationError(ValueError):
         errors = sum(p.severity == "error" for p in self.problems)
         where = f" in data set {dataset_name!r}" if dataset_name else ""
         lines = [f"{errors} error(s), {len(self.problems) - errors} warning(s){where}:"]
-        lines += [f"  - {p}" for p in self.problems]
+        shown = sorted(self.problems, key=lambda p: p.severity != "error")[:_MAX_LISTED]  # errors first
+        lines += [f"  - {p}" for p in shown]
+        if len(self.problems) > len(shown):
+            lines.append(f"  ... and {len(self.problems) - len(shown)} more of the same kinds")
         super().__init__("\n".join(lines))
 
 
@@ -223,6 +246,8 @@ class PolypFolderDataset(torch.utils.data.Dataset):
         if not 0.0 < fraction < 1.0:
             raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
         if len(self) < 2:
+            if self.pairing_problems:  # e.g. an empty masks/ folder: say which masks are missing
+                raise DataValidationError(self.pairing_problems, self.name)
             raise ValueError(f"cannot hold out part of {self!r}: it has fewer than 2 pairs")
         order = list(range(len(self)))
         random.Random(seed).shuffle(order)
@@ -434,24 +459,24 @@ def _check_mask_content(gray_or_bool: np.ndarray, path: str) -> list[DataProblem
 
 def _check_pair(image_path: Path, mask_path: Path) -> list[DataProblem]:
     problems = []
-    image_size = mask_size = None
+    image_hw = mask_hw = None
     try:
-        image_size = read_image(image_path).shape[:2]
+        image_hw = read_image(image_path).shape[:2]
     except FileNotFoundError:
         problems.append(DataProblem("missing_image", str(image_path), f"image file not found: {image_path}"))
     except UnreadableFileError as err:
         problems.append(DataProblem("unreadable_image", str(image_path), str(err)))
     try:
         gray = read_mask_gray(mask_path)
-        mask_size = gray.shape
+        mask_hw = gray.shape
         problems += _check_mask_content(gray, str(mask_path))
     except FileNotFoundError:
         message = f"mask file not found: {mask_path} (for image {image_path})"
         problems.append(DataProblem("missing_mask", str(mask_path), message))
     except UnreadableFileError as err:
         problems.append(DataProblem("unreadable_mask", str(mask_path), str(err)))
-    if image_size is not None and mask_size is not None and image_size != mask_size:
-        (ih, iw), (mh, mw) = image_size, mask_size
+    if image_hw is not None and mask_hw is not None and image_hw != mask_hw:
+        (ih, iw), (mh, mw) = image_hw, mask_hw
         problems.append(
             DataProblem(
                 "size_mismatch",
@@ -522,3 +547,21 @@ def check_dataset(dataset, *, drop_empty_masks: bool = False, name: str | None =
     if isinstance(dataset, PolypFolderDataset):
         return dataset.subset(keep)
     return torch.utils.data.Subset(dataset, keep)
+
+
+def check_input_sizes(datasets: dict, long_side: int, preprocess: str = "sam") -> None:
+    """Every image of the folder-backed ``datasets`` (read from file headers) can be resized to
+    a ``long_side`` px model input; otherwise one error names every file that cannot."""
+    from .preprocess import resized_shape
+
+    problems = []
+    for name, dataset in datasets.items():
+        for image_path, _ in getattr(dataset, "pairs", []):
+            size = image_size(image_path)
+            try:
+                if size is not None:
+                    resized_shape(*size, long_side, preprocess)
+            except ValueError as err:
+                problems.append(DataProblem("bad_size", str(image_path), f"image {image_path} ({name}): {err}"))
+    if problems:
+        raise DataValidationError(problems)

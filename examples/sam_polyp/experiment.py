@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import ResumeError
+from . import checkpoint as ckpt
+from .checkpoint import ResumeError, check_signature
 from .distributed import DistContext, barrier
 from .evaluate import evaluate
-from .model import BoxPromptSam, build_sam, configure_mode
+from .export import RUN_FILE, run_description
+from .model import BoxPromptSam, build_sam, configure_mode, enable_gradient_checkpointing, model_input_size
 from .preprocess import PromptedSegmentation
 from .pretrain import PretrainConfig, pretrained_tiny_checkpoint
 from .report import markdown_table, plot_curves, summarise, write_json
@@ -42,6 +44,9 @@ class ExperimentConfig:
     out: str = "outputs/sam_polyp"
     resume: bool = False
     num_overlays: int = 4
+    input_size: int | None = None  # registry models: encoder input in px (None: 1024)
+    preprocess: str = "sam"  # sam | medsam (see preprocess.py)
+    grad_checkpointing: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
@@ -60,7 +65,10 @@ def load_data(cfg: ExperimentConfig, ctx: DistContext):
         splits = make_polyp_splits(cfg.synthetic_image_size, cfg.synthetic_train, cfg.synthetic_val,
                                    cfg.synthetic_test, cfg.data_seed)
         tests = {"synthetic": splits["test"], "synthetic-shifted": splits["test_shifted"]}
-        return splits["train"], splits["val"], {**tests, **_extra_tests(cfg)}
+        extra = _extra_tests(cfg)
+        _check_folder_data(cfg, None, None, extra)  # generated splits come from disjoint seeds
+        # --num-val 0: no validation (the last step is evaluated), not an empty set scoring 0
+        return splits["train"], splits["val"] if len(splits["val"]) else None, {**tests, **extra}
     from .data import PolypFolderDataset, check_dataset, open_polyp_data
 
     train_set, tests = open_polyp_data(cfg.data, seed=cfg.data_seed)
@@ -72,7 +80,21 @@ def load_data(cfg: ExperimentConfig, ctx: DistContext):
     if val_set is not None:
         val_set = check_dataset(val_set, name=f"--data {cfg.data} (validation)")
     tests = {name: check_dataset(ds, name=name) for name, ds in tests.items()}
-    return train_set, val_set, {**tests, **_extra_tests(cfg)}
+    tests = {**tests, **_extra_tests(cfg)}
+    _check_folder_data(cfg, train_set, val_set, tests)
+    return train_set, val_set, tests
+
+
+def _check_folder_data(cfg: ExperimentConfig, train_set, val_set, tests: dict) -> None:
+    """Before any training: every image fits the model input, and no test image is also a
+    training or validation image (compared by the hash of its decoded pixels)."""
+    from .data import check_input_sizes
+    from .overlap import check_no_overlap
+
+    learned = {f"--data {cfg.data} (train)": train_set, f"--data {cfg.data} (validation)": val_set}
+    learned = {name: ds for name, ds in learned.items() if ds is not None}
+    check_input_sizes({**learned, **tests}, model_input_size(cfg.model, cfg.input_size), cfg.preprocess)
+    check_no_overlap(learned, tests)
 
 
 def _extra_tests(cfg: ExperimentConfig) -> dict:
@@ -96,13 +118,23 @@ def base_checkpoint(cfg: ExperimentConfig, ctx: DistContext) -> str | None:
     return cfg.checkpoint
 
 
+# Settings that cannot change a run's result; every other setting is part of its signature, so
+# a setting added later is guarded by default. (The backend and gradient checkpointing compute
+# the same thing; the pretraining config is covered by the base checkpoint's hashed name.)
+NOT_IN_SIGNATURE = {"out", "resume", "num_overlays", "backend", "grad_checkpointing", "seeds", "modes", "checkpoint",
+                    "pretrained_tiny", "pretrain", "train"}
+TRAIN_NOT_IN_SIGNATURE = {"seed", "save_every", "keep_checkpoints", "log_every", "num_workers", "eval_batch_size",
+                          "stop_after"}
+
+
 def run_signature(cfg: ExperimentConfig, mode: str, seed: int, base: str | None) -> dict:
-    t = cfg.train
-    return {"model": cfg.model, "base": base, "mode": mode, "seed": seed, "rank": cfg.rank, "alpha": cfg.alpha,
-            "lora_dropout": cfg.lora_dropout, "train_decoder": cfg.train_decoder, "data": cfg.data,
-            "data_seed": cfg.data_seed, "steps": t.steps, "batch_size": t.batch_size, "accum_steps": t.accum_steps,
-            "lr": t.lr, "weight_decay": t.weight_decay, "warmup_steps": t.warmup_steps, "amp": t.amp,
-            "box_jitter": t.box_jitter, "loss": json.dumps(asdict(t.loss), sort_keys=True)}
+    """Everything that determines one (seed, mode) run's result: ``--resume`` refuses a
+    checkpoint or a finished run whose signature differs."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_SIGNATURE}
+    settings.update({f"train.{k}": v for k, v in asdict(cfg.train).items() if k not in TRAIN_NOT_IN_SIGNATURE})
+    settings.update(base=base, mode=mode, seed=seed)
+    return {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+            for k, v in plain_config(settings).items()}
 
 
 def param_line(report) -> str:
@@ -115,24 +147,36 @@ def run_one(cfg: ExperimentConfig, ctx: DistContext, mode: str, seed: int, base:
     train_raw, val_raw, tests_raw = data
     run_dir = Path(cfg.out) / "runs" / f"seed{seed}" / mode
     done_file = run_dir / "metrics.json"
+    signature = run_signature(cfg, mode, seed, base)
     if cfg.resume and done_file.exists():
+        finished = json.loads(done_file.read_text())
+        check_signature(finished.get("signature", {}), signature, done_file)
         say(ctx, f"[seed {seed}] {mode}: finished earlier, reusing {done_file}")
-        return json.loads(done_file.read_text())
+        return finished
     torch.manual_seed(seed)  # LoRA A matrices and anything else initialised below
-    sam = build_sam(cfg.model, base, init_seed=seed)
-    decoder_trains = mode in ("decoder", "full") or (mode.startswith("lora") and cfg.train_decoder)
+    sam = build_sam(cfg.model, base, init_seed=seed, input_size=cfg.input_size)
+    if cfg.grad_checkpointing:
+        enable_gradient_checkpointing(sam)
+    # the IoU head learns the achieved IoU wherever the decoder trains (lora-all: through its adapters)
+    decoder_trains = mode in ("decoder", "full", "lora-all") or (mode.startswith("lora") and cfg.train_decoder)
     report = configure_mode(sam, mode, cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.train_decoder, cfg.backend)
+    if ctx.is_main:
+        write_json(run_dir / RUN_FILE, run_description(cfg, model_input_size(cfg.model, cfg.input_size), mode, seed,
+                                                      base, signature))
     label = mode + ("+decoder" if mode.startswith("lora") and cfg.train_decoder else "")
     say(ctx, f"[seed {seed}] {label}: {report if mode.startswith('lora') else param_line(report)}")
     model = BoxPromptSam(sam).to(ctx.device)
     img_size = model.img_size
     result = {"mode": label, "seed": seed, "trainable_params": report.trainable_params,
-              "total_params": report.total_params, "trainable_percent": report.trainable_percent, "tests": {}}
+              "total_params": report.total_params, "trainable_percent": report.trainable_percent, "tests": {},
+              "signature": signature, "eval_step": None}
+
+    def prompted(ds):
+        return PromptedSegmentation(ds, img_size, preprocess=cfg.preprocess)
+
     if mode != "vanilla":
-        summary = train(model, PromptedSegmentation(train_raw, img_size),
-                        PromptedSegmentation(val_raw, img_size) if val_raw is not None else None,
-                        replace(cfg.train, seed=seed), run_dir, ctx, run_signature(cfg, mode, seed, base),
-                        resume=cfg.resume,
+        summary = train(model, prompted(train_raw), prompted(val_raw) if val_raw is not None else None,
+                        replace(cfg.train, seed=seed), run_dir, ctx, signature, resume=cfg.resume,
                         decoder_trains=decoder_trains, desc=f"{label} seed {seed}")
         result["train"] = summary
         if not summary["finished"]:
@@ -143,7 +187,15 @@ def run_one(cfg: ExperimentConfig, ctx: DistContext, mode: str, seed: int, base:
             say(ctx, f"[seed {seed}] {label}: training had finished at step {summary['stopped_at']}; evaluating")
         else:
             say(ctx, f"[seed {seed}] {label}: trained {summary['stopped_at'] - summary['start_step']} steps in "
-                     f"{summary['seconds']:.0f}s, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}")
+                     f"{summary['seconds']:.0f}s, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
+                     + (" (early stop: validation Dice stopped improving)" if summary["early_stopped"] else ""))
+        result["eval_step"], result["eval_val_dice"] = summary["stopped_at"], None
+        best = ckpt.best_checkpoint(run_dir)
+        if best is not None:  # evaluate the weights with the best validation Dice, not the last ones
+            ckpt.load_model_weights(best[0], sam)
+            result["eval_step"], result["eval_val_dice"] = best[1]["step"], best[1]["val_dice"]
+            say(ctx, f"[seed {seed}] {label}: evaluating the best validation checkpoint, step {best[1]['step']} "
+                     f"(val Dice {best[1]['val_dice']:.3f}; last step {summary['stopped_at']})")
     vanilla_key = (cfg.model, base) if base is not None else None  # random init depends on the seed
     if mode == "vanilla" and vanilla_key in vanilla_cache:
         result["tests"] = vanilla_cache[vanilla_key]
@@ -151,7 +203,7 @@ def run_one(cfg: ExperimentConfig, ctx: DistContext, mode: str, seed: int, base:
         amp_dtype = resolve_amp(cfg.train.amp, ctx.device)
         for name, ds in tests_raw.items():
             overlays = Path(cfg.out) / "overlays" / label / name if seed == cfg.seeds[0] else None
-            metrics = evaluate(model, PromptedSegmentation(ds, img_size), ctx, cfg.train.eval_batch_size, amp_dtype,
+            metrics = evaluate(model, prompted(ds), ctx, cfg.train.eval_batch_size, amp_dtype,
                                desc=f"eval {name}", overlay_dir=overlays, num_overlays=cfg.num_overlays)
             result["tests"][name] = metrics
         if mode == "vanilla" and vanilla_key is not None:

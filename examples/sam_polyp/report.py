@@ -45,7 +45,8 @@ def summarise(runs: list[dict], test_names: list[str]) -> list[dict]:
         overall = [sum(run["tests"][t]["dice"] for t in test_names) / len(test_names) for run in mine]
         row = {"mode": mode, "seeds": [run["seed"] for run in mine], "dice_mean": mean_std(overall)[0],
                "dice_std": mean_std(overall)[1], "trainable_params": mine[0]["trainable_params"],
-               "trainable_percent": mine[0]["trainable_percent"], "tests": {}}
+               "trainable_percent": mine[0]["trainable_percent"], "tests": {},
+               "eval_steps": [run.get("eval_step") for run in mine]}
         for t in test_names:
             dice = mean_std([run["tests"][t]["dice"] for run in mine])
             iou = mean_std([run["tests"][t]["iou"] for run in mine])
@@ -55,10 +56,15 @@ def summarise(runs: list[dict], test_names: list[str]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict], test_names: list[str]) -> str:
-    header = ["mode", "trainable params (%)", "mean Dice ± std over seeds"] + [f"{t} Dice / IoU" for t in test_names]
+    """One row per mode; "evaluated step" is the checkpoint each seed was scored at (the best
+    validation Dice; "—" for an untrained mode)."""
+    header = ["mode", "trainable params (%)", "evaluated step", "mean Dice ± std over seeds"] + \
+        [f"{t} Dice / IoU" for t in test_names]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
+        steps = [s for s in row.get("eval_steps", []) if s is not None]
         cells = [row["mode"], f"{row['trainable_params']:,} ({row['trainable_percent']:.2f}%)",
+                 ", ".join(map(str, steps)) or "—",
                  f"{row['dice_mean']:.3f} ± {row['dice_std']:.3f} (n={len(row['seeds'])})"]
         cells += [f"{row['tests'][t]['dice']:.3f} / {row['tests'][t]['iou']:.3f}" for t in test_names]
         lines.append("| " + " | ".join(cells) + " |")
@@ -105,3 +111,37 @@ def save_overlay(path: Path, image: np.ndarray, gt: np.ndarray, pred: np.ndarray
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _edge(mask: np.ndarray) -> np.ndarray:
+    """The mask's one-pixel boundary (pixels with a 4-neighbour outside the mask)."""
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def overlay_image(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None,
+                  box: np.ndarray | None = None) -> np.ndarray:
+    """uint8 RGB: the prediction tinted red, the ground truth's outline green, the box prompt
+    yellow — one picture per image, at the image's size."""
+    shown = image.astype(np.float32)
+    pred = pred.astype(bool)
+    shown[pred] = 0.55 * shown[pred] + 0.45 * np.array([255.0, 0.0, 0.0])
+    thick = max(1, round(max(image.shape[:2]) / 300))  # lines stay visible on large frames
+    if truth is not None:
+        edge = _edge(truth.astype(bool))
+        for _ in range(thick - 1):
+            edge = edge | np.roll(edge, 1, 0) | np.roll(edge, 1, 1)
+        shown[edge] = (0.0, 255.0, 0.0)
+    if box is not None:
+        h, w = image.shape[:2]
+        x0, y0, x1, y1 = (int(round(v)) for v in np.clip(box, 0, [w - 1, h - 1, w - 1, h - 1]))
+        yellow = (255.0, 220.0, 0.0)
+        shown[y0 : y0 + thick, x0 : x1 + 1] = yellow
+        shown[max(y1 - thick + 1, 0) : y1 + 1, x0 : x1 + 1] = yellow
+        shown[y0 : y1 + 1, x0 : x0 + thick] = yellow
+        shown[y0 : y1 + 1, max(x1 - thick + 1, 0) : x1 + 1] = yellow
+    return np.clip(shown, 0, 255).astype(np.uint8)

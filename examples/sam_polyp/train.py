@@ -45,6 +45,8 @@ class TrainConfig:
     num_workers: int = 0
     eval_batch_size: int = 8
     stop_after: int | None = None  # stop (with a checkpoint) after this step, as if interrupted
+    # Stop when validation Dice has not improved for this many evaluations (0: never).
+    early_stop_patience: int = 0
     loss: LossWeights = field(default_factory=LossWeights)
 
 
@@ -123,6 +125,25 @@ class MicroBatchPlan:
         return self.stop - self.start
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training diverged (NaN/inf loss or gradients); the last good checkpoint is kept."""
+
+
+def _check_finite(loss: float, grad_norm: float, step: int, scaled_fp16: bool, run_dir: Path) -> None:
+    # Under fp16 the grad scaler skips steps with inf gradients by design; the loss still counts.
+    bad = "loss" if not math.isfinite(loss) else "gradient norm" if not (scaled_fp16 or math.isfinite(grad_norm)) else None
+    if bad is None:
+        return
+    _diverged(f"the {bad} is {loss if bad == 'loss' else grad_norm}", step, run_dir)
+
+
+def _diverged(what: str, step: int, run_dir: Path) -> None:
+    kept = ckpt.latest_checkpoint_or_none(run_dir)
+    raise NonFiniteLossError(
+        f"training diverged at step {step}: {what} (learning rate too high? try a lower --lr or --clip-grad); "
+        + (f"the last good checkpoint is kept: {kept}" if kept else "no checkpoint was written before it"))
+
+
 class TrainLog:
     """CSV rows on rank 0 (appended on resume), mirrored to TensorBoard when it is installed."""
 
@@ -183,13 +204,17 @@ def train(model: BoxPromptSam, train_set: PromptedSegmentation, val_set: Prompte
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by --accum-steps {cfg.accum_steps} "
                          f"x {ctx.world_size} processes")
     start_step, state = 0, None
+    best = {"step": None, "val_dice": -math.inf, "evals_since": 0}
     if resume:
-        directory = ckpt.latest_checkpoint(run_dir)
+        directory = ckpt.resume_checkpoint(run_dir, sam, log=lambda *a: print(*a, flush=True) if ctx.is_main else None)
         if directory is not None:
             state = ckpt.load_training_state(directory)
             ckpt.check_signature(state["signature"], signature, directory)
             ckpt.load_model_weights(directory, sam)  # before the optimizer: LoRA params are replaced
             start_step = int(state["step"])
+            best = dict(state.get("best", best))
+    if ctx.is_main:
+        ckpt.discard_stale(run_dir, best if state is not None else None, log=print)
 
     named = [(n, p) for n, p in sam.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -210,6 +235,9 @@ def train(model: BoxPromptSam, train_set: PromptedSegmentation, val_set: Prompte
     loss_fn = SegmentationLoss(cfg.loss)
     img_size = model.img_size
     stop = min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps
+    stopped_early_before = state is not None and bool(state.get("early_stopped"))
+    if stopped_early_before:  # resuming a run that had stopped early: it is finished
+        stop = start_step
     plan = MicroBatchPlan(len(train_set), micro, ctx.world_size, ctx.rank, cfg.seed,
                           start_step * cfg.accum_steps, stop * cfg.accum_steps)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=plan, collate_fn=collate,
@@ -221,6 +249,7 @@ def train(model: BoxPromptSam, train_set: PromptedSegmentation, val_set: Prompte
     first_loss = last_loss = None
     progress = tqdm(range(start_step, stop), desc=desc, initial=start_step, total=stop,
                     disable=not show_progress(ctx), leave=False)
+    early_stopped = False
     for step in progress:
         sums = torch.zeros(5, dtype=torch.float64)  # loss, dice, focal, boundary, iou
         for micro_step in range(cfg.accum_steps):
@@ -241,13 +270,14 @@ def train(model: BoxPromptSam, train_set: PromptedSegmentation, val_set: Prompte
                                   parts.get("iou", 0.0)], dtype=torch.float64) / cfg.accum_steps
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+        sums = all_reduce_sum(ctx, sums) / ctx.world_size  # every rank sees the same loss: all stop together
+        _check_finite(float(sums[0]), float(grad_norm), step + 1, scaler.is_enabled(), run_dir)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         lr = cfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # the base LR, whatever the group scales
         scheduler.step()
         done = step + 1
-        sums = all_reduce_sum(ctx, sums) / ctx.world_size
         last_loss = float(sums[0])
         first_loss = last_loss if first_loss is None else first_loss
         progress.set_postfix(loss=f"{last_loss:.4f}")
@@ -256,24 +286,42 @@ def train(model: BoxPromptSam, train_set: PromptedSegmentation, val_set: Prompte
             row = {"step": done, "epoch": plan.epoch_of(done * cfg.accum_steps - 1), "lr": lr, "loss": last_loss,
                    "dice": float(sums[1]), "focal": float(sums[2]), "boundary": float(sums[3]),
                    "iou": float(sums[4]), "grad_norm": float(grad_norm), "seconds": time.time() - started}
-        if val_set is not None and cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == stop):
+        # Validation at fixed steps only, never at an interruption (--stop-after): an interrupted and
+        # resumed run must pick the same best checkpoint as a straight one.
+        if val_set is not None and (done == cfg.steps or (cfg.eval_every > 0 and done % cfg.eval_every == 0)):
             metrics = evaluate(model, val_set, ctx, cfg.eval_batch_size, amp_dtype, desc="val")
             row = row or {"step": done, "epoch": plan.epoch_of(done * cfg.accum_steps - 1), "lr": lr,
                           "loss": last_loss, "seconds": time.time() - started}
             row.update(val_dice=metrics["dice"], val_iou=metrics["iou"])
+            if metrics["dice"] > best["val_dice"]:
+                best = {"step": done, "val_dice": metrics["dice"], "evals_since": 0}
+                if ctx.is_main:
+                    ckpt.save_best(run_dir, done, metrics["dice"], sam)
+            else:
+                best["evals_since"] += 1
+                early_stopped = 0 < cfg.early_stop_patience <= best["evals_since"]
         if row is not None:
             log.write(row)
-        if done == stop or (cfg.save_every > 0 and done % cfg.save_every == 0):
+        if done == stop or early_stopped or (cfg.save_every > 0 and done % cfg.save_every == 0):
             if ctx.is_main:
+                if not all(bool(torch.isfinite(p).all()) for p in params):  # never save a diverged model
+                    _diverged("the trained parameters are not finite (not saved)", done, run_dir)
                 ckpt.save_checkpoint(run_dir, done, sam, {
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "signature": signature, "config": plain_config(asdict(cfg)),
+                    "best": best, "early_stopped": early_stopped,
                 }, cfg.keep_checkpoints)
             if ctx.enabled:
                 torch.distributed.barrier()
+        if early_stopped:
+            stop = done
+            break
     progress.close()
     log.close()
-    return {"start_step": start_step, "stopped_at": stop, "finished": stop >= cfg.steps,
+    early_stopped = early_stopped or stopped_early_before
+    return {"start_step": start_step, "stopped_at": stop, "finished": stop >= cfg.steps or early_stopped,
+            "early_stopped": early_stopped, "best_step": best["step"],
+            "best_val_dice": best["val_dice"] if best["step"] is not None else None,
             "first_loss": first_loss, "last_loss": last_loss, "seconds": time.time() - started}
 
 
