@@ -69,7 +69,7 @@ inline int64_t reduction_splits(int64_t M) {
 constexpr int64_t kMaxTensorCoreRank = 64;
 constexpr int64_t kGpassRows = 64, kGpassCols = 64, kDaRows = 32, kDaCols = 128;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+LORA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline int64_t rank_pad(int64_t columns) { return columns <= 16 ? 16 : (columns <= 32 ? 32 : 64); }
 

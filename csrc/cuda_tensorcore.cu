@@ -5,10 +5,12 @@
 // padded by 8 elements (16 bytes), which keeps every fragment pointer 32-byte aligned as
 // WMMA requires and spreads rows over the banks.
 //
-// Forward: y = [x | s·xa]·[W | B]ᵀ + b. While a tile of x sits in shared memory for
+// Forward: y = x·Wᵀ + b + s·(xa·Bᵀ). While a tile of x sits in shared memory for
 // x·Wᵀ, the same tile (masked, when dropout is on) also feeds xa += x~·Aᵀ; after the K
-// loop, xa (rounded to the input dtype after scaling, as the reference does) and a tile
-// of B form one more reduction step of the same accumulators.
+// loop, xa rounded to the input dtype *unscaled* and a tile of B form one more
+// reduction step into a temporary accumulator, which joins the main one as s·tmp (the
+// reference's rounding order: s never touches a rounded operand, so nothing overflows
+// where PEFT's order would not).
 //
 // g-pass: one read of g gives gb = g·B (per row, over all of N) and the partial sums of
 // dB = gᵀ·xa (and db = Σ g, as a ones column appended to xa) for the block's rows; blocks
@@ -16,7 +18,8 @@
 //
 // dA = s·gbᵀ·x~: blocks own column tiles of x and fixed row slices, partials likewise.
 //
-// dx: the LoRA part s·gb·A is computed first into the accumulators, masked through
+// dx: the LoRA part gb·A (gb rounded unscaled) is computed first into the accumulators,
+// scaled by s in fp32 and masked through
 // shared memory when dropout is on (WMMA's fragment layout is opaque, so elementwise
 // work goes through a per-warp 16×16 scratch), and the K loop of g·W then accumulates
 // on top of it.
@@ -268,14 +271,15 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<T> p
     }
   }
 
-  // The LoRA up-projection as extra reduction steps: acc += (s·xa)·Bᵀ, rank in chunks.
+  // The LoRA up-projection, rank in chunks: acc += s·(round(xa)·Bᵀ), the product in a
+  // temporary fp32 accumulator (same fragment type as acc, hence the same element map).
   for (int64_t r0 = 0; r0 < p.r; r0 += kRankChunk) {
     for (int e = tid; e < kBM * kRankChunk; e += kThreads) {
       const int rr = e / kRankChunk, j = e % kRankChunk;
       const int64_t m = m0 + rr, rank = r0 + j;
       float v = 0.f;
       if (m < p.M && rank < p.r) v = kRankPad > 0 ? xa32[rr * S::kLdXa + j] : p.xa[m * p.r + rank];
-      xa_t[rr * S::kLdR + j] = narrow<T, float>(p.scaling * v);
+      xa_t[rr * S::kLdR + j] = narrow<T, float>(v);
     }
     for (int e = tid; e < kBN * kRankChunk; e += kThreads) {
       const int nn = e / kRankChunk, j = e % kRankChunk;
@@ -284,18 +288,21 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<T> p
     }
     __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < kRankChunk; kk += 16) {
-      FragA<T> a[kFragsM];
-#pragma unroll
-      for (int i = 0; i < kFragsM; ++i) {
-        wmma::load_matrix_sync(a[i], xa_t + (wm * kWarpM + i * 16) * S::kLdR + kk, S::kLdR);
-      }
+    for (int i = 0; i < kFragsM; ++i) {
 #pragma unroll
       for (int j = 0; j < kFragsN; ++j) {
-        FragB<T, wmma::col_major> b;  // element (rank, n) at b_t[n * kLdR + rank]
-        wmma::load_matrix_sync(b, b_t + (wn * kWarpN + j * 16) * S::kLdR + kk, S::kLdR);
+        FragAcc lora;
+        wmma::fill_fragment(lora, 0.f);
 #pragma unroll
-        for (int i = 0; i < kFragsM; ++i) wmma::mma_sync(acc[i][j], a[i], b, acc[i][j]);
+        for (int kk = 0; kk < kRankChunk; kk += 16) {
+          FragA<T> a;
+          wmma::load_matrix_sync(a, xa_t + (wm * kWarpM + i * 16) * S::kLdR + kk, S::kLdR);
+          FragB<T, wmma::col_major> b;  // element (rank, n) at b_t[n * kLdR + rank]
+          wmma::load_matrix_sync(b, b_t + (wn * kWarpN + j * 16) * S::kLdR + kk, S::kLdR);
+          wmma::mma_sync(lora, a, b, lora);
+        }
+#pragma unroll
+        for (int t = 0; t < lora.num_elements; ++t) acc[i][j].x[t] += p.scaling * lora.x[t];
       }
     }
     __syncthreads();  // before the next chunk overwrites xa_t / b_t
@@ -367,13 +374,14 @@ __global__ void __launch_bounds__(kThreads, 1) dx_kernel(DxParams<T> p) {
 #pragma unroll
     for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
-  // LoRA part: acc = (s·gb)·A, rank in chunks of kDxRankChunk.
+  // LoRA part: acc = round(gb)·A, rank in chunks of kDxRankChunk; s (and the mask)
+  // multiply the fp32 sum below, never the rounded gb (which would overflow at large s).
   for (int64_t r0 = 0; r0 < p.r; r0 += kDxRankChunk) {
     for (int e = tid; e < kBM * kDxRankChunk; e += kThreads) {
       const int rr = e / kDxRankChunk, j = e % kDxRankChunk;
       const int64_t m = m0 + rr, rank = r0 + j;
       const float v = (m < p.M && rank < p.r) ? p.gb[m * p.r + rank] : 0.f;
-      gb_t[rr * S::kLdR + j] = narrow<T, float>(p.scaling * v);
+      gb_t[rr * S::kLdR + j] = narrow<T, float>(v);
     }
     for (int e = tid; e < kDxRankChunk * kBN; e += kThreads) {
       const int j = e / kBN, cc = e % kBN;
@@ -398,8 +406,15 @@ __global__ void __launch_bounds__(kThreads, 1) dx_kernel(DxParams<T> p) {
     }
     __syncthreads();
   }
-  if (p.drop.enabled) {
-    // The mask multiplies the LoRA part only, so it is applied before g·W joins in.
+  if (!p.drop.enabled) {
+#pragma unroll
+    for (int i = 0; i < kFragsM; ++i)
+#pragma unroll
+      for (int j = 0; j < kFragsN; ++j)
+#pragma unroll
+        for (int t = 0; t < acc[i][j].num_elements; ++t) acc[i][j].x[t] *= p.scaling;
+  } else {
+    // s and the mask multiply the LoRA part only, so they apply before g·W joins in.
 #pragma unroll
     for (int i = 0; i < kFragsM; ++i)
 #pragma unroll
@@ -411,7 +426,7 @@ __global__ void __launch_bounds__(kThreads, 1) dx_kernel(DxParams<T> p) {
           const int64_t c = c0 + wn * kWarpN + j * 16 + e % 16;
           const float factor =
               (m < p.M && c < p.K) ? dropout_factor<float>(p.drop, static_cast<uint64_t>(m * p.K + c)) : 0.f;
-          scratch[e] *= factor;
+          scratch[e] *= p.scaling * factor;
         }
         __syncwarp();
         wmma::load_matrix_sync(acc[i][j], scratch, 16, wmma::mem_row_major);
@@ -479,7 +494,7 @@ struct GpassSmem {
 
 // Steps through (row tile, N tile) pairs of the block's rows, g tiles double-buffered.
 template <class T, int kRankPad>
-__global__ void __launch_bounds__(kGThreads) gpass_kernel(GpassParams<T> p) {
+__global__ void __launch_bounds__(kGThreads, 1) gpass_kernel(GpassParams<T> p) {
   using S = GpassSmem<T, kRankPad>;
   constexpr int kRankFrags = kRankPad / 16;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -721,20 +736,9 @@ __global__ void dA_reduce_kernel(const float* partials, int64_t splits, int64_t 
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-template <class Kernel, class Params>
-cudaError_t launch(Kernel kernel, const Params& params, int64_t grid_x, int64_t grid_y, size_t smem_bytes,
-                   cudaStream_t stream, int threads = kThreads) {
-  if (grid_x == 0 || grid_y == 0) return cudaSuccess;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem_bytes));
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
-  kernel<<<grid, threads, smem_bytes, stream>>>(params);
-  return cudaGetLastError();
-}
-
 template <class T, int kRankPad>
 cudaError_t forward_t(const ForwardArgs& a, cudaStream_t stream) {
+  static_assert(ForwardSmem<T, kRankPad>::bytes <= kMaxDynamicSmem, "shared-memory plan exceeds sm_86/sm_89's 99 KB per block");
   ForwardParams<T> p;
   p.x = static_cast<const T*>(a.x);
   p.ldx = a.ldx;
@@ -748,8 +752,8 @@ cudaError_t forward_t(const ForwardArgs& a, cudaStream_t stream) {
   p.scaling = static_cast<float>(a.scaling);
   p.drop = a.dropout;
   p.vec = a.K % 8 == 0 && a.ldx % 8 == 0 && aligned16(a.x) && aligned16(a.weight) && aligned16(a.lora_A);
-  return launch(forward_kernel<T, kRankPad>, p, (a.M + kBM - 1) / kBM, (a.N + kBN - 1) / kBN,
-                ForwardSmem<T, kRankPad>::bytes, stream);
+  return launch<forward_kernel<T, kRankPad>>(p, (a.M + kBM - 1) / kBM, (a.N + kBN - 1) / kBN,
+                ForwardSmem<T, kRankPad>::bytes, stream, kThreads);
 }
 
 template <class T>
@@ -762,6 +766,7 @@ cudaError_t forward_by_rank(const ForwardArgs& a, cudaStream_t stream) {
 
 template <class T>
 cudaError_t dx_t(const BackwardArgs& a, cudaStream_t stream) {
+  static_assert(DxSmem<T>::bytes <= kMaxDynamicSmem, "shared-memory plan exceeds sm_86/sm_89's 99 KB per block");
   DxParams<T> p;
   p.grad_y = static_cast<const T*>(a.grad_y);
   p.ldg = a.ldg;
@@ -773,12 +778,13 @@ cudaError_t dx_t(const BackwardArgs& a, cudaStream_t stream) {
   p.scaling = static_cast<float>(a.scaling);
   p.drop = a.dropout;
   p.vec = a.N % 8 == 0 && a.ldg % 8 == 0 && a.K % 8 == 0 && aligned16(a.grad_y) && aligned16(a.weight);
-  return launch(dx_kernel<T>, p, (a.M + kBM - 1) / kBM, (a.K + kBN - 1) / kBN, DxSmem<T>::bytes, stream);
+  return launch<dx_kernel<T>>(p, (a.M + kBM - 1) / kBM, (a.K + kBN - 1) / kBN, DxSmem<T>::bytes, stream, kThreads);
 }
 
 
 template <class T, int kRankPad>
 cudaError_t gpass_t(const BackwardArgs& a, cudaStream_t stream) {
+  static_assert(GpassSmem<T, kRankPad>::bytes <= kMaxDynamicSmem, "shared-memory plan exceeds sm_86/sm_89's 99 KB per block");
   GpassParams<T> p;
   p.grad_y = static_cast<const T*>(a.grad_y);
   p.ldg = a.ldg;
@@ -792,7 +798,7 @@ cudaError_t gpass_t(const BackwardArgs& a, cudaStream_t stream) {
   p.with_db = a.db != nullptr;
   p.vec = a.N % 8 == 0 && a.ldg % 8 == 0 && aligned16(a.grad_y);
   const int64_t blocks = gpass_blocks(a.M);
-  cudaError_t err = launch(gpass_kernel<T, kRankPad>, p, blocks, 1, GpassSmem<T, kRankPad>::bytes, stream, kGThreads);
+  cudaError_t err = launch<gpass_kernel<T, kRankPad>>(p, blocks, 1, GpassSmem<T, kRankPad>::bytes, stream, kGThreads);
   if (err != cudaSuccess) return err;
   const int64_t count = a.N * (a.r + (p.with_db ? 1 : 0));
   gpass_reduce_kernel<T><<<reduce_blocks(count), 256, 0, stream>>>(p.partials, blocks, a.N, p.n_pad, a.r, kRankPad,
@@ -812,6 +818,7 @@ cudaError_t gpass_by_rank(const BackwardArgs& a, cudaStream_t stream) {
 
 template <class T, int kRankPad>
 cudaError_t dA_t(const BackwardArgs& a, cudaStream_t stream) {
+  static_assert(DaSmem<T, kRankPad>::bytes <= kMaxDynamicSmem, "shared-memory plan exceeds sm_86/sm_89's 99 KB per block");
   const int64_t splits = reduction_splits(a.M);
   DaParams<T> p;
   p.x = static_cast<const T*>(a.x);
@@ -823,8 +830,8 @@ cudaError_t dA_t(const BackwardArgs& a, cudaStream_t stream) {
   p.rows_per_split = ceil_div(ceil_div(a.M, splits), kDaRows) * kDaRows;
   p.drop = a.dropout;
   p.vec = a.K % 8 == 0 && a.ldx % 8 == 0 && aligned16(a.x);
-  cudaError_t err = launch(dA_kernel<T, kRankPad>, p, ceil_div(a.K, kDaCols), splits, DaSmem<T, kRankPad>::bytes,
-                           stream);
+  cudaError_t err = launch<dA_kernel<T, kRankPad>>(p, ceil_div(a.K, kDaCols), splits, DaSmem<T, kRankPad>::bytes,
+                           stream, kThreads);
   if (err != cudaSuccess || a.K == 0) return err;
   dA_reduce_kernel<T><<<reduce_blocks(a.r * a.K), 256, 0, stream>>>(p.partials, splits, a.K, p.k_pad, a.r, kRankPad,
                                                                     static_cast<float>(a.scaling),

@@ -290,6 +290,35 @@ def test_built_with_cuda_when_a_toolkit_is_present():
     )
 
 
+def _setup_function(name):
+    """A function of setup.py, without running setup() (which importing setup.py would)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
+    tree = ast.parse(source)
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == name]
+    namespace = {"re": re}
+    exec(compile(ast.Module(body=functions, type_ignores=[]), "setup.py", "exec"), namespace)
+    return namespace[name]
+
+
+def test_cuda_arch_flags_build_one_architecture_or_several():
+    """LORA_FUSED_CUDA_ARCHS="9.0a" (what the GPU check passes on an H100/H200) builds sm_90a only."""
+    flags = _setup_function("cuda_arch_flags")
+    assert flags("9.0a") == ["-gencode=arch=compute_90a,code=sm_90a"]
+    assert flags("8.0+PTX;9.0a") == [
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_80,code=compute_80",
+        "-gencode=arch=compute_90a,code=sm_90a",
+    ]
+    assert flags("sm_86 89") == ["-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_89,code=sm_89"]
+    with pytest.raises(ValueError, match="no CUDA architecture sm_80 or newer"):
+        flags("7.5")
+    with pytest.raises(ValueError, match="cannot parse CUDA architecture 'hopper'"):
+        flags("hopper")
+
+
 # ---- CUDA kernels (GPU only) ---------------------------------------------------------
 
 requires_cuda_kernels = pytest.mark.skipif(
