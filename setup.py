@@ -14,6 +14,11 @@ Environment knobs:
                                sm_89; sm_90a is Hopper's arch-specific target; "+PTX" adds
                                PTX that later GPUs can JIT.
     MAX_JOBS                   parallel compile jobs (read by torch's ninja build)
+    CUTLASS_PATH               a CUTLASS checkout (its include/ holds cute/ and cutlass/);
+                               by default the headers of the nvidia-cutlass wheel
+                               (requirements-dev.txt) under cutlass_library/source/include.
+                               The CUDA kernels need them; the build stops with a message
+                               saying so when they are missing.
 
 Build time of the extension (measured 2026-12-01, `make build` after `rm
 .venv/.extension-built`, which recompiles everything, MAX_JOBS=2 on the shared 2-core
@@ -37,7 +42,7 @@ ROOT = Path(__file__).parent.resolve()
 DEFAULT_ARCHS = "8.0+PTX;9.0a"
 NVCC_KEEP_DIR = ROOT / "build" / "nvcc"  # nvcc intermediates, read by tests/test_cuda_ptxas.py
 CPU_SOURCES = ["csrc/module.cpp", "csrc/checks.cpp", "csrc/cpu_ops.cpp"]
-CUDA_SOURCES = ["csrc/cuda_ops.cpp", "csrc/cuda_simt.cu", "csrc/cuda_tensorcore.cu"]
+CUDA_SOURCES = ["csrc/cuda_ops.cpp", "csrc/cuda_simt.cu", "csrc/cuda_sm80.cu", "csrc/cuda_tensorcore.cu"]
 
 
 def _env_flag(name: str) -> bool:
@@ -75,6 +80,27 @@ def _cuda_reason_to_skip(torch_module, cuda_home) -> str | None:
     return None
 
 
+def cutlass_include_dir() -> Path:
+    """The directory holding cute/ and cutlass/ headers: $CUTLASS_PATH/include, else the
+    nvidia-cutlass wheel's copy. Raises with the fix when neither exists."""
+    import importlib.util
+
+    candidates = []
+    if os.environ.get("CUTLASS_PATH"):
+        candidates.append(Path(os.environ["CUTLASS_PATH"]) / "include")
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.origin is not None:
+        candidates.append(Path(spec.origin).parent / "source" / "include")
+    for include in candidates:
+        if (include / "cute" / "tensor.hpp").is_file():
+            return include
+    looked = ", ".join(str(c) for c in candidates) or "nowhere (no CUTLASS_PATH, no cutlass_library module)"
+    raise RuntimeError(
+        "lora_fused: the CUDA kernels need the CUTLASS/CuTe headers (cute/tensor.hpp), looked in " + looked +
+        ". Install them with `pip install nvidia-cutlass==4.2.0.0` (requirements-dev.txt), point CUTLASS_PATH at a "
+        "CUTLASS checkout, or build without CUDA: LORA_FUSED_SKIP_CUDA=1")
+
+
 def _locate_cuda_home() -> None:
     """Point CUDA_HOME at a toolkit with headers before torch guesses it.
 
@@ -109,12 +135,18 @@ def extensions_and_cmdclass():
     if skip_reason is None:
         archs = os.environ.get("LORA_FUSED_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
         NVCC_KEEP_DIR.mkdir(parents=True, exist_ok=True)
+        cutlass = cutlass_include_dir()
+        # CuTe needs relaxed constexpr and cutlass's half/bfloat16 operators, which torch's
+        # default -D__CUDA_NO_HALF_OPERATORS__ (and friends) would hide.
         nvcc_flags = ["-O3", "-lineinfo", "-DLORA_FUSED_WITH_CUDA=1", *cuda_arch_flags(archs),
-                      "--keep", f"--keep-dir={NVCC_KEEP_DIR}"]
-        print(f"lora_fused: building CPU and CUDA kernels (archs {archs}, CUDA_HOME {CUDA_HOME})")
+                      "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                      "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                      "-U__CUDA_NO_HALF2_OPERATORS__", "--keep", f"--keep-dir={NVCC_KEEP_DIR}"]
+        print(f"lora_fused: building CPU and CUDA kernels (archs {archs}, CUDA_HOME {CUDA_HOME}, CUTLASS {cutlass})")
         extension = CUDAExtension(
             "lora_fused._C",
             CPU_SOURCES + CUDA_SOURCES,
+            include_dirs=[str(cutlass)],
             extra_compile_args={"cxx": cxx_flags + ["-DLORA_FUSED_WITH_CUDA=1"], "nvcc": nvcc_flags},
         )
     else:

@@ -50,6 +50,14 @@ __device__ __forceinline__ Acc dropout_factor(const DropoutSpec& spec, uint64_t 
   return keep_element(spec.seed, spec.threshold, idx) ? static_cast<Acc>(spec.scale) : Acc(0);
 }
 
+// A 16-byte cp.async global -> shared; src_bytes < 16 zero-fills the rest, so
+// out-of-range chunks pass 0 and read nothing.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(gmem), "r"(src_bytes)
+               : "memory");
+}
+
 // Opts kKernel into `smem_bytes` of dynamic shared memory once per device (the attribute
 // belongs to the function on the current device; the bytes are fixed per instantiation).
 template <auto kKernel>

@@ -19,6 +19,7 @@ from lora_fused import extension, reference
 from lora_fused.backends import BackendUnavailableError
 from lora_fused.dropout import keep_mask
 from parity import assert_parity, make_inputs, reference_outputs
+from setup_py import function_of_setup_py
 from conftest import requires_cuda
 
 try:
@@ -290,23 +291,9 @@ def test_built_with_cuda_when_a_toolkit_is_present():
     )
 
 
-def _setup_function(name):
-    """A function of setup.py, without running setup() (which importing setup.py would)."""
-    import ast
-    import re
-    from pathlib import Path
-
-    source = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
-    tree = ast.parse(source)
-    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == name]
-    namespace = {"re": re}
-    exec(compile(ast.Module(body=functions, type_ignores=[]), "setup.py", "exec"), namespace)
-    return namespace[name]
-
-
 def test_cuda_arch_flags_build_one_architecture_or_several():
     """LORA_FUSED_CUDA_ARCHS="9.0a" (what the GPU check passes on an H100/H200) builds sm_90a only."""
-    flags = _setup_function("cuda_arch_flags")
+    flags = function_of_setup_py("cuda_arch_flags")
     assert flags("9.0a") == ["-gencode=arch=compute_90a,code=sm_90a"]
     assert flags("8.0+PTX;9.0a") == [
         "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_80,code=compute_80",

@@ -49,21 +49,23 @@ def _parity_of(got, inputs, scaling, dropout_p, seed, grad_y, names=OUTPUT_NAMES
 
 # ---- one parity case per kernel instantiation -----------------------------------------
 #
-# cuda_tensorcore.cu (fp16, bf16): forward_kernel<T, 16 | 32 | 64 | 0> (rank pad of the
-# fused xa, 0 = xa precomputed for r > 64), dx_kernel<T>, gpass_kernel<T, 16 | 32 | 64>
-# (pad of r + 1 with a bias, r without), dA_kernel<T, 16 | 32 | 64>, and their reduce
-# kernels. cuda_simt.cu (every dtype): xa (fp16/bf16 only for r > 64), forward, gb, dx,
-# dB/db (fp16/bf16 when r + bias > 64), dA (fp16/bf16 when r > 64). Each case names what
-# it reaches; dropout on, so the masked variants run too.
+# fp16/bf16: cuda_sm80.cu's forward_kernel<T> and dx_kernel<T> (one each, every rank: the
+# LoRA stage loops over 32-rank chunks; cp.async path when the contiguous extents are
+# multiples of 8, element loads otherwise; 16-byte stores when N (K for dx) is a multiple
+# of 8); cuda_tensorcore.cu's gpass_kernel<T, 16 | 32 | 64> (pad of r + 1 with a bias, r
+# without) and dA_kernel<T, 16 | 32 | 64>, and their reduce kernels; simt_xa (the
+# forward's pre-pass), and SIMT gb, dB/db and dA where the rank passes 64. fp32/fp64:
+# every product on SIMT. Each case names what it reaches; dropout on, so the masked
+# variants run too.
 INSTANTIATION_CASES = {
-    # (M, K, N, r, bias): instantiations reached in fp16/bf16
-    "fwd16-gpass16-dA16": (130, 72, 136, 15, False),
-    "fwd16-gpass32-dA16": (130, 72, 136, 16, True),
-    "fwd32-gpass32-dA32": (257, 40, 72, 31, True),
-    "fwd32-gpass64-dA32": (257, 40, 72, 32, True),
-    "fwd64-gpass64-dA64": (129, 136, 40, 64, False),
-    "fwd64-simt_dBdb-dA64": (129, 136, 40, 64, True),
-    "fwd0+simt_xa-simt_gb-simt_dA": (70, 48, 33, 65, True),
+    # (M, K, N, r, bias): what it reaches in fp16/bf16
+    "gpass16-dA16-vector-loads-and-stores": (130, 72, 136, 15, False),
+    "gpass32-dA16-element-loads-and-stores": (130, 70, 45, 16, True),
+    "gpass32-dA32": (257, 40, 72, 31, True),
+    "gpass64-dA64-2-rank-chunks": (257, 40, 72, 33, True),
+    "gpass64-dA64-2-full-rank-chunks": (129, 136, 40, 64, False),
+    "simt-dBdb-dA64": (129, 136, 40, 64, True),
+    "simt-gb-dBdb-dA-3-rank-chunks": (70, 48, 33, 65, True),
 }
 
 
