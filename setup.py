@@ -17,8 +17,9 @@ Environment knobs:
     CUTLASS_PATH               a CUTLASS checkout (its include/ holds cute/ and cutlass/);
                                by default the headers of the nvidia-cutlass wheel
                                (requirements-dev.txt) under cutlass_library/source/include.
-                               The CUDA kernels need them; the build stops with a message
-                               saying so when they are missing.
+                               The CUDA kernels need them: without them the build is CPU-only
+                               and says why, like a missing toolkit (and
+                               tests/test_cuda_ext.py fails where a toolkit is present).
 
 Build time of the extension (measured 2026-12-01, `make build` after `rm
 .venv/.extension-built`, which recompiles everything, MAX_JOBS=2 on the shared 2-core
@@ -77,12 +78,18 @@ def _cuda_reason_to_skip(torch_module, cuda_home) -> str | None:
         return f"torch {torch_module.__version__} is a CPU-only build"
     if cuda_home is None:
         return "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    if cutlass_include_dir() is None:
+        return CUTLASS_MISSING
     return None
 
 
-def cutlass_include_dir() -> Path:
-    """The directory holding cute/ and cutlass/ headers: $CUTLASS_PATH/include, else the
-    nvidia-cutlass wheel's copy. Raises with the fix when neither exists."""
+CUTLASS_MISSING = ("no CUTLASS/CuTe headers (cute/tensor.hpp): install them with `pip install "
+                   "nvidia-cutlass==4.2.0.0` (in requirements-dev.txt) or point CUTLASS_PATH at a CUTLASS checkout")
+
+
+def cutlass_include_dir() -> Path | None:
+    """The directory holding the cute/ and cutlass/ headers: $CUTLASS_PATH/include, else
+    the nvidia-cutlass wheel's copy; None when neither exists."""
     import importlib.util
 
     candidates = []
@@ -91,14 +98,7 @@ def cutlass_include_dir() -> Path:
     spec = importlib.util.find_spec("cutlass_library")
     if spec is not None and spec.origin is not None:
         candidates.append(Path(spec.origin).parent / "source" / "include")
-    for include in candidates:
-        if (include / "cute" / "tensor.hpp").is_file():
-            return include
-    looked = ", ".join(str(c) for c in candidates) or "nowhere (no CUTLASS_PATH, no cutlass_library module)"
-    raise RuntimeError(
-        "lora_fused: the CUDA kernels need the CUTLASS/CuTe headers (cute/tensor.hpp), looked in " + looked +
-        ". Install them with `pip install nvidia-cutlass==4.2.0.0` (requirements-dev.txt), point CUTLASS_PATH at a "
-        "CUTLASS checkout, or build without CUDA: LORA_FUSED_SKIP_CUDA=1")
+    return next((include for include in candidates if (include / "cute" / "tensor.hpp").is_file()), None)
 
 
 def _locate_cuda_home() -> None:
@@ -136,6 +136,7 @@ def extensions_and_cmdclass():
         archs = os.environ.get("LORA_FUSED_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
         NVCC_KEEP_DIR.mkdir(parents=True, exist_ok=True)
         cutlass = cutlass_include_dir()
+        assert cutlass is not None  # _cuda_reason_to_skip checked it
         # CuTe needs relaxed constexpr and cutlass's half/bfloat16 operators, which torch's
         # default -D__CUDA_NO_HALF_OPERATORS__ (and friends) would hide.
         nvcc_flags = ["-O3", "-lineinfo", "-DLORA_FUSED_WITH_CUDA=1", *cuda_arch_flags(archs),

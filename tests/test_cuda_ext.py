@@ -286,8 +286,9 @@ def test_built_with_cuda_when_a_toolkit_is_present():
     if not toolkit:
         pytest.skip("no CUDA toolkit (nvcc) on this machine")
     assert _C.built_with_cuda, (
-        "lora_fused._C was built without its CUDA kernels although nvcc and a CUDA build of torch are present; "
-        "rebuild with `pip install -e . --no-build-isolation` (or set LORA_FUSED_SKIP_CUDA=1 deliberately)"
+        "lora_fused._C was built without its CUDA kernels although nvcc and a CUDA build of torch are present "
+        "(are the CUTLASS headers installed? `pip install nvidia-cutlass==4.2.0.0` or CUTLASS_PATH); rebuild with "
+        "`pip install -e . --no-build-isolation` (or set LORA_FUSED_SKIP_CUDA=1 deliberately)"
     )
 
 
@@ -306,17 +307,27 @@ def test_cuda_arch_flags_build_one_architecture_or_several():
         flags("hopper")
 
 
+def test_cutlass_headers_from_cutlass_path_first(tmp_path, monkeypatch):
+    """setup.py takes CUTLASS_PATH/include when it holds cute/tensor.hpp, and ignores one that does not."""
+    find = function_of_setup_py("cutlass_include_dir")
+    monkeypatch.setenv("CUTLASS_PATH", str(tmp_path))
+    assert find() != tmp_path / "include"
+    (tmp_path / "include" / "cute").mkdir(parents=True)
+    (tmp_path / "include" / "cute" / "tensor.hpp").write_text("// stub for the path search\n")
+    assert find() == tmp_path / "include"
+
+
 # ---- CUDA kernels (GPU only) ---------------------------------------------------------
 
 requires_cuda_kernels = pytest.mark.skipif(
     not _C.built_with_cuda, reason="lora_fused._C was built without its CUDA kernels (LORA_FUSED_SKIP_CUDA or no nvcc)"
 )
 
-# Shapes crossing the 128-wide tensor-core tiles and 32-deep K tiles, with K and N both
-# multiples of 8 (cp.async path) and not (plain-load path), and ranks reaching every
-# kernel variant: forward xa fused at rank pads 16/32/64 or precomputed (r > 64); the
-# g-pass on tensor cores at pads 16/32/64 (r + bias column <= 64) or on SIMT; dA on
-# tensor cores (r <= 64) or SIMT.
+# Shapes crossing the 128-wide tensor-core tiles and 32-deep k-tiles, with K and N both
+# multiples of 8 (cp.async path) and not (element-load path), and ranks reaching every
+# kernel variant: the sm80 forward/dx with one or several 32-rank LoRA chunks; the g-pass
+# on tensor cores at pads 16/32/64 (r + bias column <= 64) or on SIMT; dA on tensor cores
+# (r <= 64) or SIMT. tests/test_cuda_gpu.py names one case per instantiation.
 CUDA_CASES = [
     (M, K, N, r, dtype, bias)
     for dtype in (torch.float16, torch.bfloat16, torch.float32)

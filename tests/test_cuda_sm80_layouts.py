@@ -30,10 +30,9 @@ def test_sm80_layout_assumptions(tmp_path):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("no nvcc (CUDA toolkit) on this machine")
-    try:
-        cutlass = function_of_setup_py("cutlass_include_dir")()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
+    cutlass = function_of_setup_py("cutlass_include_dir")()
+    if cutlass is None:
+        pytest.skip("no CUTLASS/CuTe headers (pip install nvidia-cutlass==4.2.0.0, or CUTLASS_PATH)")
     program = tmp_path / "sm80_layout_check"
     build = subprocess.run(
         [nvcc, "-std=c++17", "--expt-relaxed-constexpr", f"-I{cutlass}", f"-I{ROOT / 'csrc'}",
