@@ -8,10 +8,26 @@ installed torch with
 
 Environment knobs:
     LORA_FUSED_SKIP_CUDA=1     build the CPU kernels only
-    LORA_FUSED_CUDA_ARCHS      architectures, e.g. "8.0;9.0+PTX" or "80 90" (falls back to
-                               TORCH_CUDA_ARCH_LIST; default "8.0;8.6;8.9;9.0+PTX": SASS for
-                               each, plus PTX of the newest so later GPUs can JIT it)
+    LORA_FUSED_CUDA_ARCHS      architectures, e.g. "8.0;9.0a", "9.0a" (just an H100/H200),
+                               "8.6" or "80 90a+PTX" (falls back to TORCH_CUDA_ARCH_LIST;
+                               default "8.0+PTX;9.0a"). SASS for sm_80 also runs on sm_86 and
+                               sm_89; sm_90a is Hopper's arch-specific target; "+PTX" adds
+                               PTX that later GPUs can JIT.
     MAX_JOBS                   parallel compile jobs (read by torch's ninja build)
+    CUTLASS_PATH               a CUTLASS checkout (its include/ holds cute/ and cutlass/);
+                               by default the headers of the nvidia-cutlass wheel
+                               (requirements-dev.txt) under cutlass_library/source/include.
+                               The CUDA kernels need them: without them the build is CPU-only
+                               and says why, like a missing toolkit (and
+                               tests/test_cuda_ext.py fails where a toolkit is present).
+
+Build time of the extension (measured 2026-12-01, `make build` after `rm
+.venv/.extension-built`, which recompiles everything, MAX_JOBS=2 on the shared 2-core
+machine at a load of about 10): CPU + CUDA for the default "8.0+PTX;9.0a" 3 min 10 s wall,
+75 s of CPU time; the CUDA part grows with each architecture listed, so a GPU machine
+builds just its own ("9.0a"). nvcc keeps its intermediates (PTX included) under
+build/nvcc, which tests/test_cuda_ptxas.py reads to check every kernel's ptxas report
+(no spills, shared memory within limits).
 """
 
 from __future__ import annotations
@@ -24,9 +40,10 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
-DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+DEFAULT_ARCHS = "8.0+PTX;9.0a"
+NVCC_KEEP_DIR = ROOT / "build" / "nvcc"  # nvcc intermediates, read by tests/test_cuda_ptxas.py
 CPU_SOURCES = ["csrc/module.cpp", "csrc/checks.cpp", "csrc/cpu_ops.cpp"]
-CUDA_SOURCES = ["csrc/cuda_ops.cpp", "csrc/cuda_simt.cu", "csrc/cuda_tensorcore.cu"]
+CUDA_SOURCES = ["csrc/cuda_ops.cpp", "csrc/cuda_simt.cu", "csrc/cuda_sm80.cu", "csrc/cuda_tensorcore.cu"]
 
 
 def _env_flag(name: str) -> bool:
@@ -61,7 +78,27 @@ def _cuda_reason_to_skip(torch_module, cuda_home) -> str | None:
         return f"torch {torch_module.__version__} is a CPU-only build"
     if cuda_home is None:
         return "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    if cutlass_include_dir() is None:
+        return CUTLASS_MISSING
     return None
+
+
+CUTLASS_MISSING = ("no CUTLASS/CuTe headers (cute/tensor.hpp): install them with `pip install "
+                   "nvidia-cutlass==4.2.0.0` (in requirements-dev.txt) or point CUTLASS_PATH at a CUTLASS checkout")
+
+
+def cutlass_include_dir() -> Path | None:
+    """The directory holding the cute/ and cutlass/ headers: $CUTLASS_PATH/include, else
+    the nvidia-cutlass wheel's copy; None when neither exists."""
+    import importlib.util
+
+    candidates = []
+    if os.environ.get("CUTLASS_PATH"):
+        candidates.append(Path(os.environ["CUTLASS_PATH"]) / "include")
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.origin is not None:
+        candidates.append(Path(spec.origin).parent / "source" / "include")
+    return next((include for include in candidates if (include / "cute" / "tensor.hpp").is_file()), None)
 
 
 def _locate_cuda_home() -> None:
@@ -97,11 +134,20 @@ def extensions_and_cmdclass():
     skip_reason = _cuda_reason_to_skip(torch, CUDA_HOME)
     if skip_reason is None:
         archs = os.environ.get("LORA_FUSED_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
-        nvcc_flags = ["-O3", "-lineinfo", "-DLORA_FUSED_WITH_CUDA=1", *cuda_arch_flags(archs)]
-        print(f"lora_fused: building CPU and CUDA kernels (archs {archs}, CUDA_HOME {CUDA_HOME})")
+        NVCC_KEEP_DIR.mkdir(parents=True, exist_ok=True)
+        cutlass = cutlass_include_dir()
+        assert cutlass is not None  # _cuda_reason_to_skip checked it
+        # CuTe needs relaxed constexpr and cutlass's half/bfloat16 operators, which torch's
+        # default -D__CUDA_NO_HALF_OPERATORS__ (and friends) would hide.
+        nvcc_flags = ["-O3", "-lineinfo", "-DLORA_FUSED_WITH_CUDA=1", *cuda_arch_flags(archs),
+                      "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                      "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                      "-U__CUDA_NO_HALF2_OPERATORS__", "--keep", f"--keep-dir={NVCC_KEEP_DIR}"]
+        print(f"lora_fused: building CPU and CUDA kernels (archs {archs}, CUDA_HOME {CUDA_HOME}, CUTLASS {cutlass})")
         extension = CUDAExtension(
             "lora_fused._C",
             CPU_SOURCES + CUDA_SOURCES,
+            include_dirs=[str(cutlass)],
             extra_compile_args={"cxx": cxx_flags + ["-DLORA_FUSED_WITH_CUDA=1"], "nvcc": nvcc_flags},
         )
     else:

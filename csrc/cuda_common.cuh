@@ -4,6 +4,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
+
 #include "cuda_kernels.h"
 
 namespace lora_fused {
@@ -35,11 +37,57 @@ __device__ __forceinline__ float narrow<float, float>(float v) { return v; }
 template <>
 __device__ __forceinline__ double narrow<double, double>(double v) { return v; }
 
+// A rank-r intermediate (xa, gb: fp32, or fp64) as it enters the next product: rounded to
+// the input dtype T, unscaled (lora_fused/reference.py's rounding order).
+template <class T, class Acc>
+__device__ __forceinline__ Acc rounded(Acc v) {
+  return widen(narrow<T, Acc>(v));
+}
+
 // keep / (1 - p) of element idx of x under `spec`, as a multiplier (0 when dropped).
 template <class Acc>
 __device__ __forceinline__ Acc dropout_factor(const DropoutSpec& spec, uint64_t idx) {
   return keep_element(spec.seed, spec.threshold, idx) ? static_cast<Acc>(spec.scale) : Acc(0);
 }
+
+// A 16-byte cp.async global -> shared; src_bytes < 16 zero-fills the rest, so
+// out-of-range chunks pass 0 and read nothing.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(gmem), "r"(src_bytes)
+               : "memory");
+}
+
+// Opts kKernel into `smem_bytes` of dynamic shared memory once per device (the attribute
+// belongs to the function on the current device; the bytes are fixed per instantiation).
+template <auto kKernel>
+cudaError_t allow_dynamic_smem(size_t smem_bytes) {
+  static std::atomic<uint64_t> done_on_devices{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;  // past 64 devices: every call
+  if (bit != 0 && (done_on_devices.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+  if (err == cudaSuccess) done_on_devices.fetch_or(bit, std::memory_order_acq_rel);
+  return err;
+}
+
+// Launches kKernel(params) on `stream` (nothing for an empty grid).
+template <auto kKernel, class Params>
+cudaError_t launch(const Params& params, int64_t grid_x, int64_t grid_y, size_t smem_bytes, cudaStream_t stream,
+                   int threads) {
+  if (grid_x == 0 || grid_y == 0) return cudaSuccess;
+  const cudaError_t err = allow_dynamic_smem<kKernel>(smem_bytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
+  kKernel<<<grid, threads, smem_bytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+// Dynamic shared memory a block may opt into on every GPU the sm_80 SASS serves: 99 KB on
+// sm_86/sm_89 (sm_80 allows 163 KB, sm_90 227 KB). Every kernel's plan is checked against it.
+constexpr size_t kMaxDynamicSmem = 99 * 1024;
 
 // Blocks of 256 threads for a grid-stride loop over `count` elements.
 inline unsigned reduce_blocks(int64_t count) {

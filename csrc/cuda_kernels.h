@@ -1,4 +1,4 @@
-// Host interface of the CUDA kernels (cuda_simt.cu, cuda_tensorcore.cu).
+// Host interface of the CUDA kernels (cuda_simt.cu, cuda_sm80.cu, cuda_tensorcore.cu).
 //
 // Plain types only, no torch headers: the .cu files compile without ATen, which keeps
 // nvcc fast. cuda_ops.cpp validates tensors, allocates outputs and workspaces, and
@@ -69,7 +69,7 @@ inline int64_t reduction_splits(int64_t M) {
 constexpr int64_t kMaxTensorCoreRank = 64;
 constexpr int64_t kGpassRows = 64, kGpassCols = 64, kDaRows = 32, kDaCols = 128;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+LORA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline int64_t rank_pad(int64_t columns) { return columns <= 16 ? 16 : (columns <= 32 ? 32 : 64); }
 
@@ -102,10 +102,6 @@ inline int64_t backward_workspace_elems(int64_t M, int64_t N, int64_t K, int64_t
   return elems;
 }
 
-// Largest rank whose xa the tensor-core forward accumulates in its own K loop; above it,
-// xa comes from simt_xa first.
-constexpr int64_t kMaxFusedRank = 64;
-
 // SIMT kernels, every dtype (fp32 accumulation; fp64 for kDouble).
 cudaError_t simt_xa(const ForwardArgs& args, cudaStream_t stream);       // xa = x~·Aᵀ
 cudaError_t simt_forward(const ForwardArgs& args, cudaStream_t stream);  // y from precomputed xa (fp32/fp64 only)
@@ -115,13 +111,14 @@ cudaError_t simt_dB_db(const BackwardArgs& args, cudaStream_t stream);   // dB =
 cudaError_t simt_dA(const BackwardArgs& args, cudaStream_t stream);      // dA = s·gbᵀ·x~
 
 // Tensor-core kernels, kHalf and kBFloat16 only.
-// y = [x | s·xa]·[W | B]ᵀ + b; xa accumulated in the same K loop when r <= kMaxFusedRank,
-// else read from args.xa (computed by simt_xa).
-cudaError_t tensorcore_forward(const ForwardArgs& args, cudaStream_t stream);
+// CuTe sm80 mainloop (cuda_sm80.cu), any rank:
+// y = x·Wᵀ + b + s·(round(xa)·Bᵀ), xa read from args.xa (computed by simt_xa first).
+cudaError_t sm80_forward(const ForwardArgs& args, cudaStream_t stream);
+// dx = g·W + s·(round(gb)·A) ⊙ keep/(1-p), from gb.
+cudaError_t sm80_dx(const BackwardArgs& args, cudaStream_t stream);
+// WMMA (cuda_tensorcore.cu):
 // gb = g·B, dB = s·gᵀ·xa and db = Σ g in one read of g (when tensorcore_gpass_fits).
 cudaError_t tensorcore_gpass(const BackwardArgs& args, cudaStream_t stream);
-// dx = g·W + (s·gb·A) ⊙ keep/(1-p), from gb.
-cudaError_t tensorcore_dx(const BackwardArgs& args, cudaStream_t stream);
 // dA = s·gbᵀ·x~ (when tensorcore_dA_fits).
 cudaError_t tensorcore_dA(const BackwardArgs& args, cudaStream_t stream);
 

@@ -1,7 +1,7 @@
 // CUDA implementation of the two ops: validation, outputs and workspaces from the caching
 // allocator, the device guard and current stream, and the choice of kernels
-// (tensor cores for fp16/bf16 where the rank fits, SIMT for fp32/fp64 and the rest) in
-// cuda_simt.cu / cuda_tensorcore.cu.
+// (tensor cores for fp16/bf16 — cuda_sm80.cu for the two GEMMs, cuda_tensorcore.cu for
+// the rank-r reductions where the rank fits — SIMT for fp32/fp64 and the rest, cuda_simt.cu).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros_like.h>
@@ -77,14 +77,10 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const
   args.dropout = dropout_spec(dropout_p, seed);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool tensor_cores = uses_tensor_cores(dtype);
-  // The tensor-core forward accumulates xa itself for r <= kMaxFusedRank (it stores xa
-  // from its first column of blocks, so it needs N > 0); otherwise xa is computed first.
-  if (!tensor_cores || s.r > cuda::kMaxFusedRank || s.N == 0) {
-    check_launch(cuda::simt_xa(args, stream), op, "xa = dropout(x)·lora_Aᵀ");
-  }
-  if (tensor_cores) {
-    check_launch(cuda::tensorcore_forward(args, stream), op, "tensor-core forward");
+  // xa first (the pre-pass hashes each dropout element once), then the GEMM reads it.
+  check_launch(cuda::simt_xa(args, stream), op, "xa = dropout(x)·lora_Aᵀ");
+  if (uses_tensor_cores(dtype)) {
+    check_launch(cuda::sm80_forward(args, stream), op, "tensor-core forward");
   } else {
     check_launch(cuda::simt_forward(args, stream), op, "forward");
   }
@@ -150,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   }
   if (compute_dx) {
     if (tensor_cores) {
-      check_launch(cuda::tensorcore_dx(args, stream), op, "tensor-core dx");
+      check_launch(cuda::sm80_dx(args, stream), op, "tensor-core dx");
     } else {
       check_launch(cuda::simt_dx(args, stream), op, "dx");
     }

@@ -28,12 +28,16 @@ __device__ __forceinline__ void accumulate(const Problem& p, Tiles<Acc>& s, int6
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   for (int64_t kt = k_begin; kt < k_end; kt += kTileK) {
     // Operands are read along whichever axis is contiguous in memory (coalesced loads).
+    // The load loops stay rolled: fully unrolled, ptxas spilled 20 bytes in the fp16/bf16
+    // dB/db instantiation (tests/test_cuda_ptxas.py).
+#pragma unroll 1
     for (int e = tid; e < kTileK * kTileM; e += kThreads) {
       const int kk = Problem::kAContiguousM ? e / kTileM : e % kTileK;
       const int mm = Problem::kAContiguousM ? e % kTileM : e / kTileK;
       const int64_t m = m0 + mm, k = kt + kk;
       s.a[kk][mm] = (m < M && k < k_end) ? p.a(m, k) : Acc(0);
     }
+#pragma unroll 1
     for (int e = tid; e < kTileK * kTileN; e += kThreads) {
       const int kk = Problem::kBContiguousN ? e / kTileN : e % kTileK;
       const int nn = Problem::kBContiguousN ? e % kTileN : e / kTileK;
@@ -114,14 +118,15 @@ struct XaProblem {
   int64_t K, r;
   DropoutSpec drop;
   __device__ Acc a(int64_t m, int64_t k) const {
-    const Acc v = widen(x[m * ldx + k]);
-    return drop.enabled ? v * dropout_factor<Acc>(drop, static_cast<uint64_t>(m * K + k)) : v;
+    const Acc v = widen(x[m * ldx + k]);  // x~ rounded to the input dtype, as the reference forms it
+    return drop.enabled ? rounded<T>(v * dropout_factor<Acc>(drop, static_cast<uint64_t>(m * K + k))) : v;
   }
   __device__ Acc b(int64_t k, int64_t j) const { return widen(lora_A[j * K + k]); }
   __device__ void store(int64_t m, int64_t j, Acc main, Acc, int) const { xa[m * r + j] = main; }
 };
 
-// y[M, N] = [x | s·xa]·[W | B]ᵀ + b
+// y[M, N] = x·Wᵀ + b + s·(round(xa)·Bᵀ): the second reduction segment reads xa rounded to
+// the input dtype, unscaled; s multiplies its accumulator (the reference's rounding order).
 template <class T>
 struct ForwardProblem {
   using Acc = typename AccOf<T>::type;
@@ -136,13 +141,13 @@ struct ForwardProblem {
   int64_t N, K, r;
   Acc scaling;
   __device__ Acc a(int64_t m, int64_t k) const {
-    return k < K ? widen(x[m * ldx + k]) : scaling * xa[m * r + (k - K)];
+    return k < K ? widen(x[m * ldx + k]) : rounded<T>(xa[m * r + (k - K)]);
   }
   __device__ Acc b(int64_t k, int64_t n) const {
     return k < K ? widen(weight[n * K + k]) : widen(lora_B[n * r + (k - K)]);
   }
   __device__ void store(int64_t m, int64_t n, Acc main, Acc lora, int) const {
-    y[m * N + n] = narrow<T, Acc>(main + lora + (bias != nullptr ? widen(bias[n]) : Acc(0)));
+    y[m * N + n] = narrow<T, Acc>(main + (bias != nullptr ? widen(bias[n]) : Acc(0)) + scaling * lora);
   }
 };
 
@@ -161,7 +166,7 @@ struct GbProblem {
   __device__ void store(int64_t m, int64_t j, Acc main, Acc, int) const { gb[m * r + j] = main; }
 };
 
-// dx[M, K] = g·W + (s·gb·A) ⊙ keep/(1-p)
+// dx[M, K] = g·W + s·(round(gb)·A) ⊙ keep/(1-p)
 template <class T>
 struct DxProblem {
   using Acc = typename AccOf<T>::type;
@@ -176,18 +181,19 @@ struct DxProblem {
   Acc scaling;
   DropoutSpec drop;
   __device__ Acc a(int64_t m, int64_t k) const {
-    return k < N ? widen(grad_y[m * ldg + k]) : scaling * gb[m * r + (k - N)];
+    return k < N ? widen(grad_y[m * ldg + k]) : rounded<T>(gb[m * r + (k - N)]);
   }
   __device__ Acc b(int64_t k, int64_t c) const {
     return k < N ? widen(weight[k * K + c]) : widen(lora_A[(k - N) * K + c]);
   }
   __device__ void store(int64_t m, int64_t c, Acc main, Acc lora, int) const {
+    lora *= scaling;
     if (drop.enabled) lora *= dropout_factor<Acc>(drop, static_cast<uint64_t>(m * K + c));
     dx[m * K + c] = narrow<T, Acc>(main + lora);
   }
 };
 
-// partials[split][N][cols] = Σ_{m in slice} g[m, n]·[xa | 1][m, j]   (cols = r, or r + 1 with db)
+// partials[split][N][cols] = Σ_{m in slice} g[m, n]·[round(xa) | 1][m, j]   (cols = r, or r + 1 with db)
 template <class T>
 struct DbProblem {
   using Acc = typename AccOf<T>::type;
@@ -198,13 +204,13 @@ struct DbProblem {
   Acc* partials;
   int64_t N, r, cols;
   __device__ Acc a(int64_t n, int64_t m) const { return widen(grad_y[m * ldg + n]); }
-  __device__ Acc b(int64_t m, int64_t j) const { return j < r ? xa[m * r + j] : Acc(1); }
+  __device__ Acc b(int64_t m, int64_t j) const { return j < r ? rounded<T>(xa[m * r + j]) : Acc(1); }
   __device__ void store(int64_t n, int64_t j, Acc main, Acc, int split) const {
     partials[(split * N + n) * cols + j] = main;
   }
 };
 
-// partials[split][r][K] = Σ_{m in slice} gb[m, i]·x~[m, c]
+// partials[split][r][K] = Σ_{m in slice} round(gb)[m, i]·x~[m, c]
 template <class T>
 struct DaProblem {
   using Acc = typename AccOf<T>::type;
@@ -215,10 +221,10 @@ struct DaProblem {
   Acc* partials;
   int64_t K, r;
   DropoutSpec drop;
-  __device__ Acc a(int64_t i, int64_t m) const { return gb[m * r + i]; }
+  __device__ Acc a(int64_t i, int64_t m) const { return rounded<T>(gb[m * r + i]); }
   __device__ Acc b(int64_t m, int64_t c) const {
     const Acc v = widen(x[m * ldx + c]);
-    return drop.enabled ? v * dropout_factor<Acc>(drop, static_cast<uint64_t>(m * K + c)) : v;
+    return drop.enabled ? rounded<T>(v * dropout_factor<Acc>(drop, static_cast<uint64_t>(m * K + c))) : v;
   }
   __device__ void store(int64_t i, int64_t c, Acc main, Acc, int split) const {
     partials[(split * r + i) * K + c] = main;

@@ -19,6 +19,7 @@ from lora_fused import extension, reference
 from lora_fused.backends import BackendUnavailableError
 from lora_fused.dropout import keep_mask
 from parity import assert_parity, make_inputs, reference_outputs
+from setup_py import function_of_setup_py
 from conftest import requires_cuda
 
 try:
@@ -286,9 +287,35 @@ def test_built_with_cuda_when_a_toolkit_is_present():
     if not toolkit:
         pytest.skip("no CUDA toolkit (nvcc) on this machine")
     assert _C.built_with_cuda, (
-        "lora_fused._C was built without its CUDA kernels although nvcc and a CUDA build of torch are present; "
-        "rebuild with `pip install -e . --no-build-isolation` (or set LORA_FUSED_SKIP_CUDA=1 deliberately)"
+        "lora_fused._C was built without its CUDA kernels although nvcc and a CUDA build of torch are present "
+        "(are the CUTLASS headers installed? `pip install nvidia-cutlass==4.2.0.0` or CUTLASS_PATH); rebuild with "
+        "`pip install -e . --no-build-isolation` (or set LORA_FUSED_SKIP_CUDA=1 deliberately)"
     )
+
+
+def test_cuda_arch_flags_build_one_architecture_or_several():
+    """LORA_FUSED_CUDA_ARCHS="9.0a" (what the GPU check passes on an H100/H200) builds sm_90a only."""
+    flags = function_of_setup_py("cuda_arch_flags")
+    assert flags("9.0a") == ["-gencode=arch=compute_90a,code=sm_90a"]
+    assert flags("8.0+PTX;9.0a") == [
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_80,code=compute_80",
+        "-gencode=arch=compute_90a,code=sm_90a",
+    ]
+    assert flags("sm_86 89") == ["-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_89,code=sm_89"]
+    with pytest.raises(ValueError, match="no CUDA architecture sm_80 or newer"):
+        flags("7.5")
+    with pytest.raises(ValueError, match="cannot parse CUDA architecture 'hopper'"):
+        flags("hopper")
+
+
+def test_cutlass_headers_from_cutlass_path_first(tmp_path, monkeypatch):
+    """setup.py takes CUTLASS_PATH/include when it holds cute/tensor.hpp, and ignores one that does not."""
+    find = function_of_setup_py("cutlass_include_dir")
+    monkeypatch.setenv("CUTLASS_PATH", str(tmp_path))
+    assert find() != tmp_path / "include"
+    (tmp_path / "include" / "cute").mkdir(parents=True)
+    (tmp_path / "include" / "cute" / "tensor.hpp").write_text("// stub for the path search\n")
+    assert find() == tmp_path / "include"
 
 
 # ---- CUDA kernels (GPU only) ---------------------------------------------------------
@@ -297,11 +324,11 @@ requires_cuda_kernels = pytest.mark.skipif(
     not _C.built_with_cuda, reason="lora_fused._C was built without its CUDA kernels (LORA_FUSED_SKIP_CUDA or no nvcc)"
 )
 
-# Shapes crossing the 128-wide tensor-core tiles and 32-deep K tiles, with K and N both
-# multiples of 8 (cp.async path) and not (plain-load path), and ranks reaching every
-# kernel variant: forward xa fused at rank pads 16/32/64 or precomputed (r > 64); the
-# g-pass on tensor cores at pads 16/32/64 (r + bias column <= 64) or on SIMT; dA on
-# tensor cores (r <= 64) or SIMT.
+# Shapes crossing the 128-wide tensor-core tiles and 32-deep k-tiles, with K and N both
+# multiples of 8 (cp.async path) and not (element-load path), and ranks reaching every
+# kernel variant: the sm80 forward/dx with one or several 32-rank LoRA chunks; the g-pass
+# on tensor cores at pads 16/32/64 (r + bias column <= 64) or on SIMT; dA on tensor cores
+# (r <= 64) or SIMT. tests/test_cuda_gpu.py names one case per instantiation.
 CUDA_CASES = [
     (M, K, N, r, dtype, bias)
     for dtype in (torch.float16, torch.bfloat16, torch.float32)

@@ -1,0 +1,276 @@
+// fp16/bf16 forward and dx on the CuTe sm80 mainloop (cuda_sm80_mainloop.cuh: tiles,
+// pipeline depth, synchronisation and bounds are argued there). The LoRA terms are
+// composition, not copies of the mainloop:
+//
+// Forward: y = round(acc(x·Wᵀ) + b + s·acc(round(xa)·Bᵀ)). xa comes from the pre-pass
+// (simt_xa, which hashes each dropout element once). The block first runs the rank-r
+// product round(xa)·Bᵀ through one extra shared-memory stage (while the first kStages-1
+// k-tiles of x and W are already in flight), scales those fp32 accumulators by s, then
+// runs the K pipeline of x·Wᵀ on top of them; bias and the single rounding in the
+// epilogue, stored through shared memory with 16-byte stores.
+//
+// dx = round(acc(g·W) + s·acc(round(gb)·A) ⊙ keep/(1-p)): as a GEMM (M, K, N) with g
+// K-major and W MN-major (ldmatrix.trans); the rank-r product first, then s and the mask
+// (hashed once per element of dx) multiply its fp32 accumulators, then the N pipeline of
+// g·W accumulates on top. Nothing rank-sized is ever rounded after scaling, so nothing
+// overflows where PEFT's order would not.
+//
+// Rank: the LoRA stage is kBK = 32 ranks deep and loops for larger r, so one instantiation
+// per dtype and kernel serves every rank (4 kernels in all, per architecture).
+#include "cuda_common.cuh"
+#include "cuda_sm80_mainloop.cuh"
+
+namespace lora_fused {
+namespace cuda {
+namespace {
+
+using namespace sm80;
+
+template <class T>
+struct ForwardParams80 {
+  Operand<T> x;       // [M, K], K-major
+  Operand<T> weight;  // [N, K], K-major
+  const float* xa;    // [M, r] fp32 (the pre-pass)
+  const T* lora_B;    // [N, r]
+  const T* bias;      // [N] or nullptr
+  T* y;               // [M, N]
+  int64_t M, N, r;
+  float scaling;
+  bool vec_out;
+};
+
+template <class T>
+struct DxParams80 {
+  Operand<T> grad_y;  // [M, N], K-major (the reduction runs over N)
+  Operand<T> weight;  // element (c, n) at W[n * K + c]: MN-major
+  const float* gb;    // [M, r] fp32
+  const T* lora_A;    // [r, K]: element (c, j) at A[j * K + c], MN-major
+  T* dx;              // [M, K]
+  int64_t M, K, r;
+  float scaling;
+  DropoutSpec drop;
+  bool vec_out;
+};
+
+// Shared memory: the pipeline stages of both operands, then the one-stage LoRA pair; the
+// epilogue's staging tile reuses the start once the pipeline has drained.
+template <class T, bool kBKMajor>
+struct SmemPlan {
+  using Block = BlockMma<T, kBKMajor>;
+  static constexpr size_t a_off = 0;
+  static constexpr size_t b_off = a_off + cosize_v<typename Block::LayoutA> * sizeof(T);
+  static constexpr size_t lora_a_off = b_off + cosize_v<typename Block::LayoutB> * sizeof(T);
+  static constexpr size_t lora_b_off = lora_a_off + cosize_v<typename Block::LayoutLoraA> * sizeof(T);
+  static constexpr size_t end = lora_b_off + cosize_v<typename Block::LayoutLoraB> * sizeof(T);
+  static constexpr size_t bytes = end > staging_bytes(sizeof(T)) ? end : staging_bytes(sizeof(T));
+  static_assert(bytes <= kMaxDynamicSmem, "shared-memory plan exceeds sm_86/sm_89's 99 KB per block");
+  static_assert(lora_a_off % 128 == 0 && lora_b_off % 128 == 0, "stages stay 128-byte aligned");
+};
+
+// Everything a block needs to run MMAs over its shared memory: the TiledMMA, the
+// ldmatrix copies, and the register fragments they fill.
+template <class T, bool kBKMajor>
+struct BlockState {
+  using Block = BlockMma<T, kBKMajor>;
+  using Plan = SmemPlan<T, kBKMajor>;
+  T* a_s;
+  T* b_s;
+  T* lora_a_s;
+  T* lora_b_s;
+  __device__ explicit BlockState(unsigned char* smem)
+      : a_s(reinterpret_cast<T*>(smem + Plan::a_off)),
+        b_s(reinterpret_cast<T*>(smem + Plan::b_off)),
+        lora_a_s(reinterpret_cast<T*>(smem + Plan::lora_a_off)),
+        lora_b_s(reinterpret_cast<T*>(smem + Plan::lora_b_off)) {}
+};
+
+// The body shared by both kernels. The rank-r product's A operand is `rank_rows` (xa or
+// gb: fp32 [M, r], rows from m0), rounded to T unscaled as it enters shared memory;
+// `fill_lora_b(r0)` writes ranks [r0, r0 + kBK) of its B operand (lora_B or lora_A);
+// `scale_lora(acc, coords)` applies s (and the mask) to the rank-r product;
+// `load(stage, tile)` issues the main operands' cp.async for one k-tile.
+template <class T, bool kBKMajor, class FillLoraB, class ScaleLora, class Load, class Acc, class ThrMma>
+__device__ __forceinline__ void lora_then_main(const BlockState<T, kBKMajor>& st, Acc& acc, const ThrMma& thr_mma,
+                                               const float* rank_rows, int64_t m0, int64_t M, int64_t r,
+                                               int64_t k_tiles, FillLoraB&& fill_lora_b, ScaleLora&& scale_lora,
+                                               Load&& load) {
+  using Block = BlockMma<T, kBKMajor>;
+  // Start the main pipeline first, so its loads overlap the LoRA stage.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load(s, static_cast<int64_t>(s));
+    cp_async_fence();
+  }
+
+  typename Block::Mma mma;
+  Tensor sA = make_tensor(make_smem_ptr(st.a_s), typename Block::LayoutA{});
+  Tensor sB = make_tensor(make_smem_ptr(st.b_s), typename Block::LayoutB{});
+  Tensor sLA = make_tensor(make_smem_ptr(st.lora_a_s), typename Block::LayoutLoraA{});
+  Tensor sLB = make_tensor(make_smem_ptr(st.lora_b_s), typename Block::LayoutLoraB{});
+  Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));
+  Tensor tCrB = thr_mma.partition_fragment_B(sB(_, _, 0));
+  auto s2r_a = make_tiled_copy_A(S2RAtom<true, T>{}, mma);
+  auto s2r_b = make_tiled_copy_B(S2RAtom<kBKMajor, T>{}, mma);
+  auto thr_s2r_a = s2r_a.get_slice(threadIdx.x);
+  auto thr_s2r_b = s2r_b.get_slice(threadIdx.x);
+  Tensor tXsA = thr_s2r_a.partition_S(sA);
+  Tensor tXsB = thr_s2r_b.partition_S(sB);
+  Tensor tXsLA = thr_s2r_a.partition_S(sLA);
+  Tensor tXsLB = thr_s2r_b.partition_S(sLB);
+  Tensor tXrA = thr_s2r_a.retile_D(tCrA);
+  Tensor tXrB = thr_s2r_b.retile_D(tCrB);
+
+  clear(acc);
+  const typename Block::LayoutLoraA layout_la;
+  for (int64_t r0 = 0; r0 < r; r0 += kBK) {
+    for (int e = threadIdx.x; e < kBM * kBK; e += kThreads) {
+      const int rr = e / kBK, j = e % kBK;
+      const int64_t m = m0 + rr, rank = r0 + j;
+      st.lora_a_s[layout_la(rr, j, 0)] = T((m < M && rank < r) ? rank_rows[m * r + rank] : 0.f);
+    }
+    fill_lora_b(r0);
+    __syncthreads();
+    Block::mma_stage(acc, mma, s2r_a, s2r_b, tXsLA(_, _, _, 0), tXsLB(_, _, _, 0), tCrA, tCrB, tXrA, tXrB);
+    __syncthreads();  // before the next rank chunk overwrites the stage
+  }
+  Tensor coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+  scale_lora(acc, coords);
+  Block::pipeline(acc, k_tiles, load, mma, s2r_a, s2r_b, tXsA, tXsB, tCrA, tCrB, tXrA, tXrB);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams80<T> p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  using Block = BlockMma<T, true>;
+  const BlockState<T, true> st(smem);
+  const TileCoord tile = grouped_tile(blockIdx.x, ceil_div(p.M, kBM), ceil_div(p.N, kBN));
+  const int64_t m0 = tile.m * kBM, n0 = tile.n * kBN;
+
+  auto fill_lora_b = [&](int64_t r0) {  // lora_B, ranks [r0, r0 + kBK): K-major like W
+    const typename Block::LayoutLoraB layout_lb;
+    for (int e = threadIdx.x; e < kBN * kBK; e += kThreads) {
+      const int nn = e / kBK, j = e % kBK;
+      const int64_t n = n0 + nn, rank = r0 + j;
+      st.lora_b_s[layout_lb(nn, j, 0)] = (n < p.N && rank < p.r) ? p.lora_B[n * p.r + rank] : T(0.f);
+    }
+  };
+  auto scale_lora = [&](auto& acc, const auto&) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); ++i) acc(i) *= p.scaling;
+  };
+  auto load = [&](int stage, int64_t k_tile) {
+    load_stage<true, kBM>(st.a_s, typename Block::LayoutA{}, stage, p.x, m0, k_tile * kBK);
+    load_stage<true, kBN>(st.b_s, typename Block::LayoutB{}, stage, p.weight, n0, k_tile * kBK);
+  };
+
+  typename Block::Mma mma;
+  auto thr_mma = mma.get_slice(threadIdx.x);
+  Tensor acc = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});
+  lora_then_main(st, acc, thr_mma, p.xa, m0, p.M, p.r, ceil_div(p.x.depth, kBK), fill_lora_b, scale_lora, load);
+
+  if (p.bias != nullptr) {
+    Tensor coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); ++i) {
+      const int64_t n = n0 + get<1>(coords(i));
+      if (n < p.N) acc(i) += static_cast<float>(p.bias[n]);
+    }
+  }
+  store_tile(acc, thr_mma, reinterpret_cast<T*>(smem), p.y, p.N, m0, p.M, n0, p.N, p.vec_out);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) dx_kernel(DxParams80<T> p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  using Block = BlockMma<T, false>;
+  const BlockState<T, false> st(smem);
+  const TileCoord tile = grouped_tile(blockIdx.x, ceil_div(p.M, kBM), ceil_div(p.K, kBN));
+  const int64_t m0 = tile.m * kBM, c0 = tile.n * kBN;  // rows of dx, columns of dx (x's K)
+
+  auto fill_lora_b = [&](int64_t r0) {  // lora_A, ranks [r0, r0 + kBK): MN-major like W here
+    const typename Block::LayoutLoraB layout_lb;
+    for (int e = threadIdx.x; e < kBN * kBK; e += kThreads) {
+      const int cc = e % kBN, j = e / kBN;  // consecutive threads read consecutive columns of A
+      const int64_t c = c0 + cc, rank = r0 + j;
+      st.lora_b_s[layout_lb(cc, j, 0)] = (c < p.K && rank < p.r) ? p.lora_A[rank * p.K + c] : T(0.f);
+    }
+  };
+  auto scale_lora = [&](auto& acc, const auto& coords) {  // s·(gb·A) ⊙ keep/(1-p), the mask hashed once
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); ++i) {
+      float factor = p.scaling;
+      if (p.drop.enabled) {
+        const int64_t m = m0 + get<0>(coords(i)), c = c0 + get<1>(coords(i));
+        factor = (m < p.M && c < p.K) ? p.scaling * dropout_factor<float>(p.drop, static_cast<uint64_t>(m * p.K + c))
+                                      : 0.f;
+      }
+      acc(i) *= factor;
+    }
+  };
+  auto load = [&](int stage, int64_t k_tile) {  // k runs over N
+    load_stage<true, kBM>(st.a_s, typename Block::LayoutA{}, stage, p.grad_y, m0, k_tile * kBK);
+    load_stage<false, kBN>(st.b_s, typename Block::LayoutB{}, stage, p.weight, c0, k_tile * kBK);
+  };
+
+  typename Block::Mma mma;
+  auto thr_mma = mma.get_slice(threadIdx.x);
+  Tensor acc = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});
+  lora_then_main(st, acc, thr_mma, p.gb, m0, p.M, p.r, ceil_div(p.grad_y.depth, kBK), fill_lora_b, scale_lora,
+                 load);
+  store_tile(acc, thr_mma, reinterpret_cast<T*>(smem), p.dx, p.K, m0, p.M, c0, p.K, p.vec_out);
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+template <class T>
+cudaError_t forward_t(const ForwardArgs& a, cudaStream_t stream) {
+  ForwardParams80<T> p;
+  p.x = {static_cast<const T*>(a.x), a.ldx, a.M, a.K, vector_loadable(a.x, a.ldx, a.K)};
+  p.weight = {static_cast<const T*>(a.weight), a.K, a.N, a.K, vector_loadable(a.weight, a.K, a.K)};
+  p.xa = static_cast<const float*>(a.xa);
+  p.lora_B = static_cast<const T*>(a.lora_B);
+  p.bias = static_cast<const T*>(a.bias);
+  p.y = static_cast<T*>(a.y);
+  p.M = a.M, p.N = a.N, p.r = a.r;
+  p.scaling = static_cast<float>(a.scaling);
+  p.vec_out = a.N % kChunk == 0 && aligned16(a.y);
+  const int64_t tiles = ceil_div(a.M, kBM) * ceil_div(a.N, kBN);
+  return launch<forward_kernel<T>>(p, tiles, 1, SmemPlan<T, true>::bytes, stream, kThreads);
+}
+
+template <class T>
+cudaError_t dx_t(const BackwardArgs& a, cudaStream_t stream) {
+  DxParams80<T> p;
+  p.grad_y = {static_cast<const T*>(a.grad_y), a.ldg, a.M, a.N, vector_loadable(a.grad_y, a.ldg, a.N)};
+  p.weight = {static_cast<const T*>(a.weight), a.K, a.K, a.N, vector_loadable(a.weight, a.K, a.K)};
+  p.gb = static_cast<const float*>(a.gb);
+  p.lora_A = static_cast<const T*>(a.lora_A);
+  p.dx = static_cast<T*>(a.dx);
+  p.M = a.M, p.K = a.K, p.r = a.r;
+  p.scaling = static_cast<float>(a.scaling);
+  p.drop = a.dropout;
+  p.vec_out = a.K % kChunk == 0 && aligned16(a.dx);
+  const int64_t tiles = ceil_div(a.M, kBM) * ceil_div(a.K, kBN);
+  return launch<dx_kernel<T>>(p, tiles, 1, SmemPlan<T, false>::bytes, stream, kThreads);
+}
+
+}  // namespace
+
+cudaError_t sm80_forward(const ForwardArgs& a, cudaStream_t stream) {
+  switch (a.dtype) {
+    case DType::kHalf: return forward_t<cute::half_t>(a, stream);
+    case DType::kBFloat16: return forward_t<cute::bfloat16_t>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t sm80_dx(const BackwardArgs& a, cudaStream_t stream) {
+  switch (a.dtype) {
+    case DType::kHalf: return dx_t<cute::half_t>(a, stream);
+    case DType::kBFloat16: return dx_t<cute::bfloat16_t>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace cuda
+}  // namespace lora_fused

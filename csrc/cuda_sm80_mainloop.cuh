@@ -1,0 +1,213 @@
+// The sm80 tensor-core mainloop of the fp16/bf16 kernels, on CuTe (CUTLASS 3.x): a
+// multistage cp.async pipeline into swizzled shared memory, ldmatrix into registers,
+// mma.sync m16n8k16 with fp32 accumulators. The same SASS serves sm_86/sm_89, and the
+// sm_90a build compiles it too (mma.sync and cp.async exist on Hopper).
+//
+// Tiles. A block computes a 128×128 tile of C = A·Bᵀ with 8 warps: the TiledMMA is 2×4
+// m16n8k16 atoms (one warp each) permuted to a 32×64×16 tile, so each warp's B reads are
+// 16 columns wide (ldmatrix.x4), repeated 4×2 over the block tile: 64 fp32 accumulators
+// per thread. (4 warps of 64×64 need 128 accumulators and reach 255 registers with this
+// file's 64-bit bounds arithmetic: ptxas spilled.) k-tiles are 32 deep: a 128-row operand
+// stage is 8 KB, and four stages of A and B (64 KB) leave room for a one-stage LoRA tile
+// pair (16 KB) within sm_86/sm_89's 99 KB per block.
+//
+// Pipeline depth. Four stages keep three k-tiles in flight while one is consumed: at
+// K = 768 that is 24 k-tiles, and the loads of tile t+3 overlap the MMAs of tile t
+// (an A100 needs about 2-3 tiles in flight to cover DRAM latency at this tile size).
+//
+// Synchronisation. Group g of cp.async always holds k-tile g (possibly empty, so the
+// count stays exact); waiting until at most kStages-2 groups are pending means tile kt
+// has landed, and the __syncthreads after the wait also proves every warp finished
+// tile kt-1, whose stage the next load then overwrites.
+//
+// Bounds. Every 16-byte chunk is predicated on its row and its 8 k-columns: chunks
+// outside the operand are zero-filled (cp.async with src-size 0 reads nothing). The
+// vector path needs the contiguous extent and the leading dimension to be multiples of
+// 8 elements and 16-byte aligned bases; otherwise the same tiles are filled with
+// element loads (slower, same results). Zeros in the k-residue add nothing to C.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda_common.cuh"
+
+namespace lora_fused {
+namespace cuda {
+namespace sm80 {
+
+using namespace cute;
+
+constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4, kThreads = 256;
+constexpr int kChunk = 8;  // elements per 16-byte cp.async
+
+template <class T>
+struct MmaOp;
+template <>
+struct MmaOp<cute::half_t> {
+  using type = SM80_16x8x16_F32F16F16F32_TN;
+};
+template <>
+struct MmaOp<cute::bfloat16_t> {
+  using type = SM80_16x8x16_F32BF16BF16F32_TN;
+};
+
+template <class T>
+using TiledMmaFor = decltype(make_tiled_mma(typename MmaOp<T>::type{}, Layout<Shape<_2, _4, _1>>{},
+                                            Tile<_32, _64, _16>{}));
+static_assert(kThreads == 8 * 32, "2x4 MMA atoms of one warp each");
+
+// Shared-memory layouts (rows, k, stages). K-major: rows of 32 k-values (64 bytes) in
+// 8×32 atoms, Swizzle<2,3,3> spreads ldmatrix's 8 row reads over the banks. MN-major:
+// 64 contiguous rows per k in 64×8 atoms, Swizzle<3,3,3>, read with ldmatrix.trans.
+// Both swizzles keep 8-element chunks contiguous and 16-byte aligned (cp.async units).
+template <int kRows, int kDepth>
+using KMajorSmem = decltype(tile_to_shape(composition(Swizzle<2, 3, 3>{}, Layout<Shape<_8, _32>, Stride<_32, _1>>{}),
+                                          Shape<Int<kRows>, Int<kBK>, Int<kDepth>>{}));
+template <int kRows, int kDepth>
+using MNMajorSmem = decltype(tile_to_shape(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_64, _8>, Stride<_1, _64>>{}),
+                                           Shape<Int<kRows>, Int<kBK>, Int<kDepth>>{}));
+
+template <bool kKMajor, int kRows, int kDepth>
+using OperandSmem = std::conditional_t<kKMajor, KMajorSmem<kRows, kDepth>, MNMajorSmem<kRows, kDepth>>;
+
+template <bool kKMajor, class T>
+using S2RAtom = std::conditional_t<kKMajor, Copy_Atom<SM75_U32x4_LDSM_N, T>, Copy_Atom<SM75_U16x8_LDSM_T, T>>;
+
+// A view of one GEMM operand in global memory: element (row, k) at
+// ptr[row * ld + k] (K-major) or ptr[k * ld + row] (MN-major), `rows` × `depth` of them.
+template <class T>
+struct Operand {
+  const T* ptr;
+  int64_t ld, rows, depth;
+  bool vec;  // 16-byte chunks along the contiguous dimension are legal
+};
+
+// True when an operand may be read in aligned 16-byte chunks along its contiguous dimension.
+inline bool vector_loadable(const void* ptr, int64_t ld, int64_t contiguous_extent) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && ld % kChunk == 0 && contiguous_extent % kChunk == 0;
+}
+
+// Fills stage `stage` of `smem` (layout L: rows × kBK × stages) with rows [row0, row0 +
+// kRows) and k-columns [k0, k0 + kBK) of `op`, zero outside it.
+template <bool kKMajor, int kRows, class T, class L>
+__device__ __forceinline__ void load_stage(T* smem, L layout, int stage, const Operand<T>& op, int64_t row0,
+                                           int64_t k0) {
+  constexpr int kChunksPerLine = (kKMajor ? kBK : kRows) / kChunk;
+  constexpr int kChunks = kRows * kBK / kChunk;
+  static_assert(kChunks % kThreads == 0, "every thread copies the same number of chunks");
+#pragma unroll
+  for (int i = 0; i < kChunks / kThreads; ++i) {
+    const int c = threadIdx.x + i * kThreads;
+    // K-major: a line is one row's kBK values; MN-major: one k's kRows values.
+    const int line = c / kChunksPerLine, first = (c % kChunksPerLine) * kChunk;
+    const int rr = kKMajor ? line : first, kk = kKMajor ? first : line;
+    T* dst = smem + layout(rr, kk, stage);
+    const int64_t row = row0 + rr, k = k0 + kk;
+    const int64_t offset = kKMajor ? row * op.ld + k : k * op.ld + row;
+    if (op.vec) {
+      const bool inside = row < op.rows && k < op.depth;
+      cp_async_16(dst, inside ? op.ptr + offset : op.ptr, inside ? 16 : 0);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) {
+        const bool inside = kKMajor ? (row < op.rows && k + e < op.depth) : (row + e < op.rows && k < op.depth);
+        dst[e] = inside ? op.ptr[offset + e] : T(0.f);
+      }
+    }
+  }
+}
+
+// The warp-level half of the mainloop: partitions of shared memory and register fragments
+// for one block tile, and the MMAs over one shared-memory stage.
+template <class T, bool kBKMajor>
+struct BlockMma {
+  using Mma = TiledMmaFor<T>;
+  using LayoutA = KMajorSmem<kBM, kStages>;
+  using LayoutB = OperandSmem<kBKMajor, kBN, kStages>;
+  using LayoutLoraA = KMajorSmem<kBM, 1>;
+  using LayoutLoraB = OperandSmem<kBKMajor, kBN, 1>;
+  static constexpr size_t kPipelineBytes = (cosize_v<LayoutA> + cosize_v<LayoutB>) * sizeof(T);
+  static constexpr size_t kLoraBytes = (cosize_v<LayoutLoraA> + cosize_v<LayoutLoraB>) * sizeof(T);
+
+  // Runs acc += A·Bᵀ over `k_tiles` k-tiles of kBK, loading stage s with load(s, tile)
+  // (which issues cp.async for every operand of that tile).
+  template <class Acc, class Load, class S2RA, class S2RB, class SA, class SB, class RA, class RB,
+            class XRA, class XRB>
+  __device__ static void pipeline(Acc& acc, int64_t k_tiles, Load&& load, const Mma& mma, const S2RA& s2r_a,
+                                  const S2RB& s2r_b, const SA& tXsA, const SB& tXsB, RA& tCrA, RB& tCrB, XRA& tXrA,
+                                  XRB& tXrB) {
+    for (int64_t kt = 0; kt < k_tiles; ++kt) {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();  // tile kt visible to all; every warp is done with tile kt - 1
+      const int64_t next = kt + kStages - 1;
+      if (next < k_tiles) load(static_cast<int>(next % kStages), next);  // refills tile kt - 1's stage
+      cp_async_fence();
+      const int stage = static_cast<int>(kt % kStages);
+      mma_stage(acc, mma, s2r_a, s2r_b, tXsA(_, _, _, stage), tXsB(_, _, _, stage), tCrA, tCrB, tXrA, tXrB);
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // shared memory is free for what follows
+  }
+
+  template <class Acc, class S2RA, class S2RB, class SA, class SB, class RA, class RB, class XRA, class XRB>
+  __device__ static void mma_stage(Acc& acc, const Mma& mma, const S2RA& s2r_a, const S2RB& s2r_b, const SA& sa,
+                                   const SB& sb, RA& tCrA, RB& tCrB, XRA& tXrA, XRB& tXrB) {
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tCrA); ++kb) {
+      copy(s2r_a, sa(_, _, kb), tXrA(_, _, kb));
+      copy(s2r_b, sb(_, _, kb), tXrB(_, _, kb));
+      gemm(mma, tCrA(_, _, kb), tCrB(_, _, kb), acc);
+    }
+  }
+};
+
+// Grouped raster order: blocks walk groups of 8 row tiles column by column, so the 8
+// row tiles of A and one column tile of B stay in L2 while a wave reuses them.
+struct TileCoord {
+  int64_t m, n;
+};
+__host__ __device__ __forceinline__ TileCoord grouped_tile(int64_t block, int64_t tiles_m, int64_t tiles_n) {
+  constexpr int64_t kGroup = 8;
+  const int64_t per_group = kGroup * tiles_n;
+  const int64_t first_m = (block / per_group) * kGroup;
+  const int64_t group_rows = tiles_m - first_m < kGroup ? tiles_m - first_m : kGroup;
+  const int64_t in_group = block % per_group;
+  return {first_m + in_group % group_rows, in_group / group_rows};
+}
+
+// Rounds the final fp32 tile `acc` to T and writes it through shared memory `staging`
+// (kBM × (kBN + 8) elements) to out[row0 + mm, col0 + nn] (leading dim ld), with
+// 16-byte stores where `vec_out` (ld, cols multiple of 8, aligned out) and the chunk is
+// inside; element stores at the right edge otherwise.
+template <class T, class Acc, class ThrMma>
+__device__ __forceinline__ void store_tile(const Acc& acc, const ThrMma& thr_mma, T* staging, T* out, int64_t ld,
+                                           int64_t row0, int64_t rows, int64_t col0, int64_t cols, bool vec_out) {
+  constexpr int kLd = kBN + kChunk;  // padded rows: 16-byte aligned, fewer bank conflicts
+  Tensor sC = make_tensor(make_smem_ptr(staging), make_layout(Shape<Int<kBM>, Int<kBN>>{}, Stride<Int<kLd>, _1>{}));
+  Tensor tCsC = thr_mma.partition_C(sC);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) tCsC(i) = T(acc(i));
+  __syncthreads();
+  constexpr int kChunksPerRow = kBN / kChunk;
+  for (int c = threadIdx.x; c < kBM * kChunksPerRow; c += kThreads) {
+    const int rr = c / kChunksPerRow, cc = (c % kChunksPerRow) * kChunk;
+    const int64_t row = row0 + rr, col = col0 + cc;
+    if (row >= rows || col >= cols) continue;
+    const T* src = staging + rr * kLd + cc;
+    T* dst = out + row * ld + col;
+    if (vec_out) {  // cols % 8 == 0, so the whole chunk is inside
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int e = 0; e < kChunk && col + e < cols; ++e) dst[e] = src[e];
+    }
+  }
+}
+
+constexpr size_t staging_bytes(size_t element_bytes) { return kBM * (kBN + kChunk) * element_bytes; }
+
+}  // namespace sm80
+}  // namespace cuda
+}  // namespace lora_fused

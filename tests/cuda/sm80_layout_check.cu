@@ -1,0 +1,74 @@
+// Host-side checks of the layout assumptions in csrc/cuda_sm80_mainloop.cuh (run by
+// tests/test_cuda_sm80_layouts.py): load_stage writes 8-element chunks at layout(row, k,
+// stage), so every shared-memory layout must be a bijection whose chunks along the
+// contiguous dimension stay contiguous and 16-byte aligned; the epilogue pairs acc(i)
+// with partition_C's coordinate i, which must cover the block tile exactly once; and
+// grouped_tile must visit every tile once. Prints the counts, exits non-zero on a problem.
+#include "cuda_sm80_mainloop.cuh"
+#include <cstdio>
+#include <vector>
+using namespace lora_fused::cuda::sm80;
+using namespace cute;
+
+template <class L, bool kKMajor, int kRows, int kDepth>
+int check_layout(const char* name) {
+  L layout{};
+  const int n = kRows * kBK * kDepth;
+  std::vector<int> seen(cosize_v<L>, 0);
+  int bad = 0;
+  for (int s = 0; s < kDepth; ++s)
+    for (int r = 0; r < kRows; ++r)
+      for (int k = 0; k < kBK; ++k) seen[layout(r, k, s)]++;
+  for (size_t i = 0; i < seen.size(); ++i) if (seen[i] != 1) ++bad;
+  // 8-element chunks along the contiguous dimension stay contiguous and 16-byte aligned
+  for (int s = 0; s < kDepth; ++s)
+    for (int r = 0; r < kRows; r += (kKMajor ? 1 : 8))
+      for (int k = 0; k < kBK; k += (kKMajor ? 8 : 1)) {
+        const int base = layout(r, k, s);
+        if (base % 8) ++bad;
+        for (int e = 0; e < 8; ++e) {
+          const int off = kKMajor ? layout(r, k + e, s) : layout(r + e, k, s);
+          if (off != base + e) ++bad;
+        }
+      }
+  printf("%s: cosize %d (elements %d), problems %d\n", name, int(cosize_v<L>), n, bad);
+  return bad;
+}
+
+template <class T>
+int check_partition_c() {
+  TiledMmaFor<T> mma;
+  std::vector<int> seen(kBM * kBN, 0);
+  for (int t = 0; t < kThreads; ++t) {
+    auto thr = mma.get_slice(t);
+    Tensor c = thr.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+    Tensor acc = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});
+    if (size(c) != size(acc)) { printf("size mismatch\n"); return 1; }
+    for (int i = 0; i < size(c); ++i) seen[get<0>(c(i)) * kBN + get<1>(c(i))]++;
+  }
+  int bad = 0;
+  for (int v : seen) if (v != 1) ++bad;
+  printf("partition_C covers the 128x128 tile once per element: problems %d\n", bad);
+  return bad;
+}
+
+int main() {
+  int bad = 0;
+  bad += check_layout<KMajorSmem<kBM, kStages>, true, kBM, kStages>("K-major A stages");
+  bad += check_layout<MNMajorSmem<kBN, kStages>, false, kBN, kStages>("MN-major B stages");
+  bad += check_layout<KMajorSmem<kBN, 1>, true, kBN, 1>("K-major lora");
+  bad += check_layout<MNMajorSmem<kBN, 1>, false, kBN, 1>("MN-major lora");
+  bad += check_partition_c<cute::half_t>();
+  // the grouped raster visits every tile once
+  for (long tm : {1L, 3L, 9L, 17L}) for (long tn : {1L, 2L, 5L}) {
+    std::vector<int> seen(tm * tn, 0);
+    for (long b = 0; b < tm * tn; ++b) {
+      auto t = grouped_tile(b, tm, tn);
+      if (t.m < 0 || t.m >= tm || t.n < 0 || t.n >= tn) { ++bad; continue; }
+      seen[t.m * tn + t.n]++;
+    }
+    for (int v : seen) if (v != 1) ++bad;
+  }
+  printf("total problems %d\n", bad);
+  return bad != 0;
+}
