@@ -16,7 +16,8 @@
 #   env     nvidia-smi, nvcc, package versions, git revision                      (60 s)
 #   deps    installs missing peft/segment_anything/pytest(-benchmark) from WHEELS  (60 s)
 #   build   the extension for this GPU's architecture only (9.0 -> 9.0a)          (240 s)
-#   smoke   tests/test_gpu_smoke.py: every backend x dtype x dropout on odd shapes,
+#   smoke   every CUDA kernel instantiation once (tests/test_cuda_gpu.py), then every
+#           backend x dtype x dropout on odd shapes (tests/test_gpu_smoke.py), with
 #           LORA_FUSED_TRITON_AUTOTUNE=0 (one config per kernel: no autotuning)  (120 s)
 #   layer   bench_layer.py on ViT-B's four linears at 1024 px, batch 4, bf16,
 #           r = 4 and 16, p = 0 and 0.1; nn.Linear, PEFT, addmm, triton, cuda
@@ -188,8 +189,9 @@ fi
     > "$WORK/backends.json" 2>&1 || true
 
 # -- smoke ------------------------------------------------------------------------------
-stage smoke 120 env LORA_FUSED_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_gpu_smoke.py -q -rfEs \
-    -p no:cacheprovider --junitxml="$WORK/smoke.xml"
+# Every CUDA kernel instantiation once (issue 11's "parity first"), then every backend x dtype.
+stage smoke 120 env LORA_FUSED_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_gpu_smoke.py tests/test_cuda_gpu.py \
+    -k "float64_reference or every_instantiation" -q -rfEs -p no:cacheprovider --junitxml="$WORK/smoke.xml"
 
 # -- layer benchmark --------------------------------------------------------------------
 if [ $DRY_RUN -eq 1 ]; then
