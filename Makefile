@@ -31,7 +31,7 @@ $(DEPS_STAMP): requirements-dev.txt requirements-common.txt
 
 # The extension builds against the torch in .venv, hence --no-build-isolation.
 $(BUILD_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
-	MAX_JOBS=$(MAX_JOBS) $(PIP) install --quiet --no-deps --no-build-isolation -e .
+	LORA_FUSED_NVCC_KEEP=1 MAX_JOBS=$(MAX_JOBS) $(PIP) install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(BUILD_STAMP)

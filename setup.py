@@ -25,9 +25,9 @@ Build time of the extension (measured 2026-12-01, `make build` after `rm
 .venv/.extension-built`, which recompiles everything, MAX_JOBS=2 on the shared 2-core
 machine at a load of about 10): CPU + CUDA for the default "8.0+PTX;9.0a" 3 min 10 s wall,
 75 s of CPU time; the CUDA part grows with each architecture listed, so a GPU machine
-builds just its own ("9.0a"). nvcc keeps its intermediates (PTX included) under
-build/nvcc, which tests/test_cuda_ptxas.py reads to check every kernel's ptxas report
-(no spills, shared memory within limits).
+builds just its own ("9.0a"). With LORA_FUSED_NVCC_KEEP=1 (set by `make build`) nvcc keeps
+its intermediates (PTX included, ~200 MB) under build/nvcc, which tests/test_cuda_ptxas.py
+reads to check every kernel's ptxas report (no spills, shared memory within limits).
 """
 
 from __future__ import annotations
@@ -134,7 +134,12 @@ def extensions_and_cmdclass():
     skip_reason = _cuda_reason_to_skip(torch, CUDA_HOME)
     if skip_reason is None:
         archs = os.environ.get("LORA_FUSED_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
-        NVCC_KEEP_DIR.mkdir(parents=True, exist_ok=True)
+        # The PTX nvcc keeps is what tests/test_cuda_ptxas.py reads (spills, shared memory); it
+        # is ~200 MB, so only builds that ask for it (make build: LORA_FUSED_NVCC_KEEP=1) keep it.
+        keep_flags = []
+        if os.environ.get("LORA_FUSED_NVCC_KEEP", "") not in ("", "0"):
+            NVCC_KEEP_DIR.mkdir(parents=True, exist_ok=True)
+            keep_flags = ["--keep", f"--keep-dir={NVCC_KEEP_DIR}"]
         cutlass = cutlass_include_dir()
         assert cutlass is not None  # _cuda_reason_to_skip checked it
         # CuTe needs relaxed constexpr and cutlass's half/bfloat16 operators, which torch's
@@ -142,7 +147,7 @@ def extensions_and_cmdclass():
         nvcc_flags = ["-O3", "-lineinfo", "-DLORA_FUSED_WITH_CUDA=1", *cuda_arch_flags(archs),
                       "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                       "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-                      "-U__CUDA_NO_HALF2_OPERATORS__", "--keep", f"--keep-dir={NVCC_KEEP_DIR}"]
+                      "-U__CUDA_NO_HALF2_OPERATORS__", *keep_flags]
         print(f"lora_fused: building CPU and CUDA kernels (archs {archs}, CUDA_HOME {CUDA_HOME}, CUTLASS {cutlass})")
         extension = CUDAExtension(
             "lora_fused._C",

@@ -39,6 +39,12 @@ at::Tensor with_unit_column_stride(const at::Tensor& t) {
   return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
 }
 
+// The leading dimension the kernels see: the row stride, or the row length for a single row
+// (whose stride is arbitrary and would needlessly disable the 16-byte vector loads).
+int64_t row_stride(const at::Tensor& t) {
+  return t.size(0) <= 1 ? t.size(1) : t.stride(0);
+}
+
 void check_grid_limits(const char* op, const Sizes& s) {
   TORCH_CHECK(s.N <= kMaxGridDimension && s.K <= kMaxGridDimension, op, ": N = ", s.N, " and K = ", s.K,
               " must be at most ", kMaxGridDimension, " on CUDA");
@@ -65,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const
   cuda::ForwardArgs args;
   args.dtype = kernel_dtype(dtype);
   args.x = x_k.data_ptr();
-  args.ldx = x_k.stride(0);
+  args.ldx = row_stride(x_k);
   args.weight = weight_c.data_ptr();
   args.bias = has_bias ? bias_c.data_ptr() : nullptr;
   args.lora_A = a_c.data_ptr();
@@ -118,9 +124,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   cuda::BackwardArgs args;
   args.dtype = kernel_dtype(dtype);
   args.grad_y = g_k.data_ptr();
-  args.ldg = g_k.stride(0);
+  args.ldg = row_stride(g_k);
   args.x = x_k.data_ptr();
-  args.ldx = x_k.stride(0);
+  args.ldx = row_stride(x_k);
   args.weight = weight_c.data_ptr();
   args.lora_A = a_c.data_ptr();
   args.lora_B = b_c.data_ptr();

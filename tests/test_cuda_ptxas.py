@@ -57,8 +57,10 @@ if _ptxas() is None:
     pytest.skip("no ptxas (CUDA toolkit) on this machine", allow_module_level=True)
 if not _kept_ptx():
     if os.environ.get("LORA_FUSED_REQUIRE_EXTENSION", "") not in ("", "0"):
-        raise RuntimeError(f"the CUDA build kept no PTX under {KEEP_DIR}; rebuild with `make build`")
-    pytest.skip(f"no PTX kept under {KEEP_DIR} (built before setup.py kept it); rebuild", allow_module_level=True)
+        raise RuntimeError(f"the CUDA build kept no PTX under {KEEP_DIR}; rebuild with `make build` "
+                           "(which sets LORA_FUSED_NVCC_KEEP=1)")
+    pytest.skip(f"no PTX kept under {KEEP_DIR}: build with LORA_FUSED_NVCC_KEEP=1 (make build does)",
+                allow_module_level=True)
 
 FUNCTION = re.compile(r"Function properties for (\S+)\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, "
                       r"(\d+) bytes spill loads\n(?:ptxas info\s*: )?Used (\d+) registers(.*)")
