@@ -4,6 +4,11 @@ Ampere (sm80/86/89) and Hopper (sm90+) get their own lists; the interpreter gets
 small config so the CPU tests stay fast. Configs are pruned by an estimate of shared
 memory and accumulator registers, which grow with the padded rank ``R_PAD``: ranks
 above 64 leave only the smaller tiles.
+
+``LORA_FUSED_TRITON_AUTOTUNE=0`` restricts every autotuned kernel to one config, the first
+its pruner keeps (the lists below are ordered best-first for their architecture), so a
+cold GPU run compiles one config per kernel and key instead of benchmarking them all
+(a smoke test in a short GPU slot). Read when a new autotune key is first pruned.
 """
 
 from __future__ import annotations
@@ -20,10 +25,16 @@ ROW_ALIGN_GPU = 128
 ROW_ALIGN_INTERPRETER = 32
 # Accumulator fp32 values a thread may hold before a config is considered to spill.
 MAX_ACCUMULATORS_PER_THREAD = 160
+AUTOTUNE_ENV_VAR = "LORA_FUSED_TRITON_AUTOTUNE"
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_enabled() -> bool:
+    """False when ``LORA_FUSED_TRITON_AUTOTUNE=0``: every kernel then runs the first config its pruner keeps."""
+    return os.environ.get(AUTOTUNE_ENV_VAR, "1").strip() != "0"
 
 
 def padded_rank(rank: int) -> int:
@@ -147,7 +158,7 @@ def _fits(config: triton.Config, shared_bytes: int, budget: int, accumulators: i
 
 def _keep_some(configs, kept, footprint, stage_bytes, budget):
     if kept:
-        return kept
+        return kept if autotune_enabled() else kept[:1]
     # Nothing fits (fp32 at large ranks): the smallest tile, with as few stages as its buffers need
     # to fit, since a lone config is launched without benchmarking and would fail with OutOfResources.
     smallest = copy.copy(min(configs, key=footprint))

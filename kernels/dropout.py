@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_fused.debug import poison_
 from lora_fused.dropout import dropout_threshold
 
 
@@ -43,12 +44,13 @@ def seed_as_int32(seed: int) -> int:
     return low - (1 << 32) if low >= (1 << 31) else low
 
 
-# An int argument equal to 1 would otherwise become a constexpr on GPU (no .to(); one compile per seed/threshold/row_start of 1).
-@triton.jit(do_not_specialize=["row_start", "seed", "threshold"])
+# An int argument equal to 1 would otherwise become a constexpr on GPU (no .to(), and one more compile
+# per argument that is 1): rows, row_start, seed and threshold stay runtime values.
+@triton.jit(do_not_specialize=["rows", "row_start", "seed", "threshold"])
 def _keep_mask_kernel(out_ptr, rows, K, row_start, seed, threshold, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_bounds = offs < rows * K
+    in_bounds = offs < rows.to(tl.int64) * K
     index = (row_start.to(tl.int64) * K) + offs
     keep = dropout_keep(seed, index, threshold)
     tl.store(out_ptr + offs, keep.to(tl.int8), mask=in_bounds)
@@ -61,7 +63,7 @@ def triton_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.de
     An inspection helper: the fused kernels never materialise the mask. ``row_start``
     lets a caller look at indices past 2**32 without allocating that many elements.
     """
-    out = torch.empty(rows, cols, dtype=torch.int8, device=device)
+    out = poison_(torch.empty(rows, cols, dtype=torch.int8, device=device))
     if rows * cols:
         block = 1024
         grid = (triton.cdiv(rows * cols, block),)

@@ -30,6 +30,7 @@ from .dropout import dropout_keep
     # stride_pk tells Aᵀ (k contiguous) from B (rank contiguous): same sizes, different best tiles.
     key=["K", "R_PAD", "M_BUCKET", "HAS_DROPOUT", "stride_pk"],
     prune_configs_by={"early_config_prune": prune_projection_configs},
+    cache_results=True,  # best configs persist in the Triton cache directory across processes
 )
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "R", "R_OUT", "seed", "dropout_threshold"])
 def thin_projection_kernel(
@@ -63,7 +64,8 @@ def thin_projection_kernel(
         in_ptrs += BLOCK_K * stride_ik
         p_ptrs += BLOCK_K * stride_pk
 
-    acc = acc * scale
+    # Zero-padded rank columns of P meet an inf in the input as inf·0 = NaN: keep them zero.
+    acc = tl.where(rank_ok[None, :], acc * scale, 0.0)
     out_ptrs = out_ptr + rows[:, None] * stride_om + ranks[None, :] * stride_or
     tl.store(out_ptrs, acc, mask=row_ok[:, None] & (ranks < R_OUT)[None, :])
 
