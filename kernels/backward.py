@@ -52,12 +52,9 @@ from .configs import (
     split_rows,
 )
 from .dropout import dropout_keep, seed_as_int32
+from .plan import DA_PLANNING_BLOCK_K, backward_fuses_gb
 from .projection import project_rows
 
-# Largest padded rank whose gb MMA stays inside the dx kernel's N loop.
-MAX_FUSED_R_PAD = 64
-# Column-block width the dA split count is planned for (its BLOCK_K is autotuned).
-DA_PLANNING_BLOCK_K = 64
 
 
 @triton.heuristics({"COMPUTE_DB": lambda args: args["db_partial_ptr"] is not None})
@@ -281,7 +278,7 @@ def lora_backward(
         # gb = g·B, fp32 [M, R_PAD] (padding columns zero): inside the dx kernel when it runs and the
         # rank is small, else from the thin projection kernel.
         gb = poison_(torch.empty(M, r_pad, dtype=f32, device=device))
-        fused_gb = compute_dx and r_pad <= MAX_FUSED_R_PAD
+        fused_gb = backward_fuses_gb(compute_dx, r_pad)
         if not fused_gb:
             project_rows(grad_y, lora_B, lora_B.stride(0), lora_B.stride(1), R, gb, r_pad,
                          1.0, 0, 0, bf16_fixes, precision)

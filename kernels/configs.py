@@ -142,13 +142,18 @@ def target_programs(device: torch.device) -> int:
     return 2 * _device_limits(device.index if device.index is not None else torch.cuda.current_device())[1]
 
 
-def split_rows(m: int, other_blocks: int, device: torch.device) -> tuple[int, int]:
-    """(splits, rows_per_split) for a deterministic split-M reduction with ``other_blocks`` column blocks."""
+def split_rows_for(m: int, other_blocks: int, programs: int) -> tuple[int, int]:
+    """(splits, rows_per_split) of a deterministic split-M reduction aiming at ``programs`` programs in all."""
     align = row_align()
-    wanted = max(1, triton.cdiv(target_programs(device), max(other_blocks, 1)))
+    wanted = max(1, triton.cdiv(programs, max(other_blocks, 1)))
     splits = max(1, min(wanted, triton.cdiv(m, align)))
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), align) * align
     return triton.cdiv(m, rows_per_split), rows_per_split
+
+
+def split_rows(m: int, other_blocks: int, device: torch.device) -> tuple[int, int]:
+    """(splits, rows_per_split) for a deterministic split-M reduction with ``other_blocks`` column blocks."""
+    return split_rows_for(m, other_blocks, target_programs(device))
 
 
 def _fits(config: triton.Config, shared_bytes: int, budget: int, accumulators: int) -> bool:

@@ -24,7 +24,7 @@ Schedules, chosen per call:
   element of x), then the GEMM kernel runs with ``PRECOMPUTED_XA`` and loads it.
 
 Cost (``kernels/plan.py`` and benchmarks/cost_model.py): the pre-pass reads x once more
-from memory and costs one more launch. ``MAX_FUSED_R_PAD`` is the switch-over rank.
+from memory and costs one more launch. ``plan.MAX_FUSED_R_PAD`` is the switch-over rank.
 """
 
 from __future__ import annotations
@@ -39,10 +39,9 @@ from lora_fused.dropout import dropout_scale, dropout_threshold
 from .common import accumulate_product, cast_to, device_guard, dot_operand, input_precision, interpreted_bf16
 from .configs import gemm_configs, m_bucket, padded_rank, prune_gemm_configs
 from .dropout import seed_as_int32
+from .plan import forward_uses_prepass
 from .projection import project_rows
 
-# Largest padded rank whose xa MMA stays inside the fused kernel's K loop when p = 0.
-MAX_FUSED_R_PAD = 64
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
@@ -134,8 +133,7 @@ def lora_forward(
 
     r_pad = padded_rank(R)
     bf16_fixes, precision = interpreted_bf16(x.dtype), input_precision(x.dtype)
-    # N = 0 launches no GEMM program, so xa comes from the pre-pass there too.
-    precomputed = dropout_p > 0 or r_pad > MAX_FUSED_R_PAD or N == 0
+    precomputed = forward_uses_prepass(N, r_pad, dropout_p)  # N = 0 included: no GEMM program would store xa
     with device_guard(x):
         if precomputed:
             # xa[m, r] = (1/(1-p)) · Σ_k (x ⊙ mask)[m, k] · A[r, k]: P[k, r] = A[r, k].

@@ -59,7 +59,7 @@ def compile_all(arch: int, dtype: str) -> None:
     import torch
     import triton
 
-    from lora_fused.kernels import backward, configs, dropout, forward, projection
+    from lora_fused.kernels import backward, configs, dropout, forward, plan, projection
 
     ptr = f"*{dtype}"
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
@@ -113,7 +113,7 @@ def compile_all(arch: int, dtype: str) -> None:
                     "gb_ptr": "*fp32", "lora_scale": "fp32"}
         proj_types = {"in_ptr": p, "p_ptr": p, "out_ptr": "*fp32", "scale": "fp32"}
         for r_pad in (64, 256):
-            fused = r_pad <= forward.MAX_FUSED_R_PAD
+            fused = r_pad <= plan.MAX_FUSED_R_PAD
             flags = {"R_PAD": r_pad, **prec}
             fwd = {**flags, "HAS_BIAS": True, "PRECOMPUTED_XA": not fused}
             for c in _kept(configs.prune_gemm_configs, gemm_tiles, arch, {"w_ptr": w}, **fwd):
