@@ -164,7 +164,8 @@ def _input_grad_kernel(
     acc = tl.dot(dot_operand(gb_rounded, INTERPRETED_BF16), dot_operand(a, INTERPRETED_BF16),
                  input_precision=INPUT_PRECISION) * lora_scale
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold)
+        first = pid_m.to(tl.int64) * BLOCK_M * K  # the row block's indices: one key mix per tile
+        keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold, first, first + BLOCK_M * K - 1)
         acc = tl.where(keep, acc, 0.0)
     acc = accumulate_product(acc, g_ptrs, w_ptrs, BLOCK_K * stride_gn, BLOCK_K * stride_wn, N, row_ok, col_ok,
                              BLOCK_K, INTERPRETED_BF16, INPUT_PRECISION)
@@ -204,7 +205,9 @@ def _lora_a_grad_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold)
+            # Bounds of the split's indices: one key mix per tile unless the split crosses a multiple of 2**32.
+            keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold,
+                                row_start.to(tl.int64) * K, row_end.to(tl.int64) * K - 1)
             x = tl.where(keep, x, 0.0)
         gb = tl.load(gb_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=row_ok[:, None], other=0.0)
         gb = cast_to(gb, x_ptr.dtype.element_ty, INTERPRETED_BF16)

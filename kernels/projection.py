@@ -57,7 +57,9 @@ def thin_projection_kernel(
         tile = tl.load(in_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         p = tl.load(p_ptrs, mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows[:, None] * K + (k0 + steps)[None, :], dropout_threshold)
+            first = pid_m.to(tl.int64) * BLOCK_M * K  # the row block's indices: one key mix per tile
+            keep = dropout_keep(seed, rows[:, None] * K + (k0 + steps)[None, :], dropout_threshold,
+                                first, first + BLOCK_M * K - 1)
             tile = tl.where(keep, tile, 0.0)
         acc = tl.dot(dot_operand(tile, INTERPRETED_BF16), dot_operand(p, INTERPRETED_BF16), acc,
                      input_precision=INPUT_PRECISION)
