@@ -23,8 +23,9 @@ import triton
 # Rows a split-M program owns are a multiple of this, so every BLOCK_M below divides them.
 ROW_ALIGN_GPU = 128
 ROW_ALIGN_INTERPRETER = 32
-# Accumulator fp32 values a thread may hold before a config is considered to spill.
-MAX_ACCUMULATORS_PER_THREAD = 160
+# Live 32-bit register values per thread (the estimates below) above which a config is taken to spill.
+# Calibrated against ptxas -v on sm90 (tests/test_triton_gpu_kept_configs.py compiles every kept config).
+MAX_ACCUMULATORS_PER_THREAD = 156
 AUTOTUNE_ENV_VAR = "LORA_FUSED_TRITON_AUTOTUNE"
 
 
@@ -74,6 +75,7 @@ _GEMM_AMPERE = [
     _tile(64, 256, 32, 4, 4),
     _tile(32, 64, 64, 4, 5),
     _tile(32, 64, 32, 2, 5),
+    _tile(32, 64, 32, 8, 3),  # R_PAD 256: the xa/gb tile and the rank operand spread over 8 warps
 ]
 
 _GEMM_HOPPER = [
@@ -86,6 +88,7 @@ _GEMM_HOPPER = [
     _tile(64, 128, 64, 4, 4),
     _tile(64, 64, 64, 4, 4),
     _tile(32, 64, 64, 4, 5),
+    _tile(32, 64, 64, 8, 3),  # R_PAD 256: the xa/gb tile and the rank operand spread over 8 warps
 ]
 
 
@@ -198,8 +201,14 @@ def prune_gemm_configs(configs, named_args, **kwargs):
         m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         return (m * k + k * n + (k * r_pad if rank_tile_in_loop else 0)) * elt
 
+    dropout = _flag("HAS_DROPOUT", named_args, kwargs)
+
     def accumulators(c):
-        return c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + r_pad)
+        # [BM, BN] accumulator, [BM, R_PAD] xa/gb, the [R_PAD, BN] B/A tile of the LoRA term (loaded
+        # through registers: one per 16-bit element), and with dropout one more [BM, BN] tile of hash
+        # temporaries beside the LoRA term.
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return m * n * (2 if dropout else 1) + m * r_pad + r_pad * n * elt / 2
 
     kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
     return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)
@@ -215,7 +224,7 @@ def prune_gpass_configs(configs, named_args, **kwargs):
         return c.kwargs["BLOCK_M"] * (block_n * tensor.element_size() + r_pad * 4)
 
     def accumulators(c):
-        return block_n * r_pad
+        return (block_n + c.kwargs["BLOCK_M"]) * r_pad  # dB accumulator and the fp32 xa tile
 
     kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
     return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)
@@ -230,8 +239,12 @@ def prune_lora_a_grad_configs(configs, named_args, **kwargs):
     def stage_bytes(c):
         return c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_K"] * tensor.element_size() + r_pad * 4)
 
+    dropout = _flag("HAS_DROPOUT", named_args, kwargs)
+
     def accumulators(c):
-        return r_pad * c.kwargs["BLOCK_K"]
+        # [R_PAD, BK] accumulator; with dropout the hashed x tile and two tiles of hash temporaries.
+        hashed = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] * (2 + tensor.element_size() / 4) if dropout else 0
+        return r_pad * c.kwargs["BLOCK_K"] + hashed
 
     kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
     return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)
@@ -246,8 +259,14 @@ def prune_projection_configs(configs, named_args, **kwargs):
     def stage_bytes(c):
         return (c.kwargs["BLOCK_M"] + r_pad) * c.kwargs["BLOCK_K"] * tensor.element_size()
 
+    dropout = _flag("HAS_DROPOUT", named_args, kwargs)
+
     def accumulators(c):
-        return c.kwargs["BLOCK_M"] * r_pad
+        # [BM, R_PAD] accumulator; with dropout the hashed tile, three tiles of hash temporaries and
+        # the [BK, R_PAD] operand beside them.
+        m, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
+        hashed = m * k * (3 + tensor.element_size() / 4) + k * r_pad * tensor.element_size() / 2 if dropout else 0
+        return m * r_pad + hashed
 
     kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
     return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)

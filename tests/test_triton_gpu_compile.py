@@ -26,6 +26,15 @@ UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_ak", "stride_yn", "stride_xar"
 
 
 def _compile(kernel, pointer_types, constexprs, arch, num_warps, num_stages):
+    return _compile_with(kernel, pointer_types, constexprs, arch, num_warps, num_stages, set())
+
+
+def _compile_with(kernel, pointer_types, constexprs, arch, num_warps, num_stages, not_divisible):
+    """Compile as a launch would specialise: pointers, strides and sizes 16-divisible unless in ``not_divisible``.
+
+    Pointers, strides, M, N, K and the rank-sized R / R_OUT (when the rank is a multiple of 16)
+    get ``tt.divisibility = 16``; unit strides become constexpr 1.
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -33,10 +42,12 @@ def _compile(kernel, pointer_types, constexprs, arch, num_warps, num_stages):
     fn = kernel
     while not isinstance(fn, triton.runtime.jit.JITFunction):
         fn = fn.fn
-    constexprs = {**constexprs, **{n: 1 for n in fn.arg_names if n in UNIT_STRIDES}}
+    constexprs = {**constexprs, **{n: 1 for n in fn.arg_names if n in UNIT_STRIDES and n not in constexprs}}
     signature = {n: "constexpr" if n in constexprs else pointer_types.get(n, "i32") for n in fn.arg_names}
+    sizes = ("M", "N", "K", "R", "R_OUT")
     divisible = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
-                 if n not in constexprs and (n.endswith("_ptr") or n.startswith("stride_") or n in ("M", "N", "K"))}
+                 if n not in constexprs and n not in not_divisible
+                 and (n.endswith("_ptr") or n.startswith("stride_") or n in sizes)}
     source = ASTSource(fn=fn, signature=signature, attrs=divisible,
                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
