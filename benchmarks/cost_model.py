@@ -96,7 +96,8 @@ def peft_plan(M, K, N, r, elt, p):
         forward.append(_op("dropout", x, x + mask))
     forward += [_op("lora_A mm", x + a, xa, 2 * M * K * r), _op("lora_B mm", xa + b, y, 2 * M * N * r),
                 _op("mul s", y, y), _op("add", 2 * y, y)]
-    backward = [_op("mul s", y, y), _op("lora_B dx", y + b, xa, 2 * M * N * r), _op("lora_B dW", y + xa, b, 2 * M * N * r),
+    backward = [_op("mul s", y, y), _op("lora_B dx", y + b, xa, 2 * M * N * r),
+                _op("lora_B dW", y + xa, b, 2 * M * N * r),
                 _op("lora_A dx", xa + a, x, 2 * M * K * r), _op("lora_A dW", xa + x, a, 2 * M * K * r)]
     if p > 0:
         backward.append(_op("dropout backward", x + mask, x))

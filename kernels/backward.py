@@ -51,7 +51,7 @@ from .configs import (
     prune_lora_a_grad_configs,
     split_rows,
 )
-from .dropout import dropout_keep, seed_as_int32
+from .dropout import dropout_keep, index_below_2_32, seed_as_int32
 from .plan import DA_PLANNING_BLOCK_K, backward_fuses_gb
 from .projection import project_rows
 
@@ -103,7 +103,8 @@ def _gpass_kernel(
         tl.store(db_partial_ptr + split_offset + cols, db, mask=col_ok)
 
 
-@triton.heuristics({"HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0})
+@triton.heuristics({"HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0,
+                    "INDEX_BELOW_2_32": lambda args: index_below_2_32(args["M"], args["K"])})
 @triton.autotune(
     configs=gemm_configs(),
     key=["N", "K", "R_PAD", "M_BUCKET", "HAS_DROPOUT", "PRECOMPUTED_GB"],
@@ -117,7 +118,7 @@ def _input_grad_kernel(
     stride_gm, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_dxm, stride_dxk,
     lora_scale, seed, dropout_threshold,
-    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECOMPUTED_GB: tl.constexpr,
+    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, INDEX_BELOW_2_32: tl.constexpr, PRECOMPUTED_GB: tl.constexpr,
     INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -164,8 +165,7 @@ def _input_grad_kernel(
     acc = tl.dot(dot_operand(gb_rounded, INTERPRETED_BF16), dot_operand(a, INTERPRETED_BF16),
                  input_precision=INPUT_PRECISION) * lora_scale
     if HAS_DROPOUT:
-        first = pid_m.to(tl.int64) * BLOCK_M * K  # the row block's indices: one key mix per tile
-        keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold, first, first + BLOCK_M * K - 1)
+        keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold, INDEX_BELOW_2_32)
         acc = tl.where(keep, acc, 0.0)
     acc = accumulate_product(acc, g_ptrs, w_ptrs, BLOCK_K * stride_gn, BLOCK_K * stride_wn, N, row_ok, col_ok,
                              BLOCK_K, INTERPRETED_BF16, INPUT_PRECISION)
@@ -173,7 +173,8 @@ def _input_grad_kernel(
     tl.store(dx_ptrs, cast_to(acc, dx_ptr.dtype.element_ty, INTERPRETED_BF16), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.heuristics({"HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0})
+@triton.heuristics({"HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0,
+                    "INDEX_BELOW_2_32": lambda args: index_below_2_32(args["M"], args["K"])})
 @triton.autotune(
     configs=lora_a_grad_configs(),
     key=["K", "R_PAD", "M_BUCKET", "HAS_DROPOUT"],
@@ -186,7 +187,7 @@ def _lora_a_grad_kernel(
     M, K, rows_per_split, M_BUCKET,
     stride_xm, stride_xk,
     seed, dropout_threshold,
-    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, INDEX_BELOW_2_32: tl.constexpr,
     INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -205,9 +206,7 @@ def _lora_a_grad_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            # Bounds of the split's indices: one key mix per tile unless the split crosses a multiple of 2**32.
-            keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold,
-                                row_start.to(tl.int64) * K, row_end.to(tl.int64) * K - 1)
+            keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold, INDEX_BELOW_2_32)
             x = tl.where(keep, x, 0.0)
         gb = tl.load(gb_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=row_ok[:, None], other=0.0)
         gb = cast_to(gb, x_ptr.dtype.element_ty, INTERPRETED_BF16)
@@ -334,5 +333,6 @@ def lora_backward(
             seed32, threshold,
             R_PAD=r_pad, INTERPRETED_BF16=bf16_fixes, INPUT_PRECISION=precision,
         )
-        dA = _sum_partials(dA_partial, poison_(torch.empty(R, K, dtype=lora_A.dtype, device=device)), scaling * keep_scale)
+        dA = poison_(torch.empty(R, K, dtype=lora_A.dtype, device=device))
+        _sum_partials(dA_partial, dA, scaling * keep_scale)
     return dx, dA, dB, db

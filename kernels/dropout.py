@@ -28,24 +28,26 @@ def _mix32(x):
 
 
 @triton.jit
-def dropout_keep(seed, index, threshold, first_index, last_index):
+def dropout_keep(seed, index, threshold, INDEX_BELOW_2_32: tl.constexpr):
     """Boolean keep mask for int64 linear ``index`` under a 32-bit ``seed`` (passed as int32).
 
-    ``first_index`` / ``last_index`` bound the tile's indices (any bounds that contain them).
-    The key mix of the index's high word is uniform over a tile that does not cross a
-    multiple of 2**32, so there it is computed once per tile instead of once per element
-    (a third of the hash's work); a tile that crosses one mixes a key per element.
+    ``INDEX_BELOW_2_32``: every index of the launch is below 2**32 (the launcher knows: M·K),
+    so the key mix of the index's high word is one value for the whole launch, computed once
+    instead of once per element (a third of the hash's work); otherwise a key per element.
     """
     index = index.to(tl.int64)
     lo = (index & 0xFFFFFFFF).to(tl.uint32)
-    hi_first = (first_index.to(tl.int64) >> 32).to(tl.uint32)
-    if hi_first == (last_index.to(tl.int64) >> 32).to(tl.uint32):
-        key = _mix32(seed.to(tl.uint32) ^ (hi_first * 0x9E3779B9))
-        hashed = _mix32(_mix32(lo ^ key) + key)
+    if INDEX_BELOW_2_32:
+        key = _mix32(seed.to(tl.uint32))  # high word 0: seed ^ (0 * 0x9E3779B9)
     else:
-        keys = _mix32(seed.to(tl.uint32) ^ ((index >> 32).to(tl.uint32) * 0x9E3779B9))
-        hashed = _mix32(_mix32(lo ^ keys) + keys)
+        key = _mix32(seed.to(tl.uint32) ^ ((index >> 32).to(tl.uint32) * 0x9E3779B9))
+    hashed = _mix32(_mix32(lo ^ key) + key)
     return (hashed >> 8) >= threshold.to(tl.uint32)
+
+
+def index_below_2_32(rows: int, cols: int) -> bool:
+    """Whether the linear indices ``row·cols + col`` of ``rows`` rows all stay below 2**32."""
+    return rows * cols <= 2**32
 
 
 def seed_as_int32(seed: int) -> int:
@@ -57,14 +59,13 @@ def seed_as_int32(seed: int) -> int:
 # An int argument equal to 1 would otherwise become a constexpr on GPU (no .to(), and one more compile
 # per argument that is 1): rows, row_start, seed and threshold stay runtime values.
 @triton.jit(do_not_specialize=["rows", "row_start", "seed", "threshold"])
-def _keep_mask_kernel(out_ptr, rows, K, row_start, seed, threshold, BLOCK: tl.constexpr):
+def _keep_mask_kernel(out_ptr, rows, K, row_start, seed, threshold, BLOCK: tl.constexpr,
+                      INDEX_BELOW_2_32: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_bounds = offs < rows.to(tl.int64) * K
-    index_start = row_start.to(tl.int64) * K
-    index = index_start + offs
-    keep = dropout_keep(seed, index, threshold, index_start + pid.to(tl.int64) * BLOCK,
-                        index_start + pid.to(tl.int64) * BLOCK + BLOCK - 1)
+    index = row_start.to(tl.int64) * K + offs
+    keep = dropout_keep(seed, index, threshold, INDEX_BELOW_2_32)
     tl.store(out_ptr + offs, keep.to(tl.int8), mask=in_bounds)
 
 
@@ -79,5 +80,6 @@ def triton_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.de
     if rows * cols:
         block = 1024
         grid = (triton.cdiv(rows * cols, block),)
-        _keep_mask_kernel[grid](out, rows, cols, row_start, seed_as_int32(seed), dropout_threshold(p), BLOCK=block)
+        _keep_mask_kernel[grid](out, rows, cols, row_start, seed_as_int32(seed), dropout_threshold(p), BLOCK=block,
+                                INDEX_BELOW_2_32=index_below_2_32(row_start + rows, cols))
     return out.bool()

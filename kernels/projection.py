@@ -21,10 +21,11 @@ import triton.language as tl
 
 from .common import dot_operand
 from .configs import m_bucket, projection_configs, prune_projection_configs
-from .dropout import dropout_keep
+from .dropout import dropout_keep, index_below_2_32
 
 
-@triton.heuristics({"HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0})
+@triton.heuristics({"HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0,
+                    "INDEX_BELOW_2_32": lambda args: index_below_2_32(args["M"], args["K"])})
 @triton.autotune(
     configs=projection_configs(),
     # stride_pk tells Aᵀ (k contiguous) from B (rank contiguous): same sizes, different best tiles.
@@ -38,7 +39,7 @@ def thin_projection_kernel(
     M, K, R, R_OUT, M_BUCKET,
     stride_im, stride_ik, stride_pk, stride_pr, stride_om, stride_or,
     scale, seed, dropout_threshold,
-    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, INDEX_BELOW_2_32: tl.constexpr,
     INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -57,9 +58,7 @@ def thin_projection_kernel(
         tile = tl.load(in_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         p = tl.load(p_ptrs, mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            first = pid_m.to(tl.int64) * BLOCK_M * K  # the row block's indices: one key mix per tile
-            keep = dropout_keep(seed, rows[:, None] * K + (k0 + steps)[None, :], dropout_threshold,
-                                first, first + BLOCK_M * K - 1)
+            keep = dropout_keep(seed, rows[:, None] * K + (k0 + steps)[None, :], dropout_threshold, INDEX_BELOW_2_32)
             tile = tl.where(keep, tile, 0.0)
         acc = tl.dot(dot_operand(tile, INTERPRETED_BF16), dot_operand(p, INTERPRETED_BF16), acc,
                      input_precision=INPUT_PRECISION)

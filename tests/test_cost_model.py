@@ -41,7 +41,8 @@ def recorded_launches(monkeypatch):
 
 @pytest.mark.skipif(not INTERPRETING, reason="counts launches through the Triton interpreter (TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("rank,dropout_p,compute_dx,compute_db", [
-    (4, 0.0, True, True), (4, 0.1, True, False), (100, 0.0, True, True), (4, 0.0, False, True), (100, 0.3, False, False),
+    (4, 0.0, True, True), (4, 0.1, True, False), (100, 0.0, True, True), (4, 0.0, False, True),
+    (100, 0.3, False, False),
 ])
 def test_launches_match_the_plan(recorded_launches, rank, dropout_p, compute_dx, compute_db):
     M, K, N = 40, 33, 45
