@@ -7,6 +7,7 @@ from .inject import (
     InjectionReport,
     inject_lora,
     mark_trainable,
+    merge_and_unload,
     merge_lora,
     parameter_report,
     set_adapter,
@@ -14,7 +15,7 @@ from .inject import (
 )
 from .layer import LoRAAdapter, LoRALinear
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 
 __all__ = [
     "BackendUnavailableError",
@@ -28,6 +29,7 @@ __all__ = [
     "load_adapter",
     "lora_linear",
     "mark_trainable",
+    "merge_and_unload",
     "merge_lora",
     "parameter_report",
     "save_adapter",

@@ -1,7 +1,8 @@
 """Adapter I/O in PEFT's format, and conversion of PEFT models.
 
 Files (as ``PeftModel.save_pretrained`` writes them): ``adapter_model.safetensors`` with keys
-``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (no adapter name in the key),
+``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (no adapter name in the key)
+plus ``base_model.model.<module>.<tensor>`` for every tensor of a module in ``modules_to_save``,
 and ``adapter_config.json`` with ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``rank_pattern`` /
 ``alpha_pattern`` for layers that differ, ``target_modules`` and the rest. PEFT loads what
 :func:`save_adapter` writes; :func:`load_adapter` reads that and PEFT's own files.
@@ -16,13 +17,22 @@ import re
 import tempfile
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .inject import _parent_and_attr, lora_layers
-from .layer import DEFAULT_ADAPTER, LoRALinear
+from . import peft_config
+from .inject import (
+    _parent_and_attr,
+    lora_layers,
+    record_modules_to_save,
+    recorded_modules_to_save,
+    replace_everywhere,
+    selected_linears,
+)
+from .layer import DEFAULT_ADAPTER, LoRALinear, _check_hyperparameters
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_BIN = "adapter_model.bin"
@@ -33,33 +43,11 @@ KEY_PREFIX = "base_model.model."
 CONFIG_DIGEST_KEY = "lora_fused_config_sha256"
 _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 
-# Config fields that change what an adapter computes and that LoRALinear does not implement:
-# (field, value meaning "off", what it is).
-_UNSUPPORTED_CONFIG = (
-    ("use_dora", False, "DoRA (use_dora=True)"),
-    ("fan_in_fan_out", False, "fan_in_fan_out=True (Conv1D-style transposed weights)"),
-    ("lora_bias", False, "a trainable LoRA bias (lora_bias=True)"),
-    ("bias", "none", "trained base biases (bias != 'none')"),
-    ("modules_to_save", None, "modules_to_save (fully trained extra modules)"),
-    ("trainable_token_indices", None, "trainable token indices"),
-    ("layer_replication", None, "layer_replication"),
-    ("target_parameters", None, "LoRA on parameters (target_parameters)"),
-    ("alora_invocation_tokens", None, "activated LoRA (alora_invocation_tokens)"),
-    ("use_qalora", False, "QA-LoRA (use_qalora=True)"),
-    ("use_bdlora", None, "block-diagonal LoRA (use_bdlora)"),
-)
+# PEFT's older saves kept this segment in modules_to_save keys (``head.modules_to_save.weight``).
+_MODULES_TO_SAVE_SEGMENT = ".modules_to_save."
 
 
 # -- pattern helpers (PEFT's matching rules) ---------------------------------------------
-def _pattern_value(patterns: dict, module_name: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup: the first key ``k`` for which the module
-    name matches ``(.*\\.)?(k)$`` from its start."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default
-
-
 def _exact_pattern(module_name: str) -> str:
     # '^' inside PEFT's "(.*\.)?(...)$" can only match at position 0, so no other module
     # whose name merely ends with this one picks up the pattern.
@@ -104,7 +92,7 @@ def _collect_for_save(model: nn.Module, adapter_name: str | None):
     return adapter_name, chosen
 
 
-def _build_config(model: nn.Module, chosen) -> dict:
+def _build_config(model: nn.Module, chosen, modules_to_save: list[str]) -> dict:
     rslora = {adapter.use_rslora for _, adapter in chosen}
     if len(rslora) > 1:
         raise ValueError("save_adapter: the adapter mixes use_rslora=True and False across layers; "
@@ -136,7 +124,7 @@ def _build_config(model: nn.Module, chosen) -> dict:
         "use_dora": False,
         "lora_bias": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save or None,
         "layers_to_transform": None,
         "layers_pattern": None,
     }
@@ -156,27 +144,73 @@ def _write_temp(path: Path, data: bytes) -> str:
     return tmp
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
+def _modules_to_save_tensors(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The state of each extra module under PEFT's keys (``base_model.model.<module>.<tensor>``),
+    refusing names PEFT would read differently (its suffix rule selecting other modules too)."""
+    lora_prefixes = tuple(name + "." for name, _ in lora_layers(model))
+    all_names = [n for n, _ in model.named_modules(remove_duplicate=False) if n and not n.startswith(lora_prefixes)]
+    tensors = {}
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise KeyError(f"save_adapter: modules_to_save names {name!r}, which {type(model).__name__} does not "
+                           "have") from None
+        inner = [n for n, _ in lora_layers(module)]
+        if inner:
+            raise ValueError(f"save_adapter: module_to_save {name!r} holds LoRA layers (e.g. {inner[0]!r}); a module "
+                             "is either trained fully or adapted by LoRA")
+        others = [n for n in all_names
+                  if n.endswith(name) and n != name and not n.startswith(name + ".") and
+                  model.get_submodule(n) is not module]
+        if others:
+            raise ValueError(f"save_adapter: PEFT selects modules_to_save by name suffix, so {name!r} would also "
+                             f"select {others[:3]}; rename the module or save without it")
+        state = module.state_dict()
+        if not state:
+            raise ValueError(f"save_adapter: module_to_save {name!r} has no parameters or buffers to save")
+        for key, tensor in state.items():
+            tensors[f"{KEY_PREFIX}{name}.{key}"] = tensor.detach().to("cpu").contiguous()
+    return tensors
+
+
+def _remove_stale_temps(directory: Path) -> None:
+    """Temp files a killed earlier save left behind (ours only: ``.<file name>.<random>.tmp``)."""
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        for stale in directory.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None,
+                 modules_to_save: list[str] | None = None) -> Path:
     """Save one adapter of ``model``'s LoRA layers to directory ``path`` in PEFT's format.
 
-    ``adapter_name=None`` saves the active adapter. Tensors keep their stored dtype. Both
-    files are written to temp files first and then renamed over the old ones, so an
-    interrupted save leaves the previous adapter whole. Returns the directory.
+    ``adapter_name=None`` saves the active adapter. ``modules_to_save`` names fully trained
+    extra modules to store with it as PEFT's ``modules_to_save`` (PEFT restores them too);
+    ``None`` means those given to :func:`inject_lora` or read by :func:`load_adapter`, ``[]``
+    none. Tensors keep their stored dtype. Both files are written to temp files first and
+    then renamed over the old ones, so an interrupted save leaves the previous adapter
+    whole; temp files left by a killed save are removed by the next one (one saver per
+    directory at a time). Returns the directory.
     """
     from safetensors.torch import save as safetensors_save
 
     _, chosen = _collect_for_save(model, adapter_name)
-    config = _build_config(model, chosen)
+    extra_names = list(recorded_modules_to_save(model) if modules_to_save is None else modules_to_save)
+    extra_tensors = _modules_to_save_tensors(model, extra_names)
+    config = _build_config(model, chosen, extra_names)
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     tensors = {}
     for name, adapter in chosen:
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = adapter.lora_A.detach().to("cpu").contiguous()
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = adapter.lora_B.detach().to("cpu").contiguous()
+    tensors.update(extra_tensors)
     metadata = {"format": "pt", CONFIG_DIGEST_KEY: hashlib.sha256(config_bytes).hexdigest()}
     weights_bytes = safetensors_save(tensors, metadata=metadata)
 
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(directory)
     temps: list[str] = []
     try:
         temps.append(_write_temp(directory / WEIGHTS_NAME, weights_bytes))
@@ -206,8 +240,12 @@ def _read_adapter_files(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]
     config_bytes = config_path.read_bytes()
     try:
         config = json.loads(config_bytes)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"load_adapter: {config_path} is not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        kind = "null" if config is None else {list: "list", str: "string"}.get(type(config), "number")
+        raise ValueError(f"load_adapter: {config_path} holds a JSON {kind}, not an object with the adapter's "
+                         "settings (peft_type, r, lora_alpha, target_modules, ...)")
 
     safetensors_path, bin_path = directory / WEIGHTS_NAME, directory / WEIGHTS_NAME_BIN
     if safetensors_path.is_file():
@@ -233,32 +271,79 @@ def _read_adapter_files(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]
     return config, tensors
 
 
-def _check_config(config: dict, config_path: Path) -> None:
+@dataclass(frozen=True)
+class _AdapterSettings:
+    rank: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+    rank_pattern: dict
+    alpha_pattern: dict
+    modules_to_save: list[str]
+    target_modules: object
+    exclude_modules: object
+
+
+def _check_selector(value, field: str, where: str):
+    """A saved target_modules / exclude_modules: null, a regex (or "all-linear"), or a list of names."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.lower() != peft_config.ALL_LINEAR:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{where}: {field} {value!r} is not a valid regular expression ({exc})") from None
+        return value
+    if isinstance(value, list) and all(isinstance(entry, str) for entry in value):
+        return value
+    raise ValueError(f"{where}: {field} must be null, a regex string or a list of module names, got {value!r}")
+
+
+def _check_config(config: dict, config_path: Path) -> _AdapterSettings:
+    """Every setting of the file, validated (before anything in the model changes)."""
+    where = f"load_adapter: {config_path}"
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        raise ValueError(f"load_adapter: {config_path} has peft_type={peft_type!r}; only 'LORA' adapters are supported")
-    for field, off, what in _UNSUPPORTED_CONFIG:
-        value = config.get(field, off)
-        if value != off and value not in (None, False, [], {}):
-            raise ValueError(f"load_adapter: {config_path} uses {what}, which LoRALinear does not support "
-                             f"({field}={value!r})")
+        raise ValueError(f"{where} has peft_type={peft_type!r}; only 'LORA' adapters are supported")
+    peft_config.check_supported(config, where)
     for field in ("r", "lora_alpha"):
         if field not in config:
-            raise ValueError(f"load_adapter: {config_path} lacks the field {field!r}")
+            raise ValueError(f"{where} lacks the field {field!r}")
+    dropout = config.get("lora_dropout") or 0.0
+    try:
+        _check_hyperparameters(config["r"], config["lora_alpha"], dropout)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc} (fields r, lora_alpha, lora_dropout)") from None
+    return _AdapterSettings(
+        rank=config["r"], alpha=float(config["lora_alpha"]), dropout=float(dropout),
+        use_rslora=bool(config.get("use_rslora", False)),
+        rank_pattern=peft_config.check_patterns(config.get("rank_pattern"), "rank_pattern", where),
+        alpha_pattern=peft_config.check_patterns(config.get("alpha_pattern"), "alpha_pattern", where),
+        modules_to_save=peft_config.check_modules_to_save(config.get("modules_to_save"), where),
+        target_modules=_check_selector(config.get("target_modules"), "target_modules", where),
+        exclude_modules=_check_selector(config.get("exclude_modules"), "exclude_modules", where),
+    )
 
 
-def _group_tensors(tensors: dict[str, torch.Tensor], weights_path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """``{module_name: {"lora_A": A, "lora_B": B}}`` from the file's keys, refusing anything else."""
+def _split_tensors(tensors: dict[str, torch.Tensor], weights_path: Path, takes_extras: bool):
+    """``({module: {"lora_A": A, "lora_B": B}}, {extra-module key: tensor})`` from the file's keys
+    (without PEFT's prefix); anything else is refused."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
+    extras: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         short = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
         match = _KEY_RE.match(short)
         if match is None:
             feature = next((f for marker, f in (("lora_magnitude_vector", "DoRA"),
                                                 ("lora_embedding_", "embedding LoRA"),
-                                                ("lora_A.bias", "LoRA bias"), ("lora_B.bias", "LoRA bias"),
-                                                ("modules_to_save", "modules_to_save"))
-                            if marker in key), "a tensor that is not a LoRA A/B weight")
+                                                ("lora_A.bias", "LoRA bias"), ("lora_B.bias", "LoRA bias"))
+                            if marker in key), None)
+            if feature is None and takes_extras:
+                extras[short.replace(_MODULES_TO_SAVE_SEGMENT, ".")] = tensor
+                continue
+            feature = feature or ("modules_to_save, but the config lists none" if "modules_to_save" in key else
+                                  "a tensor that is not a LoRA A/B weight, and the config has no modules_to_save")
             raise ValueError(f"load_adapter: {weights_path} holds key {key!r} ({feature}), "
                              "which LoRALinear does not support")
         if tensor.dim() != 2:
@@ -271,7 +356,91 @@ def _group_tensors(tensors: dict[str, torch.Tensor], weights_path: Path) -> dict
                 raise ValueError(f"load_adapter: {weights_path} has no key {KEY_PREFIX}{name}.{part}.weight")
     if not modules:
         raise ValueError(f"load_adapter: {weights_path} holds no LoRA weights")
-    return modules
+    return modules, extras
+
+
+def _plan_lora(model: nn.Module, modules: dict, settings: _AdapterSettings, weights_path: Path) -> list:
+    """``[(name, module, rank, alpha, parts)]``, one entry per module (a module shared under
+    several names appears once; the file must then give it the same weights everywhere)."""
+    plan, by_module = [], {}
+    for name, parts in modules.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise KeyError(f"load_adapter: {weights_path} has weights for module {name!r}, which "
+                           f"{type(model).__name__} does not have") from None
+        if not isinstance(module, (nn.Linear, LoRALinear)):
+            raise TypeError(f"load_adapter: module {name!r} is a {type(module).__name__}; only nn.Linear and "
+                            "LoRALinear can take a LoRA adapter")
+        if isinstance(module, LoRALinear) and module.merged_adapter is not None:
+            raise RuntimeError(f"load_adapter: module {name!r} has adapter {module.merged_adapter!r} merged; "
+                               "call unmerge_lora(model) first")
+        rank = peft_config.pattern_value(settings.rank_pattern, name, settings.rank)
+        alpha = float(peft_config.pattern_value(settings.alpha_pattern, name, settings.alpha))
+        expected = {"lora_A": (rank, module.in_features), "lora_B": (module.out_features, rank)}
+        for part, shape in expected.items():
+            if tuple(parts[part].shape) != shape:
+                raise ValueError(f"load_adapter: {weights_path} key {KEY_PREFIX}{name}.{part}.weight has shape "
+                                 f"{tuple(parts[part].shape)}, expected {shape} (module {name!r}: in_features="
+                                 f"{module.in_features}, out_features={module.out_features}, rank={rank})")
+        if id(module) in by_module:
+            first_name, first_parts = by_module[id(module)]
+            if any(not torch.equal(parts[p], first_parts[p]) for p in ("lora_A", "lora_B")):
+                raise ValueError(f"load_adapter: {weights_path} gives {name!r} and {first_name!r}, two names of one "
+                                 "shared module, different LoRA weights")
+            continue
+        by_module[id(module)] = (name, parts)
+        plan.append((name, module, rank, alpha, parts))
+    return plan
+
+
+def _plan_modules_to_save(model: nn.Module, entries: list[str], extras: dict[str, torch.Tensor],
+                          lora_plan: list, weights_path: Path) -> list[tuple[str, nn.Module, dict]]:
+    """``[(name, module, {state key: tensor})]`` for the modules PEFT's ``modules_to_save`` rule
+    selects; every one of their tensors must be in the file and every extra tensor used."""
+    lora_prefixes = tuple(name + "." for name, _ in lora_layers(model))
+    plan, seen, unused = [], set(), dict(extras)
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or name.startswith(lora_prefixes) or not peft_config.modules_to_save_match(entries, name):
+            continue
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, LoRALinear) or lora_layers(module) or any(n == name for n, *_ in lora_plan):
+            raise ValueError(f"load_adapter: {weights_path} both adapts {name!r} with LoRA (or inside it) and lists "
+                             "it in modules_to_save")
+        values = {}
+        for key, current in module.state_dict().items():
+            stored = unused.pop(f"{name}.{key}", None)
+            if stored is None:
+                raise ValueError(f"load_adapter: {weights_path} lists {name!r} in modules_to_save but has no tensor "
+                                 f"{KEY_PREFIX}{name}.{key}")
+            if stored.shape != current.shape:
+                raise ValueError(f"load_adapter: {weights_path} key {KEY_PREFIX}{name}.{key} has shape "
+                                 f"{tuple(stored.shape)}, expected {tuple(current.shape)}")
+            values[key] = stored
+        plan.append((name, module, values))
+    for entry in entries:
+        if not any(name.endswith(entry) for name, _, _ in plan):
+            raise KeyError(f"load_adapter: {weights_path} lists {entry!r} in modules_to_save, which matches no module "
+                           f"of {type(model).__name__}")
+    if unused:
+        raise ValueError(f"load_adapter: {weights_path} holds keys no module in modules_to_save takes, e.g. "
+                         f"{KEY_PREFIX}{next(iter(unused))}")
+    return plan
+
+
+def _warn_uncovered_targets(model: nn.Module, settings: _AdapterSettings, lora_plan: list, weights_path: Path) -> None:
+    """PEFT warns when modules its target_modules select get no weights; so do we."""
+    if settings.target_modules is None:
+        return
+    covered = {id(module) for _, module, *_ in lora_plan}
+    names = selected_linears(model, settings.target_modules, settings.exclude_modules, (nn.Linear, LoRALinear))
+    missing = [name for name in names if id(model.get_submodule(name)) not in covered]
+    if missing:
+        warnings.warn(f"load_adapter: {weights_path} has no LoRA weights for {len(missing)} modules that its "
+                      f"target_modules={settings.target_modules!r} selects, e.g. {missing[:5]}; they run without "
+                      "this adapter", stacklevel=3)
 
 
 def _add_placeholder(layer: LoRALinear, name: str) -> None:
@@ -288,51 +457,30 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     and make it active on every LoRA layer.
 
     Plain ``nn.Linear`` modules named in the adapter become :class:`LoRALinear` (sharing
-    their weights); an existing adapter of the same name is replaced. LoRA layers the
-    adapter does not cover get an inert ``adapter_name`` so the whole model switches
-    together with :func:`lora_fused.set_adapter`. Everything is checked before the model
-    is changed. Returns ``model``.
+    their weights) at every name they have; an existing adapter of the same name is
+    replaced. LoRA layers the adapter does not cover get an inert ``adapter_name`` so the
+    whole model switches together with :func:`lora_fused.set_adapter`. Modules listed in
+    ``modules_to_save`` get the saved tensors copied into them (one copy: switching adapters
+    does not switch them) and become trainable. Modules that the file's ``target_modules``
+    selects but that it has no weights for draw a warning (as in PEFT). Everything is
+    checked before the model is changed. Returns ``model``.
     """
     directory = Path(path)
     config, tensors = _read_adapter_files(directory)
-    config_path = directory / CONFIG_NAME
     weights_path = directory / (WEIGHTS_NAME if (directory / WEIGHTS_NAME).is_file() else WEIGHTS_NAME_BIN)
-    _check_config(config, config_path)
-    modules = _group_tensors(tensors, weights_path)
-
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
-    use_rslora = bool(config.get("use_rslora", False))
-    plan = []
-    for name, parts in modules.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise KeyError(f"load_adapter: {weights_path} has weights for module {name!r}, which "
-                           f"{type(model).__name__} does not have") from None
-        if not isinstance(module, (nn.Linear, LoRALinear)):
-            raise TypeError(f"load_adapter: module {name!r} is a {type(module).__name__}; only nn.Linear and "
-                            "LoRALinear can take a LoRA adapter")
-        if isinstance(module, LoRALinear) and module.merged_adapter is not None:
-            raise RuntimeError(f"load_adapter: module {name!r} has adapter {module.merged_adapter!r} merged; "
-                               "call unmerge_lora(model) first")
-        rank = int(_pattern_value(rank_pattern, name, config["r"]))
-        alpha = float(_pattern_value(alpha_pattern, name, config["lora_alpha"]))
-        expected = {"lora_A": (rank, module.in_features), "lora_B": (module.out_features, rank)}
-        for part, shape in expected.items():
-            if tuple(parts[part].shape) != shape:
-                raise ValueError(f"load_adapter: {weights_path} key {KEY_PREFIX}{name}.{part}.weight has shape "
-                                 f"{tuple(parts[part].shape)}, expected {shape} (module {name!r}: in_features="
-                                 f"{module.in_features}, out_features={module.out_features}, rank={rank})")
-        plan.append((name, module, rank, alpha, parts))
+    settings = _check_config(config, directory / CONFIG_NAME)
+    modules, extras = _split_tensors(tensors, weights_path, takes_extras=bool(settings.modules_to_save))
+    lora_plan = _plan_lora(model, modules, settings, weights_path)
+    extra_plan = _plan_modules_to_save(model, settings.modules_to_save, extras, lora_plan, weights_path)
     for _, layer in lora_layers(model):
         if layer.merged_adapter is not None:
             raise RuntimeError(f"load_adapter: adapter {layer.merged_adapter!r} is merged; "
                                "call unmerge_lora(model) first")
+    _warn_uncovered_targets(model, settings, lora_plan, weights_path)
 
     covered = set()
-    for name, module, rank, alpha, parts in plan:
+    dropout, use_rslora = settings.dropout, settings.use_rslora
+    for _, module, rank, alpha, parts in lora_plan:
         if isinstance(module, LoRALinear):
             layer = module
             adapter = layer.add_adapter(adapter_name, rank, alpha, dropout, use_rslora)
@@ -342,8 +490,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                 layer.add_adapter(adapter_name, rank, alpha, dropout, use_rslora)
                 layer.delete_adapter(DEFAULT_ADAPTER)
             adapter = layer.adapters[adapter_name]
-            parent, child = _parent_and_attr(model, name)
-            setattr(parent, child, layer)
+            replace_everywhere(model, {id(module): layer})
         with torch.no_grad():
             adapter.lora_A.copy_(parts["lora_A"])
             adapter.lora_B.copy_(parts["lora_B"])
@@ -352,6 +499,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         if id(layer) not in covered:  # the file defines the whole adapter: replace any older one here
             _add_placeholder(layer, adapter_name)
         layer.set_adapter(adapter_name)
+    with torch.no_grad():
+        for _, module, values in extra_plan:
+            state = module.state_dict(keep_vars=True)
+            for key, value in values.items():
+                state[key].copy_(value)
+            module.requires_grad_(True)
+    if extra_plan:
+        record_modules_to_save(model, [name for name, _, _ in extra_plan])
     return model
 
 
@@ -375,13 +530,14 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     ``PeftModel``, a ``LoraModel`` or any module holding PEFT LoRA layers; returns the
     underlying base model. Refuses merged layers and features LoRALinear lacks (DoRA and
     other LoRA variants, fan_in_fan_out, LoRA bias, embedding/conv/quantized LoRA layers,
-    several active adapters at once, modules_to_save).
+    several active adapters at once). A ``modules_to_save`` wrapper gives way to the active
+    adapter's trained copy, which :func:`save_adapter` then writes as ``modules_to_save``.
     """
     try:
         from peft.tuners.lora.layer import Linear as PeftLinear
         from peft.tuners.lora.layer import LoraLayer
         from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import AuxiliaryTrainingWrapper
+        from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
     except ImportError as exc:
         raise ImportError(f"from_peft needs the optional dependency peft ({exc})") from exc
 
@@ -392,11 +548,16 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     if hasattr(base, "peft_config") and hasattr(base, "model") and isinstance(base.model, nn.Module):  # LoraModel
         base = base.model
 
-    targets = []
+    targets, wrapped = [], []
     for name, module in base.named_modules():
+        if any(name.startswith(outer + ".") for outer, *_ in wrapped):
+            continue  # the original and the trained copies inside a modules_to_save wrapper
+        if isinstance(module, ModulesToSaveWrapper):
+            wrapped.append((name, *_saved_module(name, module)))
+            continue
         if isinstance(module, AuxiliaryTrainingWrapper):
-            raise ValueError(f"from_peft: module {name!r} is a PEFT {type(module).__name__} (modules_to_save or "
-                             "trainable tokens), which from_peft does not convert")
+            raise ValueError(f"from_peft: module {name!r} is a PEFT {type(module).__name__} (trainable tokens), "
+                             "which from_peft does not convert")
         if not isinstance(module, BaseTunerLayer):
             continue
         if type(module) is not PeftLinear or not isinstance(module, LoraLayer):
@@ -460,4 +621,22 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         layer.train(module.training)
         parent, child = _parent_and_attr(base, name)
         setattr(parent, child, layer)
+    for name, module, _ in wrapped:
+        parent, child = _parent_and_attr(base, name)
+        setattr(parent, child, module)
+    record_modules_to_save(base, [name for name, _, trained_copy in wrapped if trained_copy])
     return base
+
+
+def _saved_module(name: str, wrapper) -> tuple[nn.Module, bool]:
+    """The module a PEFT ``ModulesToSaveWrapper`` runs now, which takes the wrapper's place:
+    (the active adapter's trained copy, True), or (the original, False) where it has none."""
+    if wrapper.disable_adapters:
+        raise ValueError(f"from_peft: module {name!r} has its adapters disabled (inside disable_adapter()?)")
+    if len(wrapper.active_adapters) > 1:
+        raise ValueError(f"from_peft: module {name!r} has several active adapters {wrapper.active_adapters}; "
+                         "a converted model keeps one trained copy")
+    active = wrapper.active_adapters[0] if wrapper.active_adapters else None
+    if active in wrapper.modules_to_save:
+        return wrapper.modules_to_save[active], True
+    return wrapper.original_module, False

@@ -204,6 +204,49 @@ class LoRALinear(nn.Module):
         self.weight.copy_((self.weight.float() - delta).to(self.weight.dtype))
         self.merged_adapter = None
 
+    def _set_merged_flag(self, name: str | None) -> None:
+        """Record that ``weight`` holds (``name``) or lacks (``None``) an adapter's delta without
+        touching it: for layers whose weight another LoRA layer has already merged into (shared)."""
+        if name is not None and name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r}; this layer has {list(self.adapters)}")
+        self.merged_adapter = name
+
+    # -- state dict: the merged state travels with the weights -------------------------
+    # A merged layer's ``weight`` already holds scaling·B·A; loading it into an unmerged layer
+    # would apply LoRA twice. So a merged layer's state dict carries MERGED_KEY (the adapter's
+    # name as UTF-8 bytes) and loading sets the merged state from it (absent = unmerged, which
+    # keeps state dicts of unmerged layers exactly nn.Linear's keys plus the adapters').
+    MERGED_KEY = "lora_merged_adapter"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged_adapter is not None:
+            destination[prefix + self.MERGED_KEY] = torch.tensor(list(self.merged_adapter.encode()), dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # Checked before anything loads (raising, not error_msgs: torch would still load the
+        # adapters below and leave weight and merged flag disagreeing).
+        marker = state_dict.pop(prefix + self.MERGED_KEY, None)
+        name = bytes(marker.tolist()).decode() if marker is not None else None
+        has_weight = prefix + "weight" in state_dict
+        if name is not None and not has_weight:
+            raise RuntimeError(f"{prefix}{self.MERGED_KEY} says the weight is merged, but {prefix}weight is missing "
+                               "from the state dict")
+        if name is not None and name not in self.adapters:
+            raise RuntimeError(f"{prefix}weight was saved with adapter {name!r} merged into it, but this layer has "
+                               f"no adapter {name!r} (it has {list(self.adapters)})")
+        merged_prefix = f"{prefix}adapters.{self.merged_adapter}."
+        if not has_weight and self.merged_adapter is not None and any(k.startswith(merged_prefix) for k in state_dict):
+            raise RuntimeError(f"{prefix}: adapter {self.merged_adapter!r} is merged into the weight, so its A/B "
+                               "cannot be loaded without the weight; unmerge first")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if has_weight:
+            self.merged_adapter = name
+            if name is not None:
+                self.set_adapter(name)
+
     # -- forward --------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged_adapter is not None:

@@ -3,7 +3,9 @@
 - Without a GPU, Triton kernels run on CPU tensors through the interpreter, which must be
   switched on before triton is first imported.
 - ``torch.empty``-style allocations are filled with NaN (float dtypes), so a kernel that
-  leaves an output element unwritten fails parity instead of passing on lucky zeros.
+  leaves an output element unwritten fails parity instead of passing on lucky zeros; and
+  ``LORA_FUSED_POISON_OUTPUTS=1`` (lora_fused/debug.py) makes the backends do the same to
+  every output and workspace they allocate themselves, in C++ (``at::empty``) included.
 """
 
 import os
@@ -13,6 +15,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("LORA_FUSED_POISON_OUTPUTS", "1")
 
 _real_empty = torch.empty
 _real_empty_like = torch.empty_like
@@ -21,7 +24,10 @@ _real_new_empty = torch.Tensor.new_empty
 
 def _nan_filled(tensor):
     if tensor.is_floating_point() and tensor.numel() and not torch.compiler.is_compiling():
-        tensor.fill_(float("nan"))
+        # no_grad: the allocation may be a leaf that requires grad (torch.empty(..., requires_grad=True),
+        # as inductor's pad_mm set-up makes on torch 2.11); filling it is not part of any graph.
+        with torch.no_grad():
+            tensor.fill_(float("nan"))
     return tensor
 
 

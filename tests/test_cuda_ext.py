@@ -99,11 +99,12 @@ def test_cpu_strided_x_and_no_dx():
     assert not x.is_contiguous()
     grad_y = torch.randn(20, 11)
     got = run_extension(x, weight, b, lora_A, lora_B, 0.5, 0.3, 7, grad_y, compute_dx=False)
-    expected = reference_outputs(x, weight, b, lora_A, lora_B, 0.5, 0.3, 7, grad_y)
+    same_dtype = reference_outputs(x, weight, b, lora_A, lora_B, 0.5, 0.3, 7, grad_y)
+    exact = reference_outputs(*(t.double() for t in (x, weight, b, lora_A, lora_B)), 0.5, 0.3, 7, grad_y.double())
     assert got[2].numel() == 0
-    for name, value, ref in zip(OUTPUT_NAMES, got, expected):
+    for name, value, same, ref in zip(OUTPUT_NAMES, got, same_dtype, exact, strict=True):
         if name != "dx":
-            torch.testing.assert_close(value, ref, rtol=1e-5, atol=1e-5, msg=name)
+            assert_parity(name, value, same, ref)
 
 
 def test_cpu_empty_batch():
@@ -125,18 +126,18 @@ def test_lora_linear_backend_cuda_nd_strided_and_empty():
     cases = [torch.randn(2, 5, 24), base[..., ::2], torch.randn(0, 24), torch.randn(4, 3, 2, 24).transpose(0, 2)]
     for x_value in cases:
         grads = {}
-        for backend in ("torch", "cuda"):
-            x = x_value.detach().requires_grad_(True)  # a fresh leaf, same strides
-            lora_A = (torch.randn(4, 24, generator=torch.Generator().manual_seed(1)) / 5).requires_grad_(True)
-            lora_B = torch.randn(13, 4, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
-            bias = torch.randn(13, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
-            torch.manual_seed(42)  # the same dropout seed for both backends
-            y = lora_fused.lora_linear(x, weight, bias, lora_A, lora_B, 0.8, dropout_p=0.25, backend=backend)
+        for backend, dtype in (("torch", torch.float64), ("torch", torch.float32), ("cuda", torch.float32)):
+            x = x_value.detach().to(dtype).requires_grad_(True)  # a fresh leaf, same strides
+            lora_A = (torch.randn(4, 24, generator=torch.Generator().manual_seed(1), dtype=dtype) / 5).requires_grad_()
+            lora_B = torch.randn(13, 4, generator=torch.Generator().manual_seed(2), dtype=dtype).requires_grad_(True)
+            bias = torch.randn(13, generator=torch.Generator().manual_seed(3), dtype=dtype).requires_grad_(True)
+            torch.manual_seed(42)  # the same dropout seed for every run
+            y = lora_fused.lora_linear(x, weight.to(dtype), bias, lora_A, lora_B, 0.8, dropout_p=0.25, backend=backend)
             y.backward(torch.ones_like(y) / 3)
-            grads[backend] = (y, x.grad, lora_A.grad, lora_B.grad, bias.grad)
-        for name, got, ref in zip(("y", "dx", "dA", "dB", "db"), grads["cuda"], grads["torch"]):
-            message = f"{name} for x of shape {tuple(x_value.shape)}"
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=message)
+            grads[backend, dtype] = (y, x.grad, lora_A.grad, lora_B.grad, bias.grad)
+        for name, got, same, exact in zip(("y", "dx", "dA", "dB", "db"), grads["cuda", torch.float32],
+                                          grads["torch", torch.float32], grads["torch", torch.float64], strict=True):
+            assert_parity(f"{name} for x of shape {tuple(x_value.shape)}", got, same, exact)
 
 
 # ---- dropout -------------------------------------------------------------------------

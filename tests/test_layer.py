@@ -8,6 +8,14 @@ import torch.nn as nn
 
 import lora_fused
 from lora_fused import LoRALinear
+from parity import assert_parity, in_float64
+
+
+def assert_unmerged_weight(layer, weight_before):
+    """fl(fl(W + Δ) - Δ) with one Δ: two roundings of values no larger than |W| + |Δ|."""
+    delta = layer.adapter.delta_weight().detach()
+    bound = torch.finfo(weight_before.dtype).eps * (weight_before.abs() + delta.abs())
+    assert ((layer.weight - weight_before).abs() <= bound).all()
 
 
 def test_fresh_layer_equals_base_linear_and_has_the_documented_attributes():
@@ -20,7 +28,9 @@ def test_fresh_layer_equals_base_linear_and_has_the_documented_attributes():
     assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
     assert not layer.lora_B.any() and layer.lora_A.abs().sum() > 0
     x = torch.randn(2, 3, 10)
-    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    plain = nn.Linear(10, 6)
+    plain.load_state_dict({"weight": layer.weight, "bias": layer.bias})
+    assert_parity("fresh layer vs nn.Linear", layer(x), plain(x), in_float64(plain)(x.double()))
 
 
 def test_rslora_scaling():
@@ -71,15 +81,16 @@ def test_merge_and_unmerge_round_trip():
     layer = LoRALinear(9, 7, rank=3, alpha=3.0)
     nn.init.normal_(layer.lora_B)
     x = torch.randn(5, 9)
-    expected = layer(x)
+    expected, exact = layer(x), in_float64(layer)(x.double())
     weight_before = layer.weight.clone()
     layer.merge()
     assert layer.merged_adapter == "default"
-    torch.testing.assert_close(layer(x), expected)
-    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    merged = layer(x)
+    assert torch.equal(merged, nn.functional.linear(x, layer.weight, layer.bias))  # literally F.linear
+    assert_parity("LoRA vs merged", expected, merged, exact)
     layer.unmerge()
-    torch.testing.assert_close(layer.weight, weight_before)
-    torch.testing.assert_close(layer(x), expected)
+    assert_unmerged_weight(layer, weight_before)
+    assert_parity("unmerged vs merged", layer(x), merged, exact)
 
 
 def test_model_level_merge_and_switching_adapters():
@@ -91,19 +102,19 @@ def test_model_level_merge_and_switching_adapters():
         second = layer.add_adapter("second", rank=3, alpha=6.0)
         nn.init.normal_(second.lora_B)
     x = torch.randn(4, 6)
-    out_default = model(x)
+    out_default, exact_default = model(x), in_float64(model)(x.double())
     lora_fused.set_adapter(model, "second")
     assert model[0].rank == 3 and model[0].lora_A.requires_grad
     assert not model[0].adapters["default"].lora_A.requires_grad
-    out_second = model(x)
+    out_second, exact_second = model(x), in_float64(model)(x.double())
     assert not torch.allclose(out_default, out_second)
     assert lora_fused.merge_lora(model) == 2
-    torch.testing.assert_close(model(x), out_second)
+    assert_parity("LoRA vs merged", out_second, model(x), exact_second)
     with pytest.raises(RuntimeError, match="merged"):
         model[0].set_adapter("default")
     lora_fused.unmerge_lora(model)
     lora_fused.set_adapter(model, "default")
-    torch.testing.assert_close(model(x), out_default)
+    assert_parity("default adapter after unmerging", model(x), out_default, exact_default)
     with pytest.raises(KeyError, match="missing"):
         lora_fused.set_adapter(model, "absent")
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from lora_fused import LoRALinear, from_peft, set_adapter
+from parity import assert_parity, forward_backward, in_float64
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -53,16 +54,18 @@ def test_same_outputs_and_gradients(backend, bias, rank, alpha, use_rslora, shap
     assert ours.scaling == pytest.approx(layer.scaling["default"], rel=1e-15)
 
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    x_peft, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_peft, y_ours = layer(x_peft), ours(x_ours)
-    torch.testing.assert_close(y_ours, y_peft, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(*shape[:-1], 13, generator=torch.Generator().manual_seed(2))
 
-    grad = torch.randn(y_peft.shape, generator=torch.Generator().manual_seed(2))
-    y_peft.backward(grad)
-    y_ours.backward(grad)
-    torch.testing.assert_close(x_ours.grad, x_peft.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours.lora_A.grad, layer.lora_A["default"].weight.grad, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(ours.lora_B.grad, layer.lora_B["default"].weight.grad, rtol=1e-5, atol=1e-4)
+    def peft_lora_params(module):
+        return [module.lora_A["default"].weight, module.lora_B["default"].weight]
+
+    # Ours and PEFT compute one function two ways: each is held to float64 with DESIGN.md §5's rule.
+    exact = forward_backward(in_float64(layer), x.double(), grad.double(), peft_lora_params)
+    peft_values = forward_backward(layer, x, grad, peft_lora_params)
+    our_values = forward_backward(ours, x, grad, lambda m: [m.lora_A, m.lora_B])
+    for name, value, peft_value, exact_value in zip(("y", "dx", "dA", "dB"), our_values, peft_values, exact,
+                                                    strict=True):
+        assert_parity(name, value, peft_value, exact_value)
     assert ours.weight.grad is None and layer.base_layer.weight.grad is None
     if bias:
         assert ours.bias.grad is None and layer.base_layer.bias.grad is None
@@ -101,9 +104,10 @@ def multi_adapter_peft_model():
 def test_from_peft_keeps_outputs_adapters_and_parameters():
     peft_model = multi_adapter_peft_model().eval()
     x = torch.randn(6, 10, generator=torch.Generator().manual_seed(3))
-    expected_default = peft_model(x)
-    peft_model.set_adapter("extra")
-    expected_extra = peft_model(x)
+    expected = {}  # adapter -> (PEFT's fp32 output, the float64 truth), taken before the in-place conversion
+    for adapter in ("default", "extra"):
+        peft_model.set_adapter(adapter)
+        expected[adapter] = (peft_model(x), in_float64(peft_model)(x.double()))
     peft_layer_b = peft_model.base_model.model.b
     base_weight, extra_b = peft_layer_b.base_layer.weight, peft_layer_b.lora_B["extra"].weight
 
@@ -113,13 +117,13 @@ def test_from_peft_keeps_outputs_adapters_and_parameters():
     assert model.b.weight is base_weight and model.b.adapters["extra"].lora_B is extra_b  # reused, not copied
     assert model.b.active_adapter == "extra"  # PEFT's active adapter stays active
     assert not model.a.training  # PEFT model was in eval mode: no dropout
-    torch.testing.assert_close(model(x), expected_extra, rtol=1e-6, atol=1e-6)
+    assert_parity("extra adapter", model(x), *expected["extra"])
 
     set_adapter(model, "default")
     a, c = model.a.adapter, model.c.adapter
     assert (a.rank, a.alpha, a.use_rslora, a.dropout) == (4, 8.0, True, 0.2)
     assert c.rank == 2 and c.scaling == pytest.approx(8 / 2 ** 0.5)
-    torch.testing.assert_close(model(x), expected_default, rtol=1e-6, atol=1e-6)
+    assert_parity("default adapter", model(x), *expected["default"])
     assert not any(type(m).__module__.startswith("peft") for m in model.modules())
 
 
@@ -129,10 +133,10 @@ def test_from_peft_keeps_a_rescaled_adapter():
     randomize(peft_model, 4)
     peft_model.base_model.model.a.set_scale("default", 0.5)
     x = torch.randn(3, 10, generator=torch.Generator().manual_seed(5))
-    expected = peft_model(x)
+    reference, expected = in_float64(peft_model)(x.double()), peft_model(x)
     model = from_peft(peft_model)
     assert model.a.scaling == pytest.approx(1.0)
-    torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+    assert_parity("rescaled adapter", model(x), expected, reference)
 
 
 def test_from_peft_accepts_the_lora_model_and_trains():
@@ -168,7 +172,7 @@ class Mixed(nn.Module):
     (dict(target_modules=["lin"], use_dora=True), "DoRA"),
     (dict(target_modules=["emb"]), "Embedding"),
     (dict(target_modules=["conv"]), "Conv2d"),
-    (dict(target_modules=["lin"], modules_to_save=["conv"]), "ModulesToSaveWrapper"),
+    (dict(target_modules=["lin"], trainable_token_indices={"emb": [0, 1]}), "TrainableTokensWrapper"),
 ])
 def test_from_peft_refuses_unsupported_layers(config_kwargs, message):
     peft_model = get_peft_model(Mixed(), LoraConfig(r=2, **config_kwargs))
