@@ -11,7 +11,9 @@ Writing one (on the GPU, after a run that launched the kernels at the shapes of 
     python -m lora_fused.kernels.tuning tune FILE      # runs ViT-B/L/H shapes, then dumps
     python -m lora_fused.kernels.tuning dump FILE      # dumps whatever this process tuned (nothing when fresh)
 
-or, inside a process that ran the kernels: ``lora_fused.kernels.tuning.dump_tuned_configs(FILE)``.
+or, inside a process that ran the kernels: ``lora_fused.kernels.tuning.dump_tuned_configs(FILE)``;
+or set ``LORA_FUSED_TRITON_TUNED_OUT=FILE`` and every process that tunes a kernel merges its
+choices into FILE when it exits (benchmarks/gpu_check.sh does this).
 Entries are keyed by kernel name and the autotuner's key (the ``key=[...]`` argument
 values plus every tensor argument's dtype), so a seeded entry is used only at exactly
 the shapes, ranks and flags it was tuned for.
@@ -20,6 +22,7 @@ the shapes, ranks and flags it was tuned for.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
@@ -31,6 +34,7 @@ import triton
 from triton.runtime.autotuner import Autotuner
 
 FORMAT_VERSION = 1
+TUNED_OUT_ENV_VAR = "LORA_FUSED_TRITON_TUNED_OUT"
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 _seeded_devices: set[int] = set()
 
@@ -82,11 +86,20 @@ def tuned_entries() -> list[dict]:
     return entries
 
 
-def dump_tuned_configs(path: str | os.PathLike, gpu_name: str | None = None) -> int:
-    """Write this process's tuned configs to ``path`` as JSON (atomically); returns how many."""
+def dump_tuned_configs(path: str | os.PathLike, gpu_name: str | None = None, merge: bool = False) -> int:
+    """Write this process's tuned configs to ``path`` as JSON (atomically); returns how many it holds.
+
+    ``merge``: keep the entries already in ``path`` (same format) whose kernel and key this
+    process did not tune.
+    """
     if gpu_name is None:
         gpu_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     entries = tuned_entries()
+    if merge and Path(path).is_file():
+        mine = {(e["kernel"], tuple(e["key"])) for e in entries}
+        previous = json.loads(Path(path).read_text())
+        if previous.get("format") == FORMAT_VERSION:
+            entries += [e for e in previous.get("entries", []) if (e["kernel"], tuple(e["key"])) not in mine]
     document = {"format": FORMAT_VERSION, "gpu": gpu_name, "triton": triton.__version__,
                 "torch": torch.__version__, "entries": entries}
     path = Path(path)
@@ -102,6 +115,18 @@ def dump_tuned_configs(path: str | os.PathLike, gpu_name: str | None = None) -> 
         Path(tmp).unlink(missing_ok=True)
         raise
     return len(entries)
+
+
+def dump_at_exit() -> int:
+    """The exit hook of ``LORA_FUSED_TRITON_TUNED_OUT``: merge this process's tuned configs into that file."""
+    path = os.environ.get(TUNED_OUT_ENV_VAR, "")
+    if not path or not tuned_entries():
+        return 0
+    return dump_tuned_configs(path, merge=True)
+
+
+if os.environ.get(TUNED_OUT_ENV_VAR):
+    atexit.register(dump_at_exit)
 
 
 def seed_from_file(path: str | os.PathLike) -> int:

@@ -69,3 +69,18 @@ def test_every_autotuned_kernel_is_listed():
                 value = value.fn
             if isinstance(value, Autotuner):
                 assert id(value) in listed, f"{value.base_fn.__name__} is autotuned but not in autotuned_kernels()"
+
+
+def test_exit_hook_merges_into_the_file_named_by_the_environment(tmp_path, monkeypatch, clean_caches):
+    tuners = clean_caches
+    path = tmp_path / "tuned.json"
+    monkeypatch.setenv(tuning.TUNED_OUT_ENV_VAR, str(path))
+    assert tuning.dump_at_exit() == 0 and not path.exists(), "nothing tuned: nothing written"
+    first = triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2)
+    tuners["gpass"].cache[(64, 16)] = first
+    assert tuning.dump_at_exit() == 1
+    tuners["gpass"].cache.clear()
+    tuners["projection"].cache[(32, 16)] = triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3)
+    assert tuning.dump_at_exit() == 2, "a second process adds its entries to the first one's"
+    kernels = sorted(e["kernel"] for e in json.loads(path.read_text())["entries"])
+    assert kernels == ["gpass", "projection"]
