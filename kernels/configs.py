@@ -113,7 +113,9 @@ def lora_a_grad_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bk in ((64, 64), (128, 64), (64, 128), (128, 128), (32, 128))
-            for w, s in ((4, 3), (8, 3), (4, 4))]
+            for w, s in ((4, 3), (8, 3), (4, 4))] + [
+        # R_PAD 256 with dropout: the only tile whose stages fit sm80 and whose registers do not spill.
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=8, num_stages=3)]
 
 
 def projection_configs() -> list[triton.Config]:
@@ -224,7 +226,8 @@ def prune_gpass_configs(configs, named_args, **kwargs):
         return c.kwargs["BLOCK_M"] * (block_n * tensor.element_size() + r_pad * 4)
 
     def accumulators(c):
-        return (block_n + c.kwargs["BLOCK_M"]) * r_pad  # dB accumulator and the fp32 xa tile
+        # dB accumulator, the fp32 xa tile, and the g tile (summed in registers for db; sm80 spills without it).
+        return (block_n + c.kwargs["BLOCK_M"]) * r_pad + c.kwargs["BLOCK_M"] * block_n * tensor.element_size() / 4
 
     kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
     return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)
@@ -262,11 +265,11 @@ def prune_projection_configs(configs, named_args, **kwargs):
     dropout = _flag("HAS_DROPOUT", named_args, kwargs)
 
     def accumulators(c):
-        # [BM, R_PAD] accumulator; with dropout the hashed tile, three tiles of hash temporaries and
-        # the [BK, R_PAD] operand beside them.
+        # [BM, R_PAD] accumulator, the [BK, R_PAD] operand (two registers per element: sm80 spills at
+        # R_PAD 256 otherwise) and, with dropout, the hashed tile and three tiles of hash temporaries.
         m, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
-        hashed = m * k * (3 + tensor.element_size() / 4) + k * r_pad * tensor.element_size() / 2 if dropout else 0
-        return m * r_pad + hashed
+        hashed = m * k * (3 + tensor.element_size() / 4) if dropout else 0
+        return m * r_pad + k * r_pad * tensor.element_size() + hashed
 
     kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
     return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)
