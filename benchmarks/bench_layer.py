@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 import common
+import cost_model
 from common import DTYPES, parse_list
 
 common.ensure_lora_fused_importable()
@@ -709,8 +710,13 @@ def run(args) -> dict:
                 measured.update(measure_group(providers, settings["modes"], xs, grads, device, args))
                 providers = None
                 for name in settings["providers"]:
-                    payload["rows"] += make_rows(shape, dtype_name, rank, dropout, name, measured[name], x_bytes,
-                                                 xa_bytes, settings["modes"])
+                    rows = make_rows(shape, dtype_name, rank, dropout, name, measured[name], x_bytes, xa_bytes,
+                                     settings["modes"])
+                    for row in rows:  # the cost model beside each measured time
+                        line = cost_model.annotate_row(row, cost_model.gpu_for_device_name(stamp["device_name"]))
+                        if line:
+                            print(line, file=sys.stderr)
+                    payload["rows"] += rows
                 common.release_memory(device)
             xs = grads = weight = bias = None
             common.release_memory(device)

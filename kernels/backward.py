@@ -6,15 +6,17 @@ Given ``g = dL/dy [M, N]`` and the saved ``x``, ``xa`` and seed::
     g-pass   dB partial = g[rows]ᵀ·xa[rows],  db partial = Σ_rows g[rows]
     dA       dA = (s/(1-p))·gbᵀ·(x ⊙ mask)                   one read of x per (column block, row split)
 
-The dx kernel mirrors the forward: each program (row block × dx column block) already
-loops over all of N reading g tiles for ``g·W``; it accumulates ``gb = g·B`` from the same
-g tiles (B tile ``[BLOCK_K, R_PAD]``), and the epilogue adds ``(s/(1-p))·(gb·A) ⊙ mask``
-as one more MMA. Programs with ``pid_k == 0`` store gb (fp32 ``[M, R_PAD]``) for dA.
-Computing gb in the g-pass instead would need per-column-block partials
-(``(N/BLOCK_N)·M·R_PAD`` fp32 written and re-read: 1/4 of g's bytes at r = 16 in bf16,
-2× at r = 64, 16× at r = 256); here it costs one ``M·R_PAD`` store and a recomputation of
-gb in every dx column block (an extra ``R_PAD/BLOCK_N`` of the dx MMA work, like the
-forward's xa).
+The dx kernel mirrors the forward: each program (row block × dx column block) first runs
+a thin loop ``gb = g·B`` over its row block's g tiles (B tile ``[BLOCK_K, R_PAD]``), then
+seeds its accumulator with the LoRA term in the reference's rounding order,
+``(s/(1-p))·(round(gb)·A) ⊙ mask`` (gb rounded to the input dtype unscaled, the scale on the
+fp32 product), and runs the plain ``g·W`` loop into it (no rank-sized operand, so its
+loads stay asynchronous at every rank). Programs with ``pid_k == 0`` store gb (fp32
+``[M, R_PAD]``) for dA. Computing gb in the g-pass instead would need per-column-block
+partials (``(N/BLOCK_N)·M·R_PAD`` fp32 written and re-read: 1/4 of g's bytes at r = 16 in
+bf16, 2× at r = 64); here it costs one ``M·R_PAD`` store, a second pass over the row
+block's g tiles (from L2) and a recomputation of gb in every dx column block (an extra
+``R_PAD/BLOCK_N`` of the dx MMA work, like the forward's xa).
 
 When the gb product would not be cheap inside the dx loop (R_PAD > 64: its stage buffers
 and ``[BM, R_PAD]`` accumulator squeeze the dx tiles) or dx is not requested, gb comes
@@ -33,9 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_fused.debug import poison_
 from lora_fused.dropout import dropout_scale, dropout_threshold
 
-from .common import cast_to, device_guard, dot_operand, input_precision, interpreted_bf16
+from .common import accumulate_product, cast_to, device_guard, dot_operand, input_precision, interpreted_bf16
 from .configs import (
     gemm_configs,
     gpass_block_n,
@@ -48,13 +51,10 @@ from .configs import (
     prune_lora_a_grad_configs,
     split_rows,
 )
-from .dropout import dropout_keep, seed_as_int32
+from .dropout import dropout_keep, index_below_2_32, seed_as_int32
+from .plan import DA_PLANNING_BLOCK_K, backward_fuses_gb
 from .projection import project_rows
 
-# Largest padded rank whose gb MMA stays inside the dx kernel's N loop.
-MAX_FUSED_R_PAD = 64
-# Column-block width the dA split count is planned for (its BLOCK_K is autotuned).
-DA_PLANNING_BLOCK_K = 64
 
 
 @triton.heuristics({"COMPUTE_DB": lambda args: args["db_partial_ptr"] is not None})
@@ -62,6 +62,7 @@ DA_PLANNING_BLOCK_K = 64
     configs=gpass_configs(),
     key=["N", "R_PAD", "BLOCK_N", "M_BUCKET", "COMPUTE_DB"],
     prune_configs_by={"early_config_prune": prune_gpass_configs},
+    cache_results=True,  # best configs persist in the Triton cache directory across processes
 )
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_split"])
 def _gpass_kernel(
@@ -102,11 +103,13 @@ def _gpass_kernel(
         tl.store(db_partial_ptr + split_offset + cols, db, mask=col_ok)
 
 
-@triton.heuristics({"HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0})
+@triton.heuristics({"HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0,
+                    "INDEX_BELOW_2_32": lambda args: index_below_2_32(args["M"], args["K"])})
 @triton.autotune(
     configs=gemm_configs(),
     key=["N", "K", "R_PAD", "M_BUCKET", "HAS_DROPOUT", "PRECOMPUTED_GB"],
     prune_configs_by={"early_config_prune": prune_gemm_configs},
+    cache_results=True,  # best configs persist in the Triton cache directory across processes
 )
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "seed", "dropout_threshold"])
 def _input_grad_kernel(
@@ -115,7 +118,7 @@ def _input_grad_kernel(
     stride_gm, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_dxm, stride_dxk,
     lora_scale, seed, dropout_threshold,
-    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECOMPUTED_GB: tl.constexpr,
+    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, INDEX_BELOW_2_32: tl.constexpr, PRECOMPUTED_GB: tl.constexpr,
     INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -140,47 +143,43 @@ def _input_grad_kernel(
     g_ptrs = g_ptr + rows[:, None] * stride_gm + steps[None, :] * stride_gn
     w_ptrs = w_ptr + steps.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk
     b_ptrs = b_ptr + steps.to(tl.int64)[:, None] * stride_bn + ranks[None, :] * stride_br
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    gb = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_K):
-        n_ok = (n0 + steps) < N
-        g = tl.load(g_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=n_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(dot_operand(g, INTERPRETED_BF16), dot_operand(w, INTERPRETED_BF16), acc,
-                     input_precision=INPUT_PRECISION)
-        if not PRECOMPUTED_GB:
-            # gb = g·B from the same g tile (B padded to R_PAD columns with zeros).
-            b = tl.load(b_ptrs, mask=n_ok[:, None] & rank_ok[None, :], other=0.0)
-            gb = tl.dot(dot_operand(g, INTERPRETED_BF16), dot_operand(b, INTERPRETED_BF16), gb,
-                        input_precision=INPUT_PRECISION)
-            b_ptrs += BLOCK_K * stride_bn
-        g_ptrs += BLOCK_K * stride_gn
-        w_ptrs += BLOCK_K * stride_wn
-
     gb_ptrs = gb_ptr + rows[:, None] * R_PAD + ranks[None, :]
     if PRECOMPUTED_GB:
         gb = tl.load(gb_ptrs, mask=row_ok[:, None], other=0.0)
-    elif pid_k == 0:
-        # Every column block computes the same gb; one stores it (all R_PAD columns) for the dA kernel.
-        tl.store(gb_ptrs, gb, mask=row_ok[:, None])
-    gb = cast_to(gb * lora_scale, dx_ptr.dtype.element_ty, INTERPRETED_BF16)
+    else:
+        # gb = g·B over the row block's g tiles (B padded to R_PAD columns with zeros).
+        gb = accumulate_product(tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32), g_ptrs, b_ptrs,
+                                BLOCK_K * stride_gn, BLOCK_K * stride_bn, N, row_ok, rank_ok,
+                                BLOCK_K, INTERPRETED_BF16, INPUT_PRECISION)
+        # An inf in g makes the zero-padded rank columns inf·0 = NaN; keep them zero for dx and dA.
+        gb = tl.where(rank_ok[None, :], gb, 0.0)
+        if pid_k == 0:
+            # Every column block computes the same gb; one stores it (all R_PAD columns) for the dA kernel.
+            tl.store(gb_ptrs, gb, mask=row_ok[:, None])
+
+    # The LoRA term first, in the reference's rounding order: gb rounded to the input dtype unscaled,
+    # s/(1-p) and the mask on the fp32 product, which then seeds the base GEMM's accumulator.
     a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols.to(tl.int64)[None, :] * stride_ak,
                 mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    lora = tl.dot(dot_operand(gb, INTERPRETED_BF16), dot_operand(a, INTERPRETED_BF16),
-                  input_precision=INPUT_PRECISION)
+    gb_rounded = cast_to(gb, dx_ptr.dtype.element_ty, INTERPRETED_BF16)
+    acc = tl.dot(dot_operand(gb_rounded, INTERPRETED_BF16), dot_operand(a, INTERPRETED_BF16),
+                 input_precision=INPUT_PRECISION) * lora_scale
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold)
-        lora = tl.where(keep, lora, 0.0)
-    acc += lora
+        keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold, INDEX_BELOW_2_32)
+        acc = tl.where(keep, acc, 0.0)
+    acc = accumulate_product(acc, g_ptrs, w_ptrs, BLOCK_K * stride_gn, BLOCK_K * stride_wn, N, row_ok, col_ok,
+                             BLOCK_K, INTERPRETED_BF16, INPUT_PRECISION)
     dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk
     tl.store(dx_ptrs, cast_to(acc, dx_ptr.dtype.element_ty, INTERPRETED_BF16), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.heuristics({"HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0})
+@triton.heuristics({"HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0,
+                    "INDEX_BELOW_2_32": lambda args: index_below_2_32(args["M"], args["K"])})
 @triton.autotune(
     configs=lora_a_grad_configs(),
     key=["K", "R_PAD", "M_BUCKET", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": prune_lora_a_grad_configs},
+    cache_results=True,  # best configs persist in the Triton cache directory across processes
 )
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_split", "seed", "dropout_threshold"])
 def _lora_a_grad_kernel(
@@ -188,7 +187,7 @@ def _lora_a_grad_kernel(
     M, K, rows_per_split, M_BUCKET,
     stride_xm, stride_xk,
     seed, dropout_threshold,
-    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, INDEX_BELOW_2_32: tl.constexpr,
     INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -207,7 +206,7 @@ def _lora_a_grad_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold)
+            keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold, INDEX_BELOW_2_32)
             x = tl.where(keep, x, 0.0)
         gb = tl.load(gb_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=row_ok[:, None], other=0.0)
         gb = cast_to(gb, x_ptr.dtype.element_ty, INTERPRETED_BF16)
@@ -280,15 +279,15 @@ def lora_backward(
     with device_guard(x):
         # gb = g·B, fp32 [M, R_PAD] (padding columns zero): inside the dx kernel when it runs and the
         # rank is small, else from the thin projection kernel.
-        gb = torch.empty(M, r_pad, dtype=f32, device=device)
-        fused_gb = compute_dx and r_pad <= MAX_FUSED_R_PAD
+        gb = poison_(torch.empty(M, r_pad, dtype=f32, device=device))
+        fused_gb = backward_fuses_gb(compute_dx, r_pad)
         if not fused_gb:
             project_rows(grad_y, lora_B, lora_B.stride(0), lora_B.stride(1), R, gb, r_pad,
                          1.0, 0, 0, bf16_fixes, precision)
 
         dx = grad_y.new_empty(0)
         if compute_dx:
-            dx = torch.empty(M, K, dtype=grad_y.dtype, device=device)
+            dx = poison_(torch.empty(M, K, dtype=grad_y.dtype, device=device))
 
             def dx_grid(meta):
                 return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
@@ -306,23 +305,23 @@ def lora_backward(
         block_n = gpass_block_n(N, r_pad)
         col_blocks = triton.cdiv(N, block_n)
         splits, rows_per_split = split_rows(M, col_blocks, device)
-        dB_partial = torch.empty(splits, N, r_pad, dtype=f32, device=device)
-        db_partial = torch.empty(splits, N, dtype=f32, device=device) if compute_db else None
+        dB_partial = poison_(torch.empty(splits, N, r_pad, dtype=f32, device=device))
+        db_partial = poison_(torch.empty(splits, N, dtype=f32, device=device)) if compute_db else None
         _gpass_kernel[(col_blocks, splits)](
             grad_y, xa, dB_partial, db_partial,
             M, N, R, rows_per_split, bucket,
             grad_y.stride(0), grad_y.stride(1), xa.stride(0), xa.stride(1),
             R_PAD=r_pad, BLOCK_N=block_n, INTERPRETED_BF16=bf16_fixes, INPUT_PRECISION=precision,
         )
-        dB = _sum_partials(dB_partial, torch.empty(N, R, dtype=lora_B.dtype, device=device), scaling)
+        dB = _sum_partials(dB_partial, poison_(torch.empty(N, R, dtype=lora_B.dtype, device=device)), scaling)
         db = grad_y.new_empty(0)
         if compute_db:
-            db = torch.empty(N, dtype=grad_y.dtype, device=device)
+            db = poison_(torch.empty(N, dtype=grad_y.dtype, device=device))
             _sum_partials(db_partial.unsqueeze(2), db.unsqueeze(1), 1.0)
 
         # dA: per (column block, row split) partials of gbᵀ·(x ⊙ mask), then one fixed-order sum.
         da_splits, da_rows_per_split = split_rows(M, triton.cdiv(K, DA_PLANNING_BLOCK_K), device)
-        dA_partial = torch.empty(da_splits, r_pad, K, dtype=f32, device=device)
+        dA_partial = poison_(torch.empty(da_splits, r_pad, K, dtype=f32, device=device))
 
         def da_grid(meta):
             return (triton.cdiv(K, meta["BLOCK_K"]), da_splits)
@@ -334,5 +333,6 @@ def lora_backward(
             seed32, threshold,
             R_PAD=r_pad, INTERPRETED_BF16=bf16_fixes, INPUT_PRECISION=precision,
         )
-        dA = _sum_partials(dA_partial, torch.empty(R, K, dtype=lora_A.dtype, device=device), scaling * keep_scale)
+        dA = poison_(torch.empty(R, K, dtype=lora_A.dtype, device=device))
+        _sum_partials(dA_partial, dA, scaling * keep_scale)
     return dx, dA, dB, db

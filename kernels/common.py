@@ -31,6 +31,27 @@ def cast_to(value, dtype: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
     return value.to(dtype)
 
 
+@triton.jit
+def accumulate_product(acc, lhs_ptrs, rhs_ptrs, lhs_step, rhs_step, length, lhs_row_ok, rhs_col_ok,
+                       BLOCK_K: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``acc += lhs[:, :length] · rhs[:length, :]``, one ``[·, BLOCK_K]`` / ``[BLOCK_K, ·]`` tile pair per step.
+
+    ``lhs_ptrs`` / ``rhs_ptrs`` point at the first tiles (reduction index along their columns /
+    rows) and advance by ``lhs_step`` / ``rhs_step`` elements per step; rows of lhs and columns of
+    rhs outside ``lhs_row_ok`` / ``rhs_col_ok`` and the reduction tail load as zeros.
+    """
+    steps = tl.arange(0, BLOCK_K)
+    for k0 in range(0, length, BLOCK_K):
+        k_ok = (k0 + steps) < length
+        lhs = tl.load(lhs_ptrs, mask=lhs_row_ok[:, None] & k_ok[None, :], other=0.0)
+        rhs = tl.load(rhs_ptrs, mask=k_ok[:, None] & rhs_col_ok[None, :], other=0.0)
+        acc = tl.dot(dot_operand(lhs, INTERPRETED_BF16), dot_operand(rhs, INTERPRETED_BF16), acc,
+                     input_precision=INPUT_PRECISION)
+        lhs_ptrs += lhs_step
+        rhs_ptrs += rhs_step
+    return acc
+
+
 def interpreted_bf16(dtype: torch.dtype) -> bool:
     """Whether the interpreter's bf16 workarounds (dot upcast, rounded casts) apply."""
     return interpreting() and dtype == torch.bfloat16

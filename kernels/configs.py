@@ -4,6 +4,11 @@ Ampere (sm80/86/89) and Hopper (sm90+) get their own lists; the interpreter gets
 small config so the CPU tests stay fast. Configs are pruned by an estimate of shared
 memory and accumulator registers, which grow with the padded rank ``R_PAD``: ranks
 above 64 leave only the smaller tiles.
+
+``LORA_FUSED_TRITON_AUTOTUNE=0`` restricts every autotuned kernel to one config, the first
+its pruner keeps (the lists below are ordered best-first for their architecture), so a
+cold GPU run compiles one config per kernel and key instead of benchmarking them all
+(a smoke test in a short GPU slot). Read when a new autotune key is first pruned.
 """
 
 from __future__ import annotations
@@ -18,12 +23,19 @@ import triton
 # Rows a split-M program owns are a multiple of this, so every BLOCK_M below divides them.
 ROW_ALIGN_GPU = 128
 ROW_ALIGN_INTERPRETER = 32
-# Accumulator fp32 values a thread may hold before a config is considered to spill.
-MAX_ACCUMULATORS_PER_THREAD = 160
+# Live 32-bit register values per thread (the estimates below) above which a config is taken to spill.
+# Calibrated against ptxas -v on sm90 (tests/test_triton_gpu_kept_configs.py compiles every kept config).
+MAX_ACCUMULATORS_PER_THREAD = 156
+AUTOTUNE_ENV_VAR = "LORA_FUSED_TRITON_AUTOTUNE"
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_enabled() -> bool:
+    """False when ``LORA_FUSED_TRITON_AUTOTUNE=0``: every kernel then runs the first config its pruner keeps."""
+    return os.environ.get(AUTOTUNE_ENV_VAR, "1").strip() != "0"
 
 
 def padded_rank(rank: int) -> int:
@@ -63,6 +75,7 @@ _GEMM_AMPERE = [
     _tile(64, 256, 32, 4, 4),
     _tile(32, 64, 64, 4, 5),
     _tile(32, 64, 32, 2, 5),
+    _tile(32, 64, 32, 8, 3),  # R_PAD 256: the xa/gb tile and the rank operand spread over 8 warps
 ]
 
 _GEMM_HOPPER = [
@@ -75,6 +88,7 @@ _GEMM_HOPPER = [
     _tile(64, 128, 64, 4, 4),
     _tile(64, 64, 64, 4, 4),
     _tile(32, 64, 64, 4, 5),
+    _tile(32, 64, 64, 8, 3),  # R_PAD 256: the xa/gb tile and the rank operand spread over 8 warps
 ]
 
 
@@ -99,7 +113,9 @@ def lora_a_grad_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bk in ((64, 64), (128, 64), (64, 128), (128, 128), (32, 128))
-            for w, s in ((4, 3), (8, 3), (4, 4))]
+            for w, s in ((4, 3), (8, 3), (4, 4))] + [
+        # R_PAD 256 with dropout: the only tile whose stages fit sm80 and whose registers do not spill.
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=8, num_stages=3)]
 
 
 def projection_configs() -> list[triton.Config]:
@@ -131,13 +147,18 @@ def target_programs(device: torch.device) -> int:
     return 2 * _device_limits(device.index if device.index is not None else torch.cuda.current_device())[1]
 
 
-def split_rows(m: int, other_blocks: int, device: torch.device) -> tuple[int, int]:
-    """(splits, rows_per_split) for a deterministic split-M reduction with ``other_blocks`` column blocks."""
+def split_rows_for(m: int, other_blocks: int, programs: int) -> tuple[int, int]:
+    """(splits, rows_per_split) of a deterministic split-M reduction aiming at ``programs`` programs in all."""
     align = row_align()
-    wanted = max(1, triton.cdiv(target_programs(device), max(other_blocks, 1)))
+    wanted = max(1, triton.cdiv(programs, max(other_blocks, 1)))
     splits = max(1, min(wanted, triton.cdiv(m, align)))
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), align) * align
     return triton.cdiv(m, rows_per_split), rows_per_split
+
+
+def split_rows(m: int, other_blocks: int, device: torch.device) -> tuple[int, int]:
+    """(splits, rows_per_split) for a deterministic split-M reduction with ``other_blocks`` column blocks."""
+    return split_rows_for(m, other_blocks, target_programs(device))
 
 
 def _fits(config: triton.Config, shared_bytes: int, budget: int, accumulators: int) -> bool:
@@ -147,7 +168,7 @@ def _fits(config: triton.Config, shared_bytes: int, budget: int, accumulators: i
 
 def _keep_some(configs, kept, footprint, stage_bytes, budget):
     if kept:
-        return kept
+        return kept if autotune_enabled() else kept[:1]
     # Nothing fits (fp32 at large ranks): the smallest tile, with as few stages as its buffers need
     # to fit, since a lone config is launched without benchmarking and would fail with OutOfResources.
     smallest = copy.copy(min(configs, key=footprint))
@@ -182,8 +203,14 @@ def prune_gemm_configs(configs, named_args, **kwargs):
         m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         return (m * k + k * n + (k * r_pad if rank_tile_in_loop else 0)) * elt
 
+    dropout = _flag("HAS_DROPOUT", named_args, kwargs)
+
     def accumulators(c):
-        return c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + r_pad)
+        # [BM, BN] accumulator, [BM, R_PAD] xa/gb, the [R_PAD, BN] B/A tile of the LoRA term (loaded
+        # through registers: one per 16-bit element), and with dropout one more [BM, BN] tile of hash
+        # temporaries beside the LoRA term.
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return m * n * (2 if dropout else 1) + m * r_pad + r_pad * n * elt / 2
 
     kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
     return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)
@@ -199,7 +226,8 @@ def prune_gpass_configs(configs, named_args, **kwargs):
         return c.kwargs["BLOCK_M"] * (block_n * tensor.element_size() + r_pad * 4)
 
     def accumulators(c):
-        return block_n * r_pad
+        # dB accumulator, the fp32 xa tile, and the g tile (summed in registers for db; sm80 spills without it).
+        return (block_n + c.kwargs["BLOCK_M"]) * r_pad + c.kwargs["BLOCK_M"] * block_n * tensor.element_size() / 4
 
     kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
     return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)
@@ -214,8 +242,12 @@ def prune_lora_a_grad_configs(configs, named_args, **kwargs):
     def stage_bytes(c):
         return c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_K"] * tensor.element_size() + r_pad * 4)
 
+    dropout = _flag("HAS_DROPOUT", named_args, kwargs)
+
     def accumulators(c):
-        return r_pad * c.kwargs["BLOCK_K"]
+        # [R_PAD, BK] accumulator; with dropout the hashed x tile and two tiles of hash temporaries.
+        hashed = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] * (2 + tensor.element_size() / 4) if dropout else 0
+        return r_pad * c.kwargs["BLOCK_K"] + hashed
 
     kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
     return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)
@@ -230,8 +262,14 @@ def prune_projection_configs(configs, named_args, **kwargs):
     def stage_bytes(c):
         return (c.kwargs["BLOCK_M"] + r_pad) * c.kwargs["BLOCK_K"] * tensor.element_size()
 
+    dropout = _flag("HAS_DROPOUT", named_args, kwargs)
+
     def accumulators(c):
-        return c.kwargs["BLOCK_M"] * r_pad
+        # [BM, R_PAD] accumulator, the [BK, R_PAD] operand (two registers per element: sm80 spills at
+        # R_PAD 256 otherwise) and, with dropout, the hashed tile and three tiles of hash temporaries.
+        m, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
+        hashed = m * k * (3 + tensor.element_size() / 4) if dropout else 0
+        return m * r_pad + k * r_pad * tensor.element_size() + hashed
 
     kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
     return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_fused.debug import poison_
 from lora_fused.dropout import dropout_threshold
 
 
@@ -27,14 +28,26 @@ def _mix32(x):
 
 
 @triton.jit
-def dropout_keep(seed, index, threshold):
-    """Boolean keep mask for int64 linear ``index`` under a 32-bit ``seed`` (passed as int32)."""
+def dropout_keep(seed, index, threshold, INDEX_BELOW_2_32: tl.constexpr):
+    """Boolean keep mask for int64 linear ``index`` under a 32-bit ``seed`` (passed as int32).
+
+    ``INDEX_BELOW_2_32``: every index of the launch is below 2**32 (the launcher knows: M·K),
+    so the key mix of the index's high word is one value for the whole launch, computed once
+    instead of once per element (a third of the hash's work); otherwise a key per element.
+    """
     index = index.to(tl.int64)
     lo = (index & 0xFFFFFFFF).to(tl.uint32)
-    hi = (index >> 32).to(tl.uint32)
-    key = _mix32(seed.to(tl.uint32) ^ (hi * 0x9E3779B9))
+    if INDEX_BELOW_2_32:
+        key = _mix32(seed.to(tl.uint32))  # high word 0: seed ^ (0 * 0x9E3779B9)
+    else:
+        key = _mix32(seed.to(tl.uint32) ^ ((index >> 32).to(tl.uint32) * 0x9E3779B9))
     hashed = _mix32(_mix32(lo ^ key) + key)
     return (hashed >> 8) >= threshold.to(tl.uint32)
+
+
+def index_below_2_32(rows: int, cols: int) -> bool:
+    """Whether the linear indices ``row·cols + col`` of ``rows`` rows all stay below 2**32."""
+    return rows * cols <= 2**32
 
 
 def seed_as_int32(seed: int) -> int:
@@ -43,14 +56,16 @@ def seed_as_int32(seed: int) -> int:
     return low - (1 << 32) if low >= (1 << 31) else low
 
 
-# An int argument equal to 1 would otherwise become a constexpr on GPU (no .to(); one compile per seed/threshold/row_start of 1).
-@triton.jit(do_not_specialize=["row_start", "seed", "threshold"])
-def _keep_mask_kernel(out_ptr, rows, K, row_start, seed, threshold, BLOCK: tl.constexpr):
+# An int argument equal to 1 would otherwise become a constexpr on GPU (no .to(), and one more compile
+# per argument that is 1): rows, row_start, seed and threshold stay runtime values.
+@triton.jit(do_not_specialize=["rows", "row_start", "seed", "threshold"])
+def _keep_mask_kernel(out_ptr, rows, K, row_start, seed, threshold, BLOCK: tl.constexpr,
+                      INDEX_BELOW_2_32: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_bounds = offs < rows * K
-    index = (row_start.to(tl.int64) * K) + offs
-    keep = dropout_keep(seed, index, threshold)
+    in_bounds = offs < rows.to(tl.int64) * K
+    index = row_start.to(tl.int64) * K + offs
+    keep = dropout_keep(seed, index, threshold, INDEX_BELOW_2_32)
     tl.store(out_ptr + offs, keep.to(tl.int8), mask=in_bounds)
 
 
@@ -61,9 +76,10 @@ def triton_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.de
     An inspection helper: the fused kernels never materialise the mask. ``row_start``
     lets a caller look at indices past 2**32 without allocating that many elements.
     """
-    out = torch.empty(rows, cols, dtype=torch.int8, device=device)
+    out = poison_(torch.empty(rows, cols, dtype=torch.int8, device=device))
     if rows * cols:
         block = 1024
         grid = (triton.cdiv(rows * cols, block),)
-        _keep_mask_kernel[grid](out, rows, cols, row_start, seed_as_int32(seed), dropout_threshold(p), BLOCK=block)
+        _keep_mask_kernel[grid](out, rows, cols, row_start, seed_as_int32(seed), dropout_threshold(p), BLOCK=block,
+                                INDEX_BELOW_2_32=index_below_2_32(row_start + rows, cols))
     return out.bool()

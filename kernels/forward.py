@@ -1,28 +1,30 @@
 """Forward: ``y = x·Wᵀ + b + s·(x~·Aᵀ)·Bᵀ`` and ``xa = x~·Aᵀ`` (``x~`` = x ⊙ mask / (1-p)).
 
-Two schedules, chosen per call:
+Each program owns a ``[BLOCK_M, BLOCK_N]`` tile of y (grouped order for L2 reuse) and runs:
 
-- **Fused (p = 0 and R_PAD <= 64)**: one kernel. Each program owns a ``[BLOCK_M, BLOCK_N]``
-  tile of y (grouped order for L2 reuse); its K loop loads every x tile once and feeds two
-  MMAs, ``acc += x·Wᵀ`` and ``xa += x·Aᵀ`` (A padded to ``R_PAD`` rows with zeros). Every
-  column block recomputes its row block's xa, an extra ``R_PAD/BLOCK_N`` of MMA work
-  (<= 1/4 at R_PAD 64 with 256-wide tiles, 1/16 at r <= 16), cheaper than a second pass over x.
+1. xa for its row block: loaded from the pre-pass, or (fused schedule) a thin K loop
+   ``xa = x·Aᵀ`` over the row block's x tiles (A padded to ``R_PAD`` rows with zeros);
+   programs with ``pid_n == 0`` store it (fp32) for backward;
+2. the LoRA up-projection in the reference's rounding order: ``acc = s·(round(xa)·Bᵀ)``
+   (xa rounded to the input dtype unscaled, s on the fp32 product, so nothing overflows
+   where PEFT's ``lora_B(lora_A(x))·s`` would not);
+3. the base GEMM ``acc += x·Wᵀ`` seeded with that accumulator: a plain K loop with no
+   rank-sized operand, so its loads stay asynchronous at every rank; then the bias.
+
+Seeding the accumulator keeps one ``[BM, BN]`` fp32 tile live (a separate LoRA
+accumulator in the epilogue would double the registers of the widest tiles).
+
+Schedules, chosen per call:
+
+- **Fused (p = 0 and R_PAD <= 64)**: one launch. Every column block recomputes its row
+  block's xa: an extra ``R_PAD/BLOCK_N`` of MMA work and a second pass over the row
+  block's x tiles (from L2: the same program just read them).
 - **Pre-pass (p > 0 or R_PAD > 64)**: :func:`~.projection.thin_projection_kernel` computes
   ``xa = (x ⊙ mask)·Aᵀ·1/(1-p)`` once (one read of x, the dropout hash evaluated once per
-  element of x instead of once per element per column block, ~30 integer ops each), then
-  the same GEMM kernel runs with ``PRECOMPUTED_XA``: no A tiles or xa MMA in the K loop,
-  xa loaded in the epilogue. At large ranks this also drops the ``[BK, R_PAD]`` stage
-  buffers; the ``[BM, R_PAD]`` xa tile still sits in registers beside the ``[BM, BN]``
-  accumulator in the epilogue, so pruning keeps the same (small) tiles at R_PAD 256.
+  element of x), then the GEMM kernel runs with ``PRECOMPUTED_XA`` and loads it.
 
-In both, the epilogue adds the LoRA up-projection as one more MMA, ``acc += (s·xa)·Bᵀ``
-(xa cast to the input dtype, as the reference does), then the bias; in the fused schedule
-programs with ``pid_n == 0`` store xa (fp32) for backward.
-
-Cost notes (unmeasured here, for the benchmark issue): the pre-pass reads x once more
-from memory (M·K elements) and costs one more launch; the persistent M-major schedule of
-DESIGN.md §2 would avoid both. ``MAX_FUSED_R_PAD`` is the switch-over rank, to be tuned
-on a GPU.
+Cost (``kernels/plan.py`` and benchmarks/cost_model.py): the pre-pass reads x once more
+from memory and costs one more launch. ``plan.MAX_FUSED_R_PAD`` is the switch-over rank.
 """
 
 from __future__ import annotations
@@ -31,15 +33,15 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_fused.debug import poison_
 from lora_fused.dropout import dropout_scale, dropout_threshold
 
-from .common import cast_to, device_guard, dot_operand, input_precision, interpreted_bf16
+from .common import accumulate_product, cast_to, device_guard, dot_operand, input_precision, interpreted_bf16
 from .configs import gemm_configs, m_bucket, padded_rank, prune_gemm_configs
 from .dropout import seed_as_int32
+from .plan import forward_uses_prepass
 from .projection import project_rows
 
-# Largest padded rank whose xa MMA stays inside the fused kernel's K loop when p = 0.
-MAX_FUSED_R_PAD = 64
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
@@ -47,6 +49,7 @@ MAX_FUSED_R_PAD = 64
     configs=gemm_configs(),
     key=["N", "K", "R_PAD", "M_BUCKET", "PRECOMPUTED_XA"],
     prune_configs_by={"early_config_prune": prune_gemm_configs},
+    cache_results=True,  # best configs persist in the Triton cache directory across processes
 )
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def lora_forward_kernel(
@@ -80,35 +83,28 @@ def lora_forward_kernel(
     w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_wn + steps[:, None] * stride_wk
     a_ptrs = a_ptr + ranks[None, :] * stride_ar + steps[:, None] * stride_ak
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + steps) < K
-        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(dot_operand(x, INTERPRETED_BF16), dot_operand(w, INTERPRETED_BF16), acc,
-                     input_precision=INPUT_PRECISION)
-        if not PRECOMPUTED_XA:
-            a = tl.load(a_ptrs, mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
-            xa = tl.dot(dot_operand(x, INTERPRETED_BF16), dot_operand(a, INTERPRETED_BF16), xa,
-                        input_precision=INPUT_PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-
     xa_ptrs = xa_ptr + rows[:, None] * stride_xam + ranks[None, :] * stride_xar
     if PRECOMPUTED_XA:
-        # Already scaled by 1/(1-p) and masked by the pre-pass.
+        # Already masked and scaled by 1/(1-p) by the pre-pass.
         xa = tl.load(xa_ptrs, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-    elif pid_n == 0:
-        tl.store(xa_ptrs, xa, mask=row_ok[:, None] & rank_ok[None, :])
+    else:
+        xa = accumulate_product(tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32), x_ptrs, a_ptrs,
+                                BLOCK_K * stride_xk, BLOCK_K * stride_ak, K, row_ok, rank_ok,
+                                BLOCK_K, INTERPRETED_BF16, INPUT_PRECISION)
+        # An inf in x makes the zero-padded rank columns inf·0 = NaN; they must not reach y.
+        xa = tl.where(rank_ok[None, :], xa, 0.0)
+        if pid_n == 0:
+            tl.store(xa_ptrs, xa, mask=row_ok[:, None] & rank_ok[None, :])
 
-    # LoRA up-projection: one more MMA into the same accumulator, in the input dtype as the reference does.
+    # The LoRA up-projection first, in the reference's rounding order: xa rounded to the input dtype
+    # unscaled, s applied to the fp32 product, which then seeds the base GEMM's accumulator.
     b_ptrs = b_ptr + ranks[:, None] * stride_br + cols.to(tl.int64)[None, :] * stride_bn
     b = tl.load(b_ptrs, mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    scaled_xa = cast_to(xa * scaling, y_ptr.dtype.element_ty, INTERPRETED_BF16)
-    acc = tl.dot(dot_operand(scaled_xa, INTERPRETED_BF16), dot_operand(b, INTERPRETED_BF16), acc,
-                 input_precision=INPUT_PRECISION)
+    xa_rounded = cast_to(xa, y_ptr.dtype.element_ty, INTERPRETED_BF16)
+    acc = tl.dot(dot_operand(xa_rounded, INTERPRETED_BF16), dot_operand(b, INTERPRETED_BF16),
+                 input_precision=INPUT_PRECISION) * scaling
+    acc = accumulate_product(acc, x_ptrs, w_ptrs, BLOCK_K * stride_xk, BLOCK_K * stride_wk, K, row_ok, col_ok,
+                             BLOCK_K, INTERPRETED_BF16, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
 
@@ -129,15 +125,15 @@ def lora_forward(
     """Launch the forward kernel on validated 2-D inputs with M >= 1; returns (y, xa)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    xa = torch.empty(M, R, dtype=torch.float32, device=x.device)
+    y = poison_(torch.empty(M, N, dtype=x.dtype, device=x.device))
+    xa = poison_(torch.empty(M, R, dtype=torch.float32, device=x.device))
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     r_pad = padded_rank(R)
     bf16_fixes, precision = interpreted_bf16(x.dtype), input_precision(x.dtype)
-    precomputed = dropout_p > 0 or r_pad > MAX_FUSED_R_PAD
+    precomputed = forward_uses_prepass(N, r_pad, dropout_p)  # N = 0 included: no GEMM program would store xa
     with device_guard(x):
         if precomputed:
             # xa[m, r] = (1/(1-p)) · Σ_k (x ⊙ mask)[m, k] · A[r, k]: P[k, r] = A[r, k].

@@ -25,6 +25,7 @@ from lora_fused.ops import define_python_ops
 from .backward import lora_backward
 from .configs import interpreting
 from .forward import lora_forward
+from .tuning import seed_shipped_configs
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 256
@@ -46,6 +47,7 @@ def _check_device(tensors: dict[str, torch.Tensor]) -> None:
                          "move the tensors to a CUDA device or use backend='torch'/'cuda'")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"triton backend: unsupported device {device}")
+    seed_shipped_configs(device)
 
 
 def _check_operands(x, weight, bias, lora_A, lora_B) -> None:

@@ -21,15 +21,17 @@ import triton.language as tl
 
 from .common import dot_operand
 from .configs import m_bucket, projection_configs, prune_projection_configs
-from .dropout import dropout_keep
+from .dropout import dropout_keep, index_below_2_32
 
 
-@triton.heuristics({"HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0})
+@triton.heuristics({"HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0,
+                    "INDEX_BELOW_2_32": lambda args: index_below_2_32(args["M"], args["K"])})
 @triton.autotune(
     configs=projection_configs(),
     # stride_pk tells Aᵀ (k contiguous) from B (rank contiguous): same sizes, different best tiles.
     key=["K", "R_PAD", "M_BUCKET", "HAS_DROPOUT", "stride_pk"],
     prune_configs_by={"early_config_prune": prune_projection_configs},
+    cache_results=True,  # best configs persist in the Triton cache directory across processes
 )
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "R", "R_OUT", "seed", "dropout_threshold"])
 def thin_projection_kernel(
@@ -37,7 +39,7 @@ def thin_projection_kernel(
     M, K, R, R_OUT, M_BUCKET,
     stride_im, stride_ik, stride_pk, stride_pr, stride_om, stride_or,
     scale, seed, dropout_threshold,
-    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, INDEX_BELOW_2_32: tl.constexpr,
     INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -56,14 +58,15 @@ def thin_projection_kernel(
         tile = tl.load(in_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         p = tl.load(p_ptrs, mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows[:, None] * K + (k0 + steps)[None, :], dropout_threshold)
+            keep = dropout_keep(seed, rows[:, None] * K + (k0 + steps)[None, :], dropout_threshold, INDEX_BELOW_2_32)
             tile = tl.where(keep, tile, 0.0)
         acc = tl.dot(dot_operand(tile, INTERPRETED_BF16), dot_operand(p, INTERPRETED_BF16), acc,
                      input_precision=INPUT_PRECISION)
         in_ptrs += BLOCK_K * stride_ik
         p_ptrs += BLOCK_K * stride_pk
 
-    acc = acc * scale
+    # Zero-padded rank columns of P meet an inf in the input as inf·0 = NaN: keep them zero.
+    acc = tl.where(rank_ok[None, :], acc * scale, 0.0)
     out_ptrs = out_ptr + rows[:, None] * stride_om + ranks[None, :] * stride_or
     tl.store(out_ptrs, acc, mask=row_ok[:, None] & (ranks < R_OUT)[None, :])
 

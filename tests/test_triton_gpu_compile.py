@@ -26,6 +26,15 @@ UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_ak", "stride_yn", "stride_xar"
 
 
 def _compile(kernel, pointer_types, constexprs, arch, num_warps, num_stages):
+    return _compile_with(kernel, pointer_types, constexprs, arch, num_warps, num_stages, set())
+
+
+def _compile_with(kernel, pointer_types, constexprs, arch, num_warps, num_stages, not_divisible):
+    """Compile as a launch would specialise: pointers, strides and sizes 16-divisible unless in ``not_divisible``.
+
+    Pointers, strides, M, N, K and the rank-sized R / R_OUT (when the rank is a multiple of 16)
+    get ``tt.divisibility = 16``; unit strides become constexpr 1.
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -33,10 +42,12 @@ def _compile(kernel, pointer_types, constexprs, arch, num_warps, num_stages):
     fn = kernel
     while not isinstance(fn, triton.runtime.jit.JITFunction):
         fn = fn.fn
-    constexprs = {**constexprs, **{n: 1 for n in fn.arg_names if n in UNIT_STRIDES}}
+    constexprs = {**constexprs, **{n: 1 for n in fn.arg_names if n in UNIT_STRIDES and n not in constexprs}}
     signature = {n: "constexpr" if n in constexprs else pointer_types.get(n, "i32") for n in fn.arg_names}
+    sizes = ("M", "N", "K", "R", "R_OUT")
     divisible = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
-                 if n not in constexprs and (n.endswith("_ptr") or n.startswith("stride_") or n in ("M", "N", "K"))}
+                 if n not in constexprs and n not in not_divisible
+                 and (n.endswith("_ptr") or n.startswith("stride_") or n in sizes)}
     source = ASTSource(fn=fn, signature=signature, attrs=divisible,
                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
@@ -59,7 +70,7 @@ def compile_all(arch: int, dtype: str) -> None:
     import torch
     import triton
 
-    from lora_fused.kernels import backward, configs, dropout, forward, projection
+    from lora_fused.kernels import backward, configs, dropout, forward, plan, projection
 
     ptr = f"*{dtype}"
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
@@ -70,6 +81,7 @@ def compile_all(arch: int, dtype: str) -> None:
     input_grad_types = {"g_ptr": ptr, "w_ptr": ptr, "a_ptr": ptr, "b_ptr": ptr, "gb_ptr": "*fp32", "dx_ptr": ptr,
                         "lora_scale": "fp32"}
     projection_types = {"in_ptr": ptr, "p_ptr": ptr, "out_ptr": "*fp32", "scale": "fp32"}
+    dx_flags = {"HAS_DROPOUT": True, "INDEX_BELOW_2_32": True}
     jobs = {
         "forward": (forward.lora_forward_kernel, forward_types,
                     {"R_PAD": 16, "HAS_BIAS": True, "PRECOMPUTED_XA": False, **common, **tile}, 8, 3),
@@ -79,17 +91,18 @@ def compile_all(arch: int, dtype: str) -> None:
                   {"g_ptr": ptr, "xa_ptr": "*fp32", "dB_partial_ptr": "*fp32", "db_partial_ptr": "*fp32"},
                   {"R_PAD": 16, "BLOCK_N": 256, "COMPUTE_DB": True, "BLOCK_M": 64, **common}, 4, 3),
         "input_grad": (backward._input_grad_kernel, input_grad_types,
-                       {"R_PAD": 16, "HAS_DROPOUT": True, "PRECOMPUTED_GB": False, **common, **tile}, 8, 3),
+                       {"R_PAD": 16, **dx_flags, "PRECOMPUTED_GB": False, **common, **tile}, 8, 3),
         "input_grad_precomputed": (backward._input_grad_kernel, input_grad_types,
-                                   {"R_PAD": 16, "HAS_DROPOUT": True, "PRECOMPUTED_GB": True, **common, **tile}, 8, 3),
+                                   {"R_PAD": 16, **dx_flags, "PRECOMPUTED_GB": True, **common, **tile}, 8, 3),
         "lora_a_grad": (backward._lora_a_grad_kernel, {"x_ptr": ptr, "gb_ptr": "*fp32", "dA_partial_ptr": "*fp32"},
-                        {"R_PAD": 16, "HAS_DROPOUT": True, "BLOCK_M": 64, "BLOCK_K": 128, **common}, 4, 3),
+                        {"R_PAD": 16, **dx_flags, "BLOCK_M": 64, "BLOCK_K": 128, **common}, 4, 3),
         # xa pre-pass (P = Aᵀ, k contiguous) and standalone gb (P = B, rank contiguous).
         "projection_xa": (projection.thin_projection_kernel, projection_types,
-                          {"R_PAD": 16, "HAS_DROPOUT": True, "stride_pk": 1, "BLOCK_M": 64, "BLOCK_K": 64, **common},
+                          {"R_PAD": 16, **dx_flags, "stride_pk": 1, "BLOCK_M": 64, "BLOCK_K": 64, **common},
                           4, 3),
         "projection_gb": (projection.thin_projection_kernel, projection_types,
-                          {"R_PAD": 16, "HAS_DROPOUT": False, "stride_pr": 1, "BLOCK_M": 64, "BLOCK_K": 64, **common},
+                          {"R_PAD": 16, **dx_flags, "HAS_DROPOUT": False, "stride_pr": 1, "BLOCK_M": 64,
+                           "BLOCK_K": 64, **common},
                           4, 3),
         "sum_partials": (backward._sum_partials_kernel, {"partial_ptr": "*fp32", "out_ptr": ptr, "scale": "fp32"},
                          {"INTERPRETED_BF16": False, "BLOCK_R": 64, "BLOCK_C": 16}, 4, 1),
@@ -113,17 +126,17 @@ def compile_all(arch: int, dtype: str) -> None:
                     "gb_ptr": "*fp32", "lora_scale": "fp32"}
         proj_types = {"in_ptr": p, "p_ptr": p, "out_ptr": "*fp32", "scale": "fp32"}
         for r_pad in (64, 256):
-            fused = r_pad <= forward.MAX_FUSED_R_PAD
+            fused = r_pad <= plan.MAX_FUSED_R_PAD
             flags = {"R_PAD": r_pad, **prec}
             fwd = {**flags, "HAS_BIAS": True, "PRECOMPUTED_XA": not fused}
             for c in _kept(configs.prune_gemm_configs, gemm_tiles, arch, {"w_ptr": w}, **fwd):
                 rank_jobs.append((f"forward_r{r_pad}_{elt_name}", forward.lora_forward_kernel, fwd_types,
                                   {**fwd, **c.kwargs}, c))
-            dxf = {**flags, "HAS_DROPOUT": True, "PRECOMPUTED_GB": not fused}
+            dxf = {**flags, "HAS_DROPOUT": True, "INDEX_BELOW_2_32": True, "PRECOMPUTED_GB": not fused}
             for c in _kept(configs.prune_gemm_configs, gemm_tiles, arch, {"w_ptr": w}, **dxf):
                 rank_jobs.append((f"input_grad_r{r_pad}_{elt_name}", backward._input_grad_kernel, dx_types,
                                   {**dxf, **c.kwargs}, c))
-            proj = {**flags, "HAS_DROPOUT": True, "stride_pk": 1}
+            proj = {**flags, "HAS_DROPOUT": True, "INDEX_BELOW_2_32": True, "stride_pk": 1}
             for c in _kept(configs.prune_projection_configs, configs.projection_configs(), arch,
                                    {"in_ptr": w}, **proj):
                 rank_jobs.append((f"projection_r{r_pad}_{elt_name}", projection.thin_projection_kernel, proj_types,
@@ -142,7 +155,7 @@ def compile_all(arch: int, dtype: str) -> None:
 
     # A real launch turns every int argument equal to 1 that is not in do_not_specialize into a
     # constexpr (the interpreter never does): the kernels must still compile with all of them at 1.
-    jobs["keep_mask"] = (dropout._keep_mask_kernel, {"out_ptr": "*i8"}, {"BLOCK": 1024}, 4, 1)
+    jobs["keep_mask"] = (dropout._keep_mask_kernel, {"out_ptr": "*i8"}, {"BLOCK": 1024, "INDEX_BELOW_2_32": True}, 4, 1)
     for name in ("forward", "forward_precomputed", "input_grad", "input_grad_precomputed", "lora_a_grad", "gpass",
                  "projection_xa", "projection_gb", "keep_mask"):
         kernel, types, constexprs, warps, stages = jobs[name]

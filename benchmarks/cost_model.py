@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""Cost model of one LoRA linear per provider: device-memory bytes, MMA flops, launches, roofline time.
+
+For each provider (frozen ``nn.Linear``, PEFT, the unfused ``addmm`` layer of
+bench_layer.py, the Triton kernels, the CUDA kernels) and shape, a list of kernel
+launches, each with the bytes it reads and writes in device memory and the MMA flops it
+issues. On a named GPU (peaks below, as data) each launch costs
+``max(bytes / bandwidth, flops / MMA peak)`` and the layer the sum: its roofline time. A
+benchmark divides its measured time by that ("measured / roofline") and by the frozen
+linear's roofline (the predicted ratio).
+
+Sources of the entries:
+- ``triton``: :func:`lora_fused.kernels.plan.launch_plan`, the plan the launchers follow
+  (tests/test_cost_model.py counts the launches of an instrumented run against it).
+- ``triton_v2``: the plan of issue 10 (backward reading g and x once; forward computing xa
+  once per row block): not implemented yet, a prediction only.
+- ``cuda``: :func:`cuda_tensorcore_plan`, a description of csrc/cuda_tensorcore.cu as of this
+  writing (being rewritten by another engineer): keep it in step with that file.
+- ``linear``, ``peft``, ``addmm``: the PyTorch ops those layers run, one launch per op.
+
+What it leaves out: L2 misses on re-read operand tiles (assumed hits), launch latency,
+wave quantisation, tile padding of M/N/K, and elementwise work inside kernels (the dropout
+hash). Sizes: ``elt`` bytes per element of the input dtype; ``xa`` is fp32 in the fused
+backends and in the input dtype in the unfused ones; bool masks are 1 byte per element.
+
+    python benchmarks/cost_model.py --gpu H100-SXM            # ViT-B table of predicted ratios
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lora_fused.kernels.plan import FP32, Launch, launch_plan  # noqa: E402
+
+
+@dataclass(frozen=True)
+class GPU:
+    """Dense peaks: MMA TFLOP/s for 16-bit inputs and for TF32, HBM TB/s."""
+
+    name: str
+    tflops_16bit: float
+    tflops_tf32: float
+    hbm_tb_s: float
+
+
+# Vendor datasheet peaks (dense, no sparsity).
+GPUS = {
+    "H100-SXM": GPU("H100 SXM", 989.4, 494.7, 3.35),
+    "H200": GPU("H200", 989.4, 494.7, 4.8),
+    "A100-SXM": GPU("A100 SXM 80GB", 312.0, 156.0, 2.039),
+}
+PROVIDERS = ("linear", "peft", "addmm", "triton", "triton_v2", "cuda")
+MODES = ("forward", "backward", "full")
+
+
+def gpu_for_device_name(device_name: str) -> GPU | None:
+    """The GPU entry a CUDA device name denotes (``'NVIDIA H100 80GB HBM3'`` -> H100 SXM), else None."""
+    name = device_name.upper()
+    if "H200" in name:
+        return GPUS["H200"]
+    if "H100" in name and "PCIE" not in name:
+        return GPUS["H100-SXM"]
+    if "A100" in name and "PCIE" not in name:
+        return GPUS["A100-SXM"]
+    return None
+
+
+def roofline_ms(launches: list[Launch], gpu: GPU, elt: int) -> float:
+    peak = (gpu.tflops_tf32 if elt == 4 else gpu.tflops_16bit) * 1e12
+    bandwidth = gpu.hbm_tb_s * 1e12
+    return sum(max(launch.bytes / bandwidth, launch.mma_flops / peak) for launch in launches) * 1e3
+
+
+def _op(name, reads, writes, flops=0):
+    return Launch(name, int(reads), int(writes), int(flops))
+
+
+def linear_plan(M, K, N, elt):
+    """Frozen ``F.linear`` with bias: one GEMM forward, dx = g·W backward (no dW, no db)."""
+    x, w, y = M * K * elt, N * K * elt, M * N * elt
+    return {"forward": [_op("addmm", x + w + N * elt, y, 2 * M * N * K)],
+            "backward": [_op("mm dx", y + w, x, 2 * M * N * K)]}
+
+
+def peft_plan(M, K, N, r, elt, p):
+    """PEFT's ``result = base(x) + lora_B(lora_A(dropout(x))) * s`` and its autograd backward."""
+    x, w, y, xa, a, b = M * K * elt, N * K * elt, M * N * elt, M * r * elt, r * K * elt, N * r * elt
+    mask = M * K
+    forward = [_op("base addmm", x + w + N * elt, y, 2 * M * N * K)]
+    if p > 0:
+        forward.append(_op("dropout", x, x + mask))
+    forward += [_op("lora_A mm", x + a, xa, 2 * M * K * r), _op("lora_B mm", xa + b, y, 2 * M * N * r),
+                _op("mul s", y, y), _op("add", 2 * y, y)]
+    backward = [_op("mul s", y, y), _op("lora_B dx", y + b, xa, 2 * M * N * r),
+                _op("lora_B dW", y + xa, b, 2 * M * N * r),
+                _op("lora_A dx", xa + a, x, 2 * M * K * r), _op("lora_A dW", xa + x, a, 2 * M * K * r)]
+    if p > 0:
+        backward.append(_op("dropout backward", x + mask, x))
+    backward += [_op("base dx", y + w, x, 2 * M * N * K), _op("accumulate dx", 2 * x, x)]
+    return {"forward": forward, "backward": backward}
+
+
+def addmm_plan(M, K, N, r, elt, p):
+    """bench_layer.py's AddmmLoRAFunction (Unsloth style): y.addmm_ re-reads and rewrites y."""
+    x, w, y, xa, a, b = M * K * elt, N * K * elt, M * N * elt, M * r * elt, r * K * elt, N * r * elt
+    mask = M * K
+    forward = [_op("native_dropout", x, x + mask)] if p > 0 else []
+    forward += [_op("xa mm", x + a, xa, 2 * M * K * r), _op("linear", x + w + N * elt, y, 2 * M * N * K),
+                _op("y.addmm_", y + xa + b, y, 2 * M * N * r)]
+    backward = [_op("gb mm", y + b, xa, 2 * M * N * r)]
+    if p > 0:
+        backward += [_op("x*mask", x + mask, x), _op("*scale", x, x)]
+    backward.append(_op("dx mm", y + w, x, 2 * M * N * K))
+    if p > 0:
+        backward += [_op("gb@A", xa + a, x, 2 * M * K * r), _op("dx.addcmul_", 2 * x + mask, x)]
+    else:
+        backward.append(_op("dx.addmm_", x + xa + a, x, 2 * M * K * r))
+    backward += [_op("dA mm", xa + x, a, 2 * M * K * r), _op("dA mul_", a, a),
+                 _op("dB mm", y + xa, b, 2 * M * N * r), _op("dB mul_", b, b)]
+    return {"forward": forward, "backward": backward}
+
+
+def triton_v2_plan(M, K, N, r, elt, p, programs=264, block_m=128):
+    """Issue 10's plan (a prediction: not implemented). Forward: one launch at p = 0 computing xa
+    once per row block; with dropout, a pre-pass hashing x once (x read twice). Backward: one
+    kernel reading g and x once (dx, gb, and dB/db/dA partials per row split from the tiles it
+    holds), one fixed-order reduction of the partials."""
+    from lora_fused.kernels.configs import padded_rank
+
+    r_pad = padded_rank(r)
+    x, w, y, a, b, xa = M * K * elt, N * K * elt, M * N * elt, r * K * elt, N * r * elt, M * r * FP32
+    splits = max(1, min(programs, -(-M // block_m)))
+    if p > 0:
+        forward = [_op("xa pre-pass", x + a, xa, 2 * M * K * r_pad),
+                   _op("gemm + up-projection", x + w + b + N * elt + xa, y, 2 * M * N * K + 2 * M * N * r_pad)]
+    else:
+        forward = [_op("row-block-major gemm", x + w + a + b + N * elt, y + xa,
+                       2 * M * N * K + 2 * M * K * r_pad + 2 * M * N * r_pad)]
+    partials = splits * (N * r_pad + r_pad * K + N) * FP32
+    backward = [_op("dx + dA/dB/db partials", y + x + w + a + b + xa, x + partials,
+                    2 * M * N * K + 4 * M * N * r_pad + 4 * M * K * r_pad),
+                _op("reduce partials", partials, (N * r + r * K + N) * elt)]
+    return {"forward": forward, "backward": backward}
+
+
+def cuda_tensorcore_plan(M, K, N, r, elt, p, programs=264):
+    """csrc/cuda_tensorcore.cu (WMMA kernels) as of this writing: forward fused up to rank 64 (xa
+    pre-pass above); backward g-pass (gb, dB/db partials) + reduce, dx (reads g again), dA + reduce."""
+    from lora_fused.kernels.configs import padded_rank
+
+    r_pad = padded_rank(r)
+    x, w, y, a, b, xa, gb = M * K * elt, N * K * elt, M * N * elt, r * K * elt, N * r * elt, M * r * FP32, M * r * FP32
+    splits = max(1, min(programs, -(-M // 128)))
+    forward = []
+    if r > 64:
+        forward.append(_op("xa pre-pass", x + a, xa, 2 * M * K * r_pad))
+        forward.append(_op("forward", x + w + b + N * elt + xa, y, 2 * M * N * K + 2 * M * N * r_pad))
+    else:
+        forward.append(_op("forward", x + w + a + b + N * elt, y + xa,
+                           2 * M * N * K + 2 * M * K * r_pad * -(-N // 128) + 2 * M * N * r_pad))
+    dB_partials, dA_partials = splits * N * (r_pad + 1) * FP32, splits * r_pad * K * FP32
+    backward = [_op("g-pass", y + b + xa, gb + dB_partials, 4 * M * N * r_pad),
+                _op("g-pass reduce", dB_partials, N * r * elt),
+                _op("dx", y + w + a + gb, x, 2 * M * N * K + 2 * M * K * r_pad),
+                _op("dA", x + gb, dA_partials, 2 * M * K * r_pad),
+                _op("dA reduce", dA_partials, r * K * elt)]
+    return {"forward": forward, "backward": backward}
+
+
+def provider_plan(provider: str, M: int, K: int, N: int, r: int, elt: int, p: float) -> dict[str, list[Launch]]:
+    """``{"forward": [...], "backward": [...]}`` launches of ``provider``; bias frozen as in bench_layer (no db)."""
+    if provider == "linear":
+        return linear_plan(M, K, N, elt)
+    if provider == "peft":
+        return peft_plan(M, K, N, r, elt, p)
+    if provider == "addmm":
+        return addmm_plan(M, K, N, r, elt, p)
+    if provider == "triton":
+        return launch_plan(M, K, N, r, elt, p, compute_dx=True, compute_db=False)
+    if provider == "triton_v2":
+        return triton_v2_plan(M, K, N, r, elt, p)
+    if provider == "cuda":
+        return cuda_tensorcore_plan(M, K, N, r, elt, p)
+    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+
+
+def mode_launches(plan: dict[str, list[Launch]], mode: str) -> list[Launch]:
+    if mode == "full":
+        return plan["forward"] + plan["backward"]
+    if mode in plan:
+        return plan[mode]
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    bytes: int
+    mma_flops: int
+    launches: int
+    roofline_ms: float | None
+
+
+def estimate(provider: str, M: int, K: int, N: int, r: int, elt: int, p: float, mode: str,
+             gpu: GPU | None) -> Estimate:
+    launches = mode_launches(provider_plan(provider, M, K, N, r, elt, p), mode)
+    return Estimate(sum(launch.bytes for launch in launches), sum(launch.mma_flops for launch in launches),
+                    len(launches), roofline_ms(launches, gpu, elt) if gpu else None)
+
+
+def annotate_row(row: dict, gpu: GPU | None) -> str | None:
+    """Add the model's figures to a bench_layer result row; returns a one-line summary (None: no model).
+
+    Fields: ``model_bytes``, ``model_mma_flops``, ``model_launches``, ``roofline_ms`` and
+    ``measured_over_roofline`` (None where the GPU has no entry or nothing was measured).
+    """
+    if row["provider"] not in PROVIDERS:
+        return None
+    elt = {"fp32": 4, "fp16": 2, "bf16": 2}[row["dtype"]]
+    est = estimate(row["provider"], row["tokens"], row["in_features"], row["out_features"], row["rank"], elt,
+                   row["dropout"], row["mode"], gpu)
+    measured = row.get("median_ms")
+    row.update(model_bytes=est.bytes, model_mma_flops=est.mma_flops, model_launches=est.launches,
+               roofline_ms=est.roofline_ms,
+               measured_over_roofline=measured / est.roofline_ms if measured and est.roofline_ms else None)
+    roof = (f"roofline {est.roofline_ms:.4f} ms on {gpu.name}" if gpu else "no roofline (GPU not in the model)")
+    ratio = f", measured/roofline {row['measured_over_roofline']:.2f}" if row["measured_over_roofline"] else ""
+    timing = f"{measured:.4f} ms" if measured else row.get("status", "not run")
+    return (f"    {row['provider']}/{row['mode']}: {timing} | model: {est.launches} launches, "
+            f"{est.bytes / 1e6:.1f} MB, {est.mma_flops / 1e9:.2f} GFLOP, {roof}{ratio}")
+
+
+# SAM ViT-B image-encoder linears, one 1024² image (4096 tokens): (name, K, N).
+VIT_B_LAYERS = (("qkv", 768, 2304), ("proj", 768, 768), ("lin1", 768, 3072), ("lin2", 3072, 768))
+
+
+def predicted_ratios_markdown(gpu: GPU, tokens: int = 4096, elt: int = 2, ranks=(4, 16), dropouts=(0.0, 0.1),
+                              providers=("peft", "addmm", "cuda", "triton", "triton_v2")) -> str:
+    """Predicted roofline time / frozen nn.Linear's, per provider, at ViT-B's four linears."""
+    lines = [f"Predicted roofline ratios to the frozen nn.Linear — {gpu.name}, {elt * 8}-bit inputs, "
+             f"M = {tokens} tokens (predictions of benchmarks/cost_model.py, not measurements)", ""]
+    header = ["layer", "r", "p", "mode", "nn.Linear µs"] + list(providers)
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, K, N in VIT_B_LAYERS:
+        for r in ranks:
+            for p in dropouts:
+                for mode in ("forward", "full"):
+                    base = estimate("linear", tokens, K, N, r, elt, p, mode, gpu).roofline_ms
+                    cells = [name, str(r), f"{p:g}", mode, f"{base * 1e3:.1f}"]
+                    for prov in providers:
+                        est = estimate(prov, tokens, K, N, r, elt, p, mode, gpu)
+                        cells.append(f"{est.roofline_ms / base:.2f}× ({est.launches})")
+                    lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Cells: roofline time ÷ nn.Linear's (launches). `triton` is the plan in the code "
+              "(kernels/plan.py); `triton_v2` the plan of issue 10, not implemented."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="H100-SXM")
+    parser.add_argument("--tokens", type=int, default=4096, help="M (4096 = one 1024² image)")
+    args = parser.parse_args(argv)
+    print(predicted_ratios_markdown(GPUS[args.gpu], tokens=args.tokens))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
