@@ -166,7 +166,7 @@ def _input_grad_kernel(
                  input_precision=INPUT_PRECISION) * lora_scale
     if HAS_DROPOUT:
         keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold, INDEX_BELOW_2_32)
-        acc = tl.where(keep, acc, 0.0)
+        acc = acc * keep.to(tl.float32)  # a multiply, as the reference: a dropped inf gives NaN
     acc = accumulate_product(acc, g_ptrs, w_ptrs, BLOCK_K * stride_gn, BLOCK_K * stride_wn, N, row_ok, col_ok,
                              BLOCK_K, INTERPRETED_BF16, INPUT_PRECISION)
     dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk
@@ -207,7 +207,7 @@ def _lora_a_grad_kernel(
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold, INDEX_BELOW_2_32)
-            x = tl.where(keep, x, 0.0)
+            x = x * keep.to(x.dtype)  # a multiply, as the reference: a dropped inf gives NaN
         gb = tl.load(gb_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=row_ok[:, None], other=0.0)
         gb = cast_to(gb, x_ptr.dtype.element_ty, INTERPRETED_BF16)
         acc = tl.dot(dot_operand(tl.trans(gb), INTERPRETED_BF16), dot_operand(x, INTERPRETED_BF16), acc,

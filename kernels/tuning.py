@@ -27,11 +27,14 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 import triton
 from triton.runtime.autotuner import Autotuner
+
+from .configs import autotune_enabled
 
 FORMAT_VERSION = 1
 TUNED_OUT_ENV_VAR = "LORA_FUSED_TRITON_TUNED_OUT"
@@ -120,7 +123,8 @@ def dump_tuned_configs(path: str | os.PathLike, gpu_name: str | None = None, mer
 def dump_at_exit() -> int:
     """The exit hook of ``LORA_FUSED_TRITON_TUNED_OUT``: merge this process's tuned configs into that file."""
     path = os.environ.get(TUNED_OUT_ENV_VAR, "")
-    if not path or not tuned_entries():
+    # With autotuning off the caches hold the first kept config, untuned: not worth shipping.
+    if not path or not autotune_enabled() or not tuned_entries():
         return 0
     return dump_tuned_configs(path, merge=True)
 
@@ -132,8 +136,11 @@ if os.environ.get(TUNED_OUT_ENV_VAR):
 def seed_from_file(path: str | os.PathLike) -> int:
     """Seed the autotuners' caches from a file written by :func:`dump_tuned_configs`; returns entries used.
 
-    Keys already tuned in this process are kept. A file of another format, or naming a kernel
-    this version does not have, raises ``ValueError`` naming the file.
+    Keys already tuned in this process are kept. A file that cannot be read, or is of another
+    format, raises ``ValueError`` naming the file. A file written under another Triton version
+    is skipped whole, and an entry naming a kernel this version lacks, or a config that is not
+    one of that kernel's configs here (the config lists and kernels change between versions;
+    a seeded config skips pruning and benchmarking), is skipped, each with a warning.
     """
     path = Path(path)
     try:
@@ -143,13 +150,22 @@ def seed_from_file(path: str | os.PathLike) -> int:
     if not isinstance(document, dict) or document.get("format") != FORMAT_VERSION:
         raise ValueError(f"tuned-config file {path}: expected format {FORMAT_VERSION}, got {document.get('format')!r}"
                          if isinstance(document, dict) else f"tuned-config file {path}: not a JSON object")
+    if document.get("triton") != triton.__version__:
+        warnings.warn(f"tuned-config file {path}: written under triton {document.get('triton')}, this is "
+                      f"{triton.__version__}; not used (the kernels will autotune)", stacklevel=2)
+        return 0
     tuners = autotuned_kernels()
     used = 0
     for entry in document.get("entries", []):
         tuner = tuners.get(entry.get("kernel"))
         if tuner is None:
-            raise ValueError(f"tuned-config file {path}: unknown kernel {entry.get('kernel')!r} "
-                             f"(known: {sorted(tuners)})")
+            warnings.warn(f"tuned-config file {path}: unknown kernel {entry.get('kernel')!r} skipped "
+                          f"(known: {sorted(tuners)})", stacklevel=2)
+            continue
+        if entry.get("config") not in [_config_to_json(config) for config in tuner.configs]:
+            warnings.warn(f"tuned-config file {path}: {entry.get('kernel')} config {entry.get('config')} is not "
+                          "one of this version's configs; skipped", stacklevel=2)
+            continue
         key = tuple(entry["key"])
         if key not in tuner.cache:
             tuner.cache[key] = _config_from_json(entry["config"])
@@ -170,7 +186,13 @@ def seed_shipped_configs(device: torch.device) -> int:
         return 0
     _seeded_devices.add(index)
     path = shipped_file(torch.cuda.get_device_name(index))
-    return seed_from_file(path) if path.is_file() else 0
+    if not path.is_file():
+        return 0
+    try:
+        return seed_from_file(path)
+    except ValueError as exc:  # a damaged shipped file must not stop the op: the kernels autotune instead
+        warnings.warn(f"{exc}; the kernels will autotune", stacklevel=2)
+        return 0
 
 
 # SAM image encoders' linears (tokens of one 1024² image, K, N): qkv, proj, mlp lin1, lin2.

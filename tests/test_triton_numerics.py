@@ -120,6 +120,21 @@ def test_inf_in_x_gives_inf_like_the_reference(rank, dropout_p, dtype):
 
 
 @pytest.mark.parametrize("rank", [3, 100])
+def test_a_dropped_inf_gives_nan_like_the_reference(rank):
+    # x~ = x · keep / (1 - p) multiplies, as PEFT's nn.Dropout does: a dropped inf is inf · 0 = NaN,
+    # never silently 0. Seed 0 drops x[2, 5] at this shape (asserted, so the test keeps its meaning).
+    from lora_fused.dropout import keep_mask
+    assert not keep_mask(0, 9, 40, 0.25)[2, 5]
+    x, weight, bias, lora_A, lora_B, grad_y = _positive_inputs(9, 40, 37, rank, torch.float32)
+    x[2, 5] = float("inf")
+    got = _run_triton(x, weight, bias, lora_A, lora_B, grad_y, 1.5, 0.25, seed=0)
+    expected = reference_outputs(x, weight, bias, lora_A, lora_B, 1.5, 0.25, 0, grad_y)
+    assert torch.isnan(expected[0][2]).all()
+    for name, value, ref in zip(NAMES, got, expected, strict=True):
+        _same_specials(name, value, ref)
+
+
+@pytest.mark.parametrize("rank", [3, 100])
 def test_inf_in_grad_gives_inf_like_the_reference(rank):
     x, weight, bias, lora_A, lora_B, grad_y = _positive_inputs(9, 40, 37, rank, torch.float32)
     grad_y[4, 7] = float("inf")

@@ -25,7 +25,7 @@ def clean_caches():
 def test_dump_then_seed_round_trip(tmp_path, clean_caches):
     tuners = clean_caches
     key = (768, 2304, 16, 4096, False, "torch.bfloat16", "torch.bfloat16")
-    chosen = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)
+    chosen = tuners["forward"].configs[-1]  # seeding accepts only configs of the kernel's own list
     tuners["forward"].cache[key] = chosen
     path = tmp_path / "tuned" / "gpu.json"
     assert tuning.dump_tuned_configs(path, gpu_name="NVIDIA H200") == 1
@@ -36,20 +36,46 @@ def test_dump_then_seed_round_trip(tmp_path, clean_caches):
     tuners["forward"].cache.clear()
     assert tuning.seed_from_file(path) == 1
     seeded = tuners["forward"].cache[key]
-    assert (seeded.kwargs, seeded.num_warps, seeded.num_stages) == (chosen.kwargs, 8, 3)
+    assert (seeded.kwargs, seeded.num_warps, seeded.num_stages) == (chosen.kwargs, chosen.num_warps, chosen.num_stages)
     assert tuning.seed_from_file(path) == 0, "a key already in the cache is kept"
 
 
 @pytest.mark.parametrize("content,match", [
     ("not json", "cannot be read as JSON"),
     ('{"format": 99, "entries": []}', "expected format"),
-    ('{"format": 1, "entries": [{"kernel": "nope", "key": [], "config": {}}]}', "unknown kernel 'nope'"),
 ])
 def test_bad_files_are_named(tmp_path, content, match):
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(ValueError, match=match):
         tuning.seed_from_file(path)
+
+
+def _one_entry_file(tmp_path, kernel, config, triton_version=triton.__version__):
+    path = tmp_path / "entries.json"
+    path.write_text(json.dumps({"format": tuning.FORMAT_VERSION, "triton": triton_version, "entries": [
+        {"kernel": kernel, "key": [1, 2, 3], "config": config}]}))
+    return path
+
+
+def test_entries_this_version_cannot_use_are_skipped_with_a_warning(tmp_path, clean_caches):
+    tuners = clean_caches
+    real = tuning._config_to_json(tuners["forward"].configs[0])
+    foreign = {**real, "kwargs": {**real["kwargs"], "GROUP_M": 0}}  # not in the config list: would skip pruning
+    for kernel, config, match in (("nope", real, "unknown kernel 'nope'"), ("forward", foreign, "not one of")):
+        with pytest.warns(UserWarning, match=match):
+            assert tuning.seed_from_file(_one_entry_file(tmp_path, kernel, config)) == 0
+    with pytest.warns(UserWarning, match="written under triton 0.0"):
+        assert tuning.seed_from_file(_one_entry_file(tmp_path, "forward", real, triton_version="0.0")) == 0
+    assert tuning.seed_from_file(_one_entry_file(tmp_path, "forward", real)) == 1
+    assert (1, 2, 3) in tuners["forward"].cache
+
+
+def test_no_dump_when_autotuning_is_off(tmp_path, monkeypatch, clean_caches):
+    clean_caches["forward"].cache[(1, 2, 3)] = clean_caches["forward"].configs[0]
+    monkeypatch.setenv(tuning.TUNED_OUT_ENV_VAR, str(tmp_path / "out.json"))
+    monkeypatch.setenv("LORA_FUSED_TRITON_AUTOTUNE", "0")
+    assert tuning.dump_at_exit() == 0 and not (tmp_path / "out.json").exists()
 
 
 def test_gpu_names_normalise_to_file_names():
