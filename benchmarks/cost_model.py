@@ -14,8 +14,8 @@ Sources of the entries:
   (tests/test_cost_model.py counts the launches of an instrumented run against it).
 - ``triton_v2``: the plan of issue 10 (backward reading g and x once; forward computing xa
   once per row block): not implemented yet, a prediction only.
-- ``cuda``: :func:`cuda_tensorcore_plan`, a description of csrc/cuda_tensorcore.cu as of this
-  writing (being rewritten by another engineer): keep it in step with that file.
+- ``cuda``: :func:`cuda_plan`, a description of the kernels csrc/cuda_ops.cpp launches (the
+  CuTe sm80 forward and dx, the SIMT xa pre-pass, the WMMA g-pass and dA): keep it in step.
 - ``linear``, ``peft``, ``addmm``: the PyTorch ops those layers run, one launch per op.
 
 What it leaves out: L2 misses on re-read operand tiles (assumed hits), launch latency,
@@ -148,25 +148,26 @@ def triton_v2_plan(M, K, N, r, elt, p, programs=264, block_m=128):
     return {"forward": forward, "backward": backward}
 
 
-def cuda_tensorcore_plan(M, K, N, r, elt, p, programs=264):
-    """csrc/cuda_tensorcore.cu (WMMA kernels) as of this writing: forward fused up to rank 64 (xa
-    pre-pass above); backward g-pass (gb, dB/db partials) + reduce, dx (reads g again), dA + reduce."""
+def cuda_plan(M, K, N, r, elt, p, programs=264):
+    """The C++/CUDA backend's launches for fp16/bf16 as of this writing (csrc/cuda_ops.cpp).
+
+    Forward: the SIMT xa pre-pass (csrc/cuda_simt.cu: reads x, hashes the mask once, writes
+    fp32 xa) and the CuTe sm80 GEMM (csrc/cuda_sm80.cu: the rank-r up-projection in 32-rank
+    chunks, then x·Wᵀ on top). The pre-pass's 2·M·K·r FMAs run on CUDA cores, which this
+    model leaves out (it counts MMA flops only): at K = 3072 they can cost as much as the
+    GEMM, so read the forward as a lower bound. Backward: the WMMA g-pass (gb, dB/db
+    partials) + reduce, the CuTe dx (reads g again), the WMMA dA + reduce."""
     from lora_fused.kernels.configs import padded_rank
 
-    r_pad = padded_rank(r)
+    r_pad, r_chunks = padded_rank(r), -(-r // 32) * 32
     x, w, y, a, b, xa, gb = M * K * elt, N * K * elt, M * N * elt, r * K * elt, N * r * elt, M * r * FP32, M * r * FP32
     splits = max(1, min(programs, -(-M // 128)))
-    forward = []
-    if r > 64:
-        forward.append(_op("xa pre-pass", x + a, xa, 2 * M * K * r_pad))
-        forward.append(_op("forward", x + w + b + N * elt + xa, y, 2 * M * N * K + 2 * M * N * r_pad))
-    else:
-        forward.append(_op("forward", x + w + a + b + N * elt, y + xa,
-                           2 * M * N * K + 2 * M * K * r_pad * -(-N // 128) + 2 * M * N * r_pad))
+    forward = [_op("xa pre-pass (SIMT)", x + a, xa),
+               _op("forward (CuTe sm80)", x + w + b + N * elt + xa, y, 2 * M * N * K + 2 * M * N * r_chunks)]
     dB_partials, dA_partials = splits * N * (r_pad + 1) * FP32, splits * r_pad * K * FP32
     backward = [_op("g-pass", y + b + xa, gb + dB_partials, 4 * M * N * r_pad),
                 _op("g-pass reduce", dB_partials, N * r * elt),
-                _op("dx", y + w + a + gb, x, 2 * M * N * K + 2 * M * K * r_pad),
+                _op("dx (CuTe sm80)", y + w + a + gb, x, 2 * M * N * K + 2 * M * K * r_chunks),
                 _op("dA", x + gb, dA_partials, 2 * M * K * r_pad),
                 _op("dA reduce", dA_partials, r * K * elt)]
     return {"forward": forward, "backward": backward}
@@ -185,7 +186,7 @@ def provider_plan(provider: str, M: int, K: int, N: int, r: int, elt: int, p: fl
     if provider == "triton_v2":
         return triton_v2_plan(M, K, N, r, elt, p)
     if provider == "cuda":
-        return cuda_tensorcore_plan(M, K, N, r, elt, p)
+        return cuda_plan(M, K, N, r, elt, p)
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
