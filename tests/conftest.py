@@ -44,4 +44,27 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer CPU tests (training runs, torchrun)")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test (CI shares two cores; one thread avoids spin contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def load_extension_or_skip_module() -> None:
+    """Load lora_fused._C for a test module, or skip the module saying why; under
+    LORA_FUSED_REQUIRE_EXTENSION=1 (make test, CI) a missing build fails instead."""
+    from lora_fused import extension
+    from lora_fused.backends import BackendUnavailableError
+
+    try:
+        extension.load()
+    except BackendUnavailableError as exc:
+        if os.environ.get("LORA_FUSED_REQUIRE_EXTENSION", "") not in ("", "0"):
+            raise
+        pytest.skip(f"lora_fused._C is not built: {exc}", allow_module_level=True)
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; torch.cuda.is_available() is False")

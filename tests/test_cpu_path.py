@@ -4,22 +4,15 @@ requested, thread counts, and determinism."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from lora_fused import extension
-from lora_fused.backends import BackendUnavailableError
 from lora_fused.debug import poison_enabled
+from conftest import load_extension_or_skip_module
 from parity import assert_parity, make_inputs, reference_outputs
 
-try:
-    extension.load()
-except BackendUnavailableError as exc:
-    if os.environ.get("LORA_FUSED_REQUIRE_EXTENSION", "") not in ("", "0"):
-        raise
-    pytest.skip(f"lora_fused._C is not built: {exc}", allow_module_level=True)
+load_extension_or_skip_module()
 
 FORWARD = torch.ops.lora_fused.fused_forward.default
 BACKWARD = torch.ops.lora_fused.fused_backward.default

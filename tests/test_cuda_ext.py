@@ -16,18 +16,12 @@ import torch
 
 import lora_fused
 from lora_fused import extension, reference
-from lora_fused.backends import BackendUnavailableError
 from lora_fused.dropout import keep_mask
 from parity import assert_parity, make_inputs, reference_outputs
 from setup_py import function_of_setup_py
-from conftest import requires_cuda
+from conftest import load_extension_or_skip_module, requires_cuda
 
-try:
-    extension.load()
-except BackendUnavailableError as exc:
-    if os.environ.get("LORA_FUSED_REQUIRE_EXTENSION", "") not in ("", "0"):
-        raise
-    pytest.skip(f"lora_fused._C is not built: {exc}", allow_module_level=True)
+load_extension_or_skip_module()
 
 from lora_fused import _C  # noqa: E402
 

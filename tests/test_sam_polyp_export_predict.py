@@ -25,12 +25,7 @@ KVASIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg-s
 needs_kvasir = pytest.mark.skipif(not (KVASIR / "images").is_dir(), reason=f"Kvasir-SEG sample not found at {KVASIR}")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,7 @@ TINY_RUN = ["--num-train", "8", "--num-val", "4", "--num-test", "4", "--image-si
             "--steps", "2", "--eval-every", "2", "--save-every", "0", "--num-overlays", "0", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

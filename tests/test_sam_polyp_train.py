@@ -26,12 +26,7 @@ SMALL = TinySamConfig(img_size=64, patch_size=8, embed_dim=32, depth=2, num_head
 SIGNATURE = {"test": "sam_polyp"}
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # CI shares two cores; one thread avoids spin contention
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
