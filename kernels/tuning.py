@@ -155,6 +155,7 @@ def seed_from_file(path: str | os.PathLike) -> int:
                       f"{triton.__version__}; not used (the kernels will autotune)", stacklevel=2)
         return 0
     tuners = autotuned_kernels()
+    known_configs = {name: [_config_to_json(config) for config in tuner.configs] for name, tuner in tuners.items()}
     used = 0
     for entry in document.get("entries", []):
         tuner = tuners.get(entry.get("kernel"))
@@ -162,7 +163,7 @@ def seed_from_file(path: str | os.PathLike) -> int:
             warnings.warn(f"tuned-config file {path}: unknown kernel {entry.get('kernel')!r} skipped "
                           f"(known: {sorted(tuners)})", stacklevel=2)
             continue
-        if entry.get("config") not in [_config_to_json(config) for config in tuner.configs]:
+        if entry.get("config") not in known_configs[entry["kernel"]]:
             warnings.warn(f"tuned-config file {path}: {entry.get('kernel')} config {entry.get('config')} is not "
                           "one of this version's configs; skipped", stacklevel=2)
             continue

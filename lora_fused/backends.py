@@ -149,11 +149,6 @@ def candidate_backend_names(name: str, device_type: str) -> tuple[str, ...]:
     return (name,)
 
 
-def resolve_backend_name(name: str, device_type: str) -> str:
-    """The name of the backend that runs ``device_type`` tensors for ``name`` (operands unknown)."""
-    return candidate_backend_names(name, device_type)[0]
-
-
 def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None,
                     rank: int | None = None) -> Backend:
     """The backend that runs tensors on ``device`` for the requested ``name``.

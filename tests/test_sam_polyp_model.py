@@ -1,5 +1,7 @@
 """SAM building, checkpoint errors, the box-prompt wrapper and the trainable sets per mode."""
 
+import copy
+
 import pytest
 import torch
 
@@ -174,6 +176,8 @@ def test_gradient_checkpointing_gives_the_same_outputs_and_gradients_with_dropou
                     p.normal_(0, 0.1)
         if checkpointed:
             assert enable_gradient_checkpointing(sam) == SMALL.depth
+            twin = copy.deepcopy(sam)  # a copy's blocks must run the copy's weights, not the original's
+            assert all(b.forward.__self__ is b for b in twin.image_encoder.blocks)
         model = BoxPromptSam(sam).train()
         torch.manual_seed(42)  # the dropout seeds of this forward
         logits, iou = model(images, boxes)

@@ -84,7 +84,8 @@ def _trains_lora(sam: nn.Module) -> bool:
 
 def required_parts(sam: nn.Module) -> list[str]:
     """What a checkpoint of ``sam`` (configured for its mode) must hold to restore it."""
-    return ([ADAPTER_DIR] if _trains_lora(sam) else []) + ([WEIGHTS_FILE] if trained_tensors(sam) else [])
+    trains_other = any(p.requires_grad and not is_lora_parameter(n) for n, p in sam.named_parameters())
+    return ([ADAPTER_DIR] if _trains_lora(sam) else []) + ([WEIGHTS_FILE] if trains_other else [])
 
 
 def missing_parts(directory: Path, sam: nn.Module, with_state: bool = True) -> list[str]:

@@ -4,6 +4,7 @@ checkpoint loading, and the mode -> trainable-parameters set-up."""
 from __future__ import annotations
 
 import sys
+import types
 from contextlib import nullcontext
 import warnings
 from dataclasses import dataclass
@@ -261,15 +262,16 @@ def enable_gradient_checkpointing(sam: Sam) -> int:
     the same mask twice: outputs and gradients equal the run without checkpointing."""
     blocks = list(sam.image_encoder.blocks)
     for block in blocks:
-        plain = block.forward
-
-        def checkpointed(x, plain=plain):
-            if torch.is_grad_enabled():
-                return torch.utils.checkpoint.checkpoint(plain, x, use_reentrant=False)
-            return plain(x)
-
-        block.forward = checkpointed
+        # A bound method of the block itself, so copy.deepcopy re-binds it to the copy's weights.
+        block.forward = types.MethodType(_checkpointed_block_forward, block)
     return len(blocks)
+
+
+def _checkpointed_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    plain = partial(type(block).forward, block)
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(plain, x, use_reentrant=False)
+    return plain(x)
 
 
 def _image_encoder_linear(name: str, module: nn.Module) -> bool:

@@ -303,9 +303,11 @@ def train(model: BoxPromptSam, train_set: PromptedSegmentation, val_set: Prompte
         if row is not None:
             log.write(row)
         if done == stop or early_stopped or (cfg.save_every > 0 and done % cfg.save_every == 0):
+            # Never save a diverged model. Every rank checks (the parameters agree across ranks), so all
+            # of them stop together instead of the others waiting at the barrier below; one sync.
+            if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+                _diverged("the trained parameters are not finite (not saved)", done, run_dir)
             if ctx.is_main:
-                if not all(bool(torch.isfinite(p).all()) for p in params):  # never save a diverged model
-                    _diverged("the trained parameters are not finite (not saved)", done, run_dir)
                 ckpt.save_checkpoint(run_dir, done, sam, {
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "signature": signature, "config": plain_config(asdict(cfg)),
