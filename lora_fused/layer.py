@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .functional import lora_linear
+from .ops import autocast_copy
 
 DEFAULT_ADAPTER = "default"
 
@@ -254,8 +255,9 @@ class LoRALinear(nn.Module):
         adapter = self.adapter
         lora_A, lora_B = adapter.lora_A, adapter.lora_B
         if lora_A.dtype != self.weight.dtype:
-            # fp32 adapters over a half-precision base run in the base's dtype (autograd casts grads back).
-            lora_A, lora_B = lora_A.to(self.weight.dtype), lora_B.to(self.weight.dtype)
+            # fp32 adapters over a half-precision base run in the base's dtype (autograd casts grads back);
+            # as under autocast, the op then saves the fp32 parameters, not these copies (autocast_copy).
+            lora_A, lora_B = (autocast_copy(t, self.weight.dtype) for t in (lora_A, lora_B))
         return lora_linear(x, self.weight, self.bias, lora_A, lora_B, adapter.scaling,
                            adapter.dropout, self.training, self.backend)
 
