@@ -478,7 +478,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                                "call unmerge_lora(model) first")
     _warn_uncovered_targets(model, settings, lora_plan, weights_path)
 
-    covered = set()
+    covered, replacements = set(), {}
     dropout, use_rslora = settings.dropout, settings.use_rslora
     for _, module, rank, alpha, parts in lora_plan:
         if isinstance(module, LoRALinear):
@@ -490,11 +490,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                 layer.add_adapter(adapter_name, rank, alpha, dropout, use_rslora)
                 layer.delete_adapter(DEFAULT_ADAPTER)
             adapter = layer.adapters[adapter_name]
-            replace_everywhere(model, {id(module): layer})
+            replacements[id(module)] = layer
         with torch.no_grad():
             adapter.lora_A.copy_(parts["lora_A"])
             adapter.lora_B.copy_(parts["lora_B"])
         covered.add(id(layer))
+    replace_everywhere(model, replacements)  # one walk of the model for all new layers
     for _, layer in lora_layers(model):
         if id(layer) not in covered:  # the file defines the whole adapter: replace any older one here
             _add_placeholder(layer, adapter_name)
