@@ -82,10 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pre.add_argument("--threads", type=positive_int, default=None)
 
-    exp = sub.add_parser("export", help="one plain SAM state dict from a run: adapters merged, trained decoder included")
+    exp = sub.add_parser("export", help="one plain SAM state dict from a run: adapters merged, trained decoder "
+                                        "included (merged on the CPU, where the state dict is written from)")
     exp.add_argument("--run", required=True, help="a run folder, e.g. outputs/sam_polyp_demo/runs/seed0/lora")
     exp.add_argument("--out", required=True, help="the .pth file to write (plus FILE.json describing it)")
-    exp.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     exp.add_argument("--threads", type=positive_int, default=None)
 
     pred = sub.add_parser("predict", help="segment a folder of images with box prompts; Dice/IoU when masks are given")
