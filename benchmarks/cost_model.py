@@ -12,8 +12,8 @@ linear's roofline (the predicted ratio).
 Sources of the entries:
 - ``triton``: :func:`lora_fused.kernels.plan.launch_plan`, the plan the launchers follow
   (tests/test_cost_model.py counts the launches of an instrumented run against it).
-- ``triton_v2``: the plan of issue 10 (backward reading g and x once; forward computing xa
-  once per row block): not implemented yet, a prediction only.
+- ``triton_v1``: the Triton kernels before issue 10's rewrite (:func:`triton_v1_plan`), kept
+  to compare the two plans; no longer in the code.
 - ``cuda``: :func:`cuda_plan`, a description of the kernels csrc/cuda_ops.cpp launches (the
   CuTe sm80 forward and dx, the SIMT xa pre-pass, the WMMA g-pass and dA): keep it in step.
 - ``linear``, ``peft``, ``addmm``: the PyTorch ops those layers run, one launch per op.
@@ -54,7 +54,7 @@ GPUS = {
     "H200": GPU("H200", 989.4, 494.7, 4.8),
     "A100-SXM": GPU("A100 SXM 80GB", 312.0, 156.0, 2.039),
 }
-PROVIDERS = ("linear", "peft", "addmm", "triton", "triton_v2", "cuda")
+PROVIDERS = ("linear", "peft", "addmm", "triton", "triton_v1", "cuda")
 MODES = ("forward", "backward", "full")
 
 
@@ -125,26 +125,40 @@ def addmm_plan(M, K, N, r, elt, p):
     return {"forward": forward, "backward": backward}
 
 
-def triton_v2_plan(M, K, N, r, elt, p, programs=264, block_m=128):
-    """Issue 10's plan (a prediction: not implemented). Forward: one launch at p = 0 computing xa
-    once per row block; with dropout, a pre-pass hashing x once (x read twice). Backward: one
-    kernel reading g and x once (dx, gb, and dB/db/dA partials per row split from the tiles it
-    holds), one fixed-order reduction of the partials."""
+def triton_v1_plan(M, K, N, r, elt, p, programs=264):
+    """The Triton kernels before issue 10's rewrite (replaced; kept here to compare plans).
+
+    Forward: xa recomputed in every output column block (p = 0), or the pre-pass. Backward:
+    dx with gb recomputed per column block (gb stored), a g-pass reading g again for dB/db,
+    a dA kernel reading x again, and one split-M partial sum per gradient: 5-6 launches."""
     from lora_fused.kernels.configs import padded_rank
 
+    def cdiv(a, b):
+        return -(-a // b)
+
+    def split_rows(other_blocks):  # v1's split-M reductions: about `programs` programs, 128-row splits
+        splits = max(1, min(cdiv(programs, other_blocks), cdiv(M, 128)))
+        return cdiv(M, cdiv(cdiv(M, splits), 128) * 128)
+
     r_pad = padded_rank(r)
-    x, w, y, a, b, xa = M * K * elt, N * K * elt, M * N * elt, r * K * elt, N * r * elt, M * r * FP32
-    splits = max(1, min(programs, -(-M // block_m)))
-    if p > 0:
-        forward = [_op("xa pre-pass", x + a, xa, 2 * M * K * r_pad),
-                   _op("gemm + up-projection", x + w + b + N * elt + xa, y, 2 * M * N * K + 2 * M * N * r_pad)]
+    g, x, w, a, b = M * N * elt, M * K * elt, N * K * elt, r * K * elt, N * r * elt
+    xa, gb, block = M * r * FP32, M * r_pad * FP32, 128
+    if p > 0 or r_pad > 64:
+        forward = [_op("thin_projection_kernel", x + a, xa, 2 * M * K * r_pad),
+                   _op("lora_forward_kernel", x + w + b + N * elt + xa, g, 2 * M * N * K + 2 * M * N * r_pad)]
     else:
-        forward = [_op("row-block-major gemm", x + w + a + b + N * elt, y + xa,
-                       2 * M * N * K + 2 * M * K * r_pad + 2 * M * N * r_pad)]
-    partials = splits * (N * r_pad + r_pad * K + N) * FP32
-    backward = [_op("dx + dA/dB/db partials", y + x + w + a + b + xa, x + partials,
-                    2 * M * N * K + 4 * M * N * r_pad + 4 * M * K * r_pad),
-                _op("reduce partials", partials, (N * r + r * K + N) * elt)]
+        forward = [_op("lora_forward_kernel", x + w + a + b + N * elt, g + xa,
+                       2 * M * N * K + 2 * M * K * r_pad * -(-N // block) + 2 * M * N * r_pad)]
+    fused_gb = r_pad <= 64
+    backward = [] if fused_gb else [_op("thin_projection_kernel", g + b, gb, 2 * M * N * r_pad)]
+    backward.append(_op("_input_grad_kernel", g + w + a + (b if fused_gb else gb), x + gb * fused_gb,
+                        2 * M * N * K + 2 * M * K * r_pad + 2 * M * N * r_pad * -(-K // block) * fused_gb))
+    gpass_n = 256 if r_pad <= 32 else 128 if r_pad <= 64 else 64
+    splits, da_splits = split_rows(-(-N // gpass_n)), split_rows(-(-K // 64))
+    backward += [_op("_gpass_kernel", g + xa, splits * N * r_pad * FP32, 2 * M * N * r_pad),
+                 _op("_sum_partials_kernel", splits * N * r_pad * FP32, N * r * elt),
+                 _op("_lora_a_grad_kernel", x + gb, da_splits * r_pad * K * FP32, 2 * M * K * r_pad),
+                 _op("_sum_partials_kernel", da_splits * r_pad * K * FP32, r * K * elt)]
     return {"forward": forward, "backward": backward}
 
 
@@ -183,8 +197,8 @@ def provider_plan(provider: str, M: int, K: int, N: int, r: int, elt: int, p: fl
         return addmm_plan(M, K, N, r, elt, p)
     if provider == "triton":
         return launch_plan(M, K, N, r, elt, p, compute_dx=True, compute_db=False)
-    if provider == "triton_v2":
-        return triton_v2_plan(M, K, N, r, elt, p)
+    if provider == "triton_v1":
+        return triton_v1_plan(M, K, N, r, elt, p)
     if provider == "cuda":
         return cuda_plan(M, K, N, r, elt, p)
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
@@ -240,7 +254,7 @@ VIT_B_LAYERS = (("qkv", 768, 2304), ("proj", 768, 768), ("lin1", 768, 3072), ("l
 
 
 def predicted_ratios_markdown(gpu: GPU, tokens: int = 4096, elt: int = 2, ranks=(4, 16), dropouts=(0.0, 0.1),
-                              providers=("peft", "addmm", "cuda", "triton", "triton_v2")) -> str:
+                              providers=("peft", "addmm", "cuda", "triton_v1", "triton"), modes=("forward", "full")) -> str:
     """Predicted roofline time / frozen nn.Linear's, per provider, at ViT-B's four linears."""
     lines = [f"Predicted roofline ratios to the frozen nn.Linear — {gpu.name}, {elt * 8}-bit inputs, "
              f"M = {tokens} tokens (predictions of benchmarks/cost_model.py, not measurements)", ""]
@@ -249,7 +263,7 @@ def predicted_ratios_markdown(gpu: GPU, tokens: int = 4096, elt: int = 2, ranks=
     for name, K, N in VIT_B_LAYERS:
         for r in ranks:
             for p in dropouts:
-                for mode in ("forward", "full"):
+                for mode in modes:
                     base = estimate("linear", tokens, K, N, r, elt, p, mode, gpu).roofline_ms
                     cells = [name, str(r), f"{p:g}", mode, f"{base * 1e3:.1f}"]
                     for prov in providers:
@@ -257,7 +271,7 @@ def predicted_ratios_markdown(gpu: GPU, tokens: int = 4096, elt: int = 2, ranks=
                         cells.append(f"{est.roofline_ms / base:.2f}× ({est.launches})")
                     lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Cells: roofline time ÷ nn.Linear's (launches). `triton` is the plan in the code "
-              "(kernels/plan.py); `triton_v2` the plan of issue 10, not implemented."]
+              "(kernels/plan.py); `triton_v1` the plan it replaced (issue 10)."]
     return "\n".join(lines)
 
 
@@ -265,8 +279,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", choices=sorted(GPUS), default="H100-SXM")
     parser.add_argument("--tokens", type=int, default=4096, help="M (4096 = one 1024² image)")
+    parser.add_argument("--modes", nargs="+", choices=("forward", "backward", "full"), default=["forward", "full"])
     args = parser.parse_args(argv)
-    print(predicted_ratios_markdown(GPUS[args.gpu], tokens=args.tokens))
+    print(predicted_ratios_markdown(GPUS[args.gpu], tokens=args.tokens, modes=tuple(args.modes)))
     return 0
 
 

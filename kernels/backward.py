@@ -1,32 +1,58 @@
-"""Backward kernels: dx (with gb = g·B fused), the g-pass (dB, db), and dA, all deterministic.
+"""Backward: one pass over g and x for dx, dA, dB and db, then one fixed-order reduction.
 
-Given ``g = dL/dy [M, N]`` and the saved ``x``, ``xa`` and seed::
+Given ``g = dL/dy [M, N]`` and the saved ``x``, ``xa`` (fp32) and seed, with ``s' = s/(1-p)``::
 
-    dx       dx = g·W + (s/(1-p))·(gb·A) ⊙ mask,  gb = g·B   one kernel, reduction over N
-    g-pass   dB partial = g[rows]ᵀ·xa[rows],  db partial = Σ_rows g[rows]
-    dA       dA = (s/(1-p))·gbᵀ·(x ⊙ mask)                   one read of x per (column block, row split)
+    dx = g·W + s'·(round(gb)·A) ⊙ mask        gb = g·B
+    dA = s'·round(gb)ᵀ·(x ⊙ mask)             dB = s·gᵀ·round(xa)        db = Σ_rows g
 
-The dx kernel mirrors the forward: each program (row block × dx column block) first runs
-a thin loop ``gb = g·B`` over its row block's g tiles (B tile ``[BLOCK_K, R_PAD]``), then
-seeds its accumulator with the LoRA term in the reference's rounding order,
-``(s/(1-p))·(round(gb)·A) ⊙ mask`` (gb rounded to the input dtype unscaled, the scale on the
-fp32 product), and runs the plain ``g·W`` loop into it (no rank-sized operand, so its
-loads stay asynchronous at every rank). Programs with ``pid_k == 0`` store gb (fp32
-``[M, R_PAD]``) for dA. Computing gb in the g-pass instead would need per-column-block
-partials (``(N/BLOCK_N)·M·R_PAD`` fp32 written and re-read: 1/4 of g's bytes at r = 16 in
-bf16, 2× at r = 64); here it costs one ``M·R_PAD`` store, a second pass over the row
-block's g tiles (from L2) and a recomputation of gb in every dx column block (an extra
-``R_PAD/BLOCK_N`` of the dx MMA work, like the forward's xa).
+Launches (``kernels/plan.py`` lists them with their bytes; benchmarks/cost_model.py prices them):
 
-When the gb product would not be cheap inside the dx loop (R_PAD > 64: its stage buffers
-and ``[BM, R_PAD]`` accumulator squeeze the dx tiles) or dx is not requested, gb comes
-from :func:`~.projection.thin_projection_kernel` instead (one more read of g, no
-partials) and the dx kernel loads it in the epilogue (``PRECOMPUTED_GB``).
+1. (only when R is not a multiple of 16 and gb is fused) :func:`_pad_rank_kernel` copies B
+   [N, R] into a zero-padded [N, R_PAD] buffer: a rank-contiguous row of r < 16 elements is
+   not 16-byte aligned, and a load masked by ``rank < R`` cannot be copied asynchronously, so
+   the gb loop would wait for every tile (issue 10). N·R_PAD elements, a few hundred KB.
+   (R_PAD > 64 instead: the thin projection kernel computes gb [M, R_PAD] once, see below.)
+2. :func:`lora_backward_kernel`, grid (row group) × (column block of K), row-group-major
+   so that the programs of one row group (which read the same g and x rows) run together.
+   A row group is ``rows_per_group`` rows (a multiple of every kept BLOCK_M), chosen by
+   :func:`~.configs.backward_row_groups`: as few groups (sets of partials) as fill the SMs
+   in the fewest rounds. Each program:
 
-Reductions over M never use atomics: each program writes its own partial sum (dB, db:
-``splits×N×R_PAD``; dA: ``splits×R_PAD×K``) and :func:`_sum_partials_kernel` adds them in
-a fixed order, so the same inputs give bit-identical gradients (for a given autotuned
-config and device). Nothing of size M×N is allocated besides dx.
+   - for each of its group's row blocks: ``gb = g·B`` over the row block's g tiles (a thin
+     loop, B's tile ``[BLOCK_K, R_PAD]``); rounds gb to the input dtype; hashes the dropout
+     mask of its ``[BLOCK_M, BLOCK_N]`` tile ONCE and uses it twice: loads ``x`` there and
+     accumulates ``dA += round(gb)ᵀ·(x ⊙ mask)`` in registers across the row blocks; seeds the dx
+     accumulator with ``s'·(round(gb)·A) ⊙ mask`` (the reference's rounding order) and runs the
+     plain ``g·W`` loop into it (no rank-sized operand: asynchronous at every rank); stores dx;
+   - stores its dA partial ``[R_PAD, BLOCK_N]`` for the group (one per group and column block);
+   - then dB/db for the N tiles ``t ≡ pid_k (mod column blocks)`` of width BLOCK_K — so the
+     tiles of a group are divided evenly among its programs and every partial is written
+     exactly once: ``dBᵀ_t = round(xa)ᵀ·g[:, t]`` and ``db_t = Σ_rows g[:, t]`` over the group's
+     rows, stored as the group's partials.
+
+   DRAM traffic: g, x, W, A, B, xa once each (the re-reads of g by the gb, g·W and dB loops
+   of the programs of one row group hit L2, the model's assumption), dx once, and partials
+   of ``groups·(N·R_PAD + R_PAD·K + N)`` fp32. Work beyond the GEMM: gb is recomputed by
+   every column block (an extra ``R_PAD/BLOCK_N`` of the dx MMA work), dA and dB once.
+   With ``compute_dx`` off the same kernel skips the A tile, the seed and the g·W loop.
+3. :func:`_reduce_partials_kernel`: one launch whose 1-D grid covers the elements of dA,
+   dB and db in turn; each element sums its groups' partials in group order 0, 1, ... and
+   applies s (dB) or s' (dA). No atomics: the same inputs give bit-identical gradients for
+   a given autotuned config and device. A 1-D grid stays below CUDA's 2**31-1 programs on
+   axis 0 at any K (the v1 reduction's axis 1 overflowed past K = 4.19M).
+
+Why this plan rather than dB/db inside the gb loop (each g tile held once, per-row-block
+partials): partials per row block cost ``(N + K)·R_PAD·8`` bytes per BLOCK_M rows written and
+read, ~35 % of the backward's traffic at ViT-B shapes, against ``1/rows_per_group`` of that
+here; a loop with a conditional dB product inside it would also not pipeline. The dB loop's
+re-read of g comes from L2 (the group's programs just read it).
+
+R_PAD > 64 (ranks 65..256): a [BLOCK_M, R_PAD] gb accumulator beside the dx tile does not
+fit, so :func:`~.projection.thin_projection_kernel` computes gb [M, R_PAD] first (g read
+once more) and this kernel loads it (``PRECOMPUTED_GB``); 3 launches.
+
+Nothing of size M×N is allocated besides dx; nothing with M rows besides dx and, at
+R_PAD > 64, gb.
 """
 
 from __future__ import annotations
@@ -38,219 +64,177 @@ import triton.language as tl
 from lora_fused.debug import poison_
 from lora_fused.dropout import dropout_scale, dropout_threshold
 
-from .common import accumulate_product, cast_to, device_guard, dot_operand, input_precision, interpreted_bf16
-from .configs import (
-    gemm_configs,
-    gpass_block_n,
-    gpass_configs,
-    lora_a_grad_configs,
-    m_bucket,
-    padded_rank,
-    prune_gemm_configs,
-    prune_gpass_configs,
-    prune_lora_a_grad_configs,
-    split_rows,
-)
+from .common import (accumulate_product, cast_to, device_guard, dot_operand, input_precision, interpreted_bf16,
+                     rank_product)
+from .configs import backward_configs, backward_row_groups, m_bucket, multiprocessors, padded_rank, prune_backward_configs
 from .dropout import dropout_keep, index_below_2_32, seed_as_int32
-from .plan import DA_PLANNING_BLOCK_K, backward_fuses_gb
+from .plan import PLAN_BLOCK_N, backward_fuses_gb, backward_pads_b
 from .projection import project_rows
 
 
-
-@triton.heuristics({"COMPUTE_DB": lambda args: args["db_partial_ptr"] is not None})
-@triton.autotune(
-    configs=gpass_configs(),
-    key=["N", "R_PAD", "BLOCK_N", "M_BUCKET", "COMPUTE_DB"],
-    prune_configs_by={"early_config_prune": prune_gpass_configs},
-    cache_results=True,  # best configs persist in the Triton cache directory across processes
-)
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_split"])
-def _gpass_kernel(
-    g_ptr, xa_ptr, dB_partial_ptr, db_partial_ptr,
-    M, N, R, rows_per_split, M_BUCKET,
-    stride_gm, stride_gn, stride_xam, stride_xar,
-    R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_split = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ranks = tl.arange(0, R_PAD)
-    col_ok = cols < N
-    rank_ok = ranks < R
-
-    dB = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    row_start = pid_split * rows_per_split
-    row_end = min(row_start + rows_per_split, M)
-    for m0 in range(row_start, row_end, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        row_ok = rows < row_end
-        g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        xa = tl.load(xa_ptr + rows[:, None] * stride_xam + ranks[None, :] * stride_xar,
-                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        xa = cast_to(xa, g_ptr.dtype.element_ty, INTERPRETED_BF16)
-        dB = tl.dot(dot_operand(tl.trans(g), INTERPRETED_BF16), dot_operand(xa, INTERPRETED_BF16), dB,
-                    input_precision=INPUT_PRECISION)
-        if COMPUTE_DB:
-            db += tl.sum(g.to(tl.float32), axis=0)
-
-    split_offset = pid_split.to(tl.int64) * N
-    dB_ptrs = dB_partial_ptr + (split_offset + cols)[:, None] * R_PAD + ranks[None, :]
-    tl.store(dB_ptrs, dB, mask=col_ok[:, None])
-    if COMPUTE_DB:
-        tl.store(db_partial_ptr + split_offset + cols, db, mask=col_ok)
-
-
 @triton.heuristics({"HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0,
-                    "INDEX_BELOW_2_32": lambda args: index_below_2_32(args["M"], args["K"])})
+                    "INDEX_BELOW_2_32": lambda args: index_below_2_32(args["M"], args["K"]),
+                    "COMPUTE_DX": lambda args: args["dx_ptr"] is not None,
+                    "COMPUTE_DB": lambda args: args["db_partial_ptr"] is not None,
+                    "PRECOMPUTED_GB": lambda args: args["gb_ptr"] is not None})
 @triton.autotune(
-    configs=gemm_configs(),
-    key=["N", "K", "R_PAD", "M_BUCKET", "HAS_DROPOUT", "PRECOMPUTED_GB"],
-    prune_configs_by={"early_config_prune": prune_gemm_configs},
+    configs=backward_configs(),
+    # Everything that changes the best tile: sizes, rank (R_PAD and R % 16, via R), the rows a program
+    # walks, which products run, the dot precision, and the index width of the dropout hash (and, added by
+    # the autotuner itself, every tensor's dtype).
+    key=["N", "K", "R", "R_PAD", "M_BUCKET", "rows_per_group", "HAS_DROPOUT", "INDEX_BELOW_2_32", "COMPUTE_DX",
+         "COMPUTE_DB", "PRECOMPUTED_GB", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": prune_backward_configs},
     cache_results=True,  # best configs persist in the Triton cache directory across processes
 )
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "seed", "dropout_threshold"])
-def _input_grad_kernel(
-    g_ptr, w_ptr, a_ptr, b_ptr, gb_ptr, dx_ptr,
-    M, N, K, R, M_BUCKET,
-    stride_gm, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_dxm, stride_dxk,
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_group", "seed", "dropout_threshold"])
+def lora_backward_kernel(
+    g_ptr, x_ptr, w_ptr, a_ptr, b_ptr, xa_ptr, gb_ptr, dx_ptr, dA_partial_ptr, dB_partial_ptr, db_partial_ptr,
+    M, N, K, R, M_BUCKET, rows_per_group,
+    stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_xam, stride_xar, stride_dxm, stride_dxk,
     lora_scale, seed, dropout_threshold,
-    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, INDEX_BELOW_2_32: tl.constexpr, PRECOMPUTED_GB: tl.constexpr,
+    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, INDEX_BELOW_2_32: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, PRECOMPUTED_GB: tl.constexpr,
     INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Tiles of dx [M, K]: BLOCK_N spans dx's columns (K), BLOCK_K steps through the reduction over N.
+    # BLOCK_N spans columns of dx / dA (K); BLOCK_K steps through N (the g·W and g·B reductions, dB's tiles).
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_k = tl.cdiv(K, BLOCK_N)
-    programs_per_group = GROUP_M * num_pid_k
-    first_pid_m = (pid // programs_per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % programs_per_group) % group_rows
-    pid_k = (pid % programs_per_group) // group_rows
-
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_blocks = tl.maximum(tl.cdiv(K, BLOCK_N), 1)  # K = 0 still needs programs for dB and db
+    group = pid // col_blocks
+    pid_k = pid % col_blocks
     cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     ranks = tl.arange(0, R_PAD)
     steps = tl.arange(0, BLOCK_K)
-    row_ok = rows < M
     col_ok = cols < K
     rank_ok = ranks < R
+    row_start = group * rows_per_group
+    row_end = tl.minimum(row_start + rows_per_group, M)
+    input_dtype = x_ptr.dtype.element_ty
 
-    g_ptrs = g_ptr + rows[:, None] * stride_gm + steps[None, :] * stride_gn
-    w_ptrs = w_ptr + steps.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk
-    b_ptrs = b_ptr + steps.to(tl.int64)[:, None] * stride_bn + ranks[None, :] * stride_br
-    gb_ptrs = gb_ptr + rows[:, None] * R_PAD + ranks[None, :]
-    if PRECOMPUTED_GB:
-        gb = tl.load(gb_ptrs, mask=row_ok[:, None], other=0.0)
-    else:
-        # gb = g·B over the row block's g tiles (B padded to R_PAD columns with zeros).
-        gb = accumulate_product(tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32), g_ptrs, b_ptrs,
-                                BLOCK_K * stride_gn, BLOCK_K * stride_bn, N, row_ok, rank_ok,
-                                BLOCK_K, INTERPRETED_BF16, INPUT_PRECISION)
-        # An inf in g makes the zero-padded rank columns inf·0 = NaN; keep them zero for dx and dA.
-        gb = tl.where(rank_ok[None, :], gb, 0.0)
-        if pid_k == 0:
-            # Every column block computes the same gb; one stores it (all R_PAD columns) for the dA kernel.
-            tl.store(gb_ptrs, gb, mask=row_ok[:, None])
-
-    # The LoRA term first, in the reference's rounding order: gb rounded to the input dtype unscaled,
-    # s/(1-p) and the mask on the fp32 product, which then seeds the base GEMM's accumulator.
-    a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols.to(tl.int64)[None, :] * stride_ak,
-                mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    gb_rounded = cast_to(gb, dx_ptr.dtype.element_ty, INTERPRETED_BF16)
-    acc = tl.dot(dot_operand(gb_rounded, INTERPRETED_BF16), dot_operand(a, INTERPRETED_BF16),
-                 input_precision=INPUT_PRECISION) * lora_scale
-    if HAS_DROPOUT:
-        keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold, INDEX_BELOW_2_32)
-        acc = acc * keep.to(tl.float32)  # a multiply, as the reference: a dropped inf gives NaN
-    acc = accumulate_product(acc, g_ptrs, w_ptrs, BLOCK_K * stride_gn, BLOCK_K * stride_wn, N, row_ok, col_ok,
-                             BLOCK_K, INTERPRETED_BF16, INPUT_PRECISION)
-    dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk
-    tl.store(dx_ptrs, cast_to(acc, dx_ptr.dtype.element_ty, INTERPRETED_BF16), mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.heuristics({"HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0,
-                    "INDEX_BELOW_2_32": lambda args: index_below_2_32(args["M"], args["K"])})
-@triton.autotune(
-    configs=lora_a_grad_configs(),
-    key=["K", "R_PAD", "M_BUCKET", "HAS_DROPOUT"],
-    prune_configs_by={"early_config_prune": prune_lora_a_grad_configs},
-    cache_results=True,  # best configs persist in the Triton cache directory across processes
-)
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_split", "seed", "dropout_threshold"])
-def _lora_a_grad_kernel(
-    x_ptr, gb_ptr, dA_partial_ptr,
-    M, K, rows_per_split, M_BUCKET,
-    stride_xm, stride_xk,
-    seed, dropout_threshold,
-    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, INDEX_BELOW_2_32: tl.constexpr,
-    INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid_k = tl.program_id(0)
-    pid_split = tl.program_id(1)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    ranks = tl.arange(0, R_PAD)
-    col_ok = cols < K
-
-    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
-    row_start = pid_split * rows_per_split
-    row_end = min(row_start + rows_per_split, M)
+    dA = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < row_end
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        g_ptrs = g_ptr + rows[:, None] * stride_gm + steps[None, :] * stride_gn
+        if PRECOMPUTED_GB:
+            gb = tl.load(gb_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=row_ok[:, None], other=0.0)
+        else:
+            # B is padded to R_PAD columns in memory (or R is R_PAD): no rank mask on its loads.
+            b_ptrs = b_ptr + steps.to(tl.int64)[:, None] * stride_bn + ranks[None, :] * stride_br
+            gb = rank_product(g_ptrs, b_ptrs, BLOCK_K * stride_gn, BLOCK_K * stride_bn, N, row_ok, rank_ok,
+                              BLOCK_M, R_PAD, BLOCK_K, False, INTERPRETED_BF16, INPUT_PRECISION)
+        gb_rounded = dot_operand(cast_to(gb, input_dtype, INTERPRETED_BF16), INTERPRETED_BF16)
+
+        # The mask of this tile, hashed once for both dA and dx; a multiply, as the reference (a dropped inf
+        # gives NaN).
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=tile_ok, other=0.0)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold, INDEX_BELOW_2_32)
-            x = x * keep.to(x.dtype)  # a multiply, as the reference: a dropped inf gives NaN
-        gb = tl.load(gb_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=row_ok[:, None], other=0.0)
-        gb = cast_to(gb, x_ptr.dtype.element_ty, INTERPRETED_BF16)
-        acc = tl.dot(dot_operand(tl.trans(gb), INTERPRETED_BF16), dot_operand(x, INTERPRETED_BF16), acc,
-                     input_precision=INPUT_PRECISION)
+            x = x * keep.to(x.dtype)
+        dA = tl.dot(tl.trans(gb_rounded), dot_operand(x, INTERPRETED_BF16), dA, input_precision=INPUT_PRECISION)
 
-    out_ptrs = dA_partial_ptr + pid_split.to(tl.int64) * R_PAD * K + ranks[:, None] * K + cols[None, :]
-    tl.store(out_ptrs, acc, mask=col_ok[None, :])
+        if COMPUTE_DX:
+            # The LoRA term first, in the reference's rounding order (gb rounded unscaled, s' on the fp32
+            # product); it seeds the base GEMM's accumulator.
+            a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols.to(tl.int64)[None, :] * stride_ak,
+                        mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(gb_rounded, dot_operand(a, INTERPRETED_BF16), input_precision=INPUT_PRECISION) * lora_scale
+            if HAS_DROPOUT:
+                acc = acc * keep.to(tl.float32)
+            w_ptrs = w_ptr + steps.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk
+            acc = accumulate_product(acc, g_ptrs, w_ptrs, BLOCK_K * stride_gn, BLOCK_K * stride_wn, N, row_ok, col_ok,
+                                     BLOCK_K, INTERPRETED_BF16, INPUT_PRECISION, True)
+            tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
+                     cast_to(acc, dx_ptr.dtype.element_ty, INTERPRETED_BF16), mask=tile_ok)
+
+    # This group's dA partial for these columns: all R_PAD rows (the reduction reads the first R).
+    dA_ptrs = dA_partial_ptr + (group.to(tl.int64) * R_PAD + ranks[:, None]) * K + cols[None, :]
+    tl.store(dA_ptrs, dA, mask=col_ok[None, :])
+
+    # dB and db for the N tiles pid_k, pid_k + col_blocks, ...: each tile of the group done by exactly one program.
+    for n0 in range(pid_k * BLOCK_K, N, col_blocks * BLOCK_K):
+        outs = n0 + steps
+        out_ok = outs < N
+        dBt = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+        db = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for m0 in range(row_start, row_end, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+            row_ok = rows < row_end
+            xa = tl.load(xa_ptr + ranks[:, None] * stride_xar + rows[None, :] * stride_xam,
+                         mask=rank_ok[:, None] & row_ok[None, :], other=0.0)
+            g = tl.load(g_ptr + rows[:, None] * stride_gm + outs[None, :] * stride_gn,
+                        mask=row_ok[:, None] & out_ok[None, :], other=0.0)
+            dBt = tl.dot(dot_operand(cast_to(xa, input_dtype, INTERPRETED_BF16), INTERPRETED_BF16),
+                         dot_operand(g, INTERPRETED_BF16), dBt, input_precision=INPUT_PRECISION)
+            if COMPUTE_DB:
+                db += tl.sum(g.to(tl.float32), axis=0)
+        group_outs = group.to(tl.int64) * N + outs
+        tl.store(dB_partial_ptr + group_outs[None, :] * R_PAD + ranks[:, None], dBt, mask=out_ok[None, :])
+        if COMPUTE_DB:
+            tl.store(db_partial_ptr + group_outs, db, mask=out_ok)
 
 
 @triton.jit
-def _sum_partials_kernel(
-    partial_ptr, out_ptr,
-    S, ROWS, COLS,
-    stride_ps, stride_pr, stride_pc, stride_or, stride_oc,
-    scale,
-    INTERPRETED_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # out[r, c] = scale * sum over s = 0, 1, ..., S-1 (in that order) of partial[s, r, c].
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
-    ptrs = partial_ptr + rows[:, None] * stride_pr + cols[None, :] * stride_pc
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for _ in range(0, S):
+def _sum_groups(partial_ptr, out_ptr, block, groups, rows, cols, partial_row_stride, partial_group_stride, scale,
+                INTERPRETED_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # out[i, j] (contiguous [rows, cols]) = scale · Σ_{g = 0, 1, ..., groups-1} partial[g, i, j], in that order.
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < rows * cols
+    ptrs = partial_ptr + (offs // cols) * partial_row_stride + offs % cols
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(0, groups):
         acc += tl.load(ptrs, mask=ok, other=0.0)
-        ptrs += stride_ps
-    acc = acc * scale
-    tl.store(out_ptr + rows[:, None] * stride_or + cols[None, :] * stride_oc,
-             cast_to(acc, out_ptr.dtype.element_ty, INTERPRETED_BF16), mask=ok)
+        ptrs += partial_group_stride
+    tl.store(out_ptr + offs, cast_to(acc * scale, out_ptr.dtype.element_ty, INTERPRETED_BF16), mask=ok)
 
 
-def _sum_partials(partial: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:
-    """``out = scale * partial.sum(0)`` over a 3-D fp32 ``partial`` whose trailing dims may exceed ``out``'s."""
-    splits = partial.shape[0]
-    rows, cols = out.shape
-    block_c = min(64, max(16, triton.next_power_of_2(cols)))
-    grid = (triton.cdiv(rows, 64), triton.cdiv(cols, block_c))
-    _sum_partials_kernel[grid](
-        partial, out, splits, rows, cols,
-        partial.stride(0), partial.stride(1), partial.stride(2), out.stride(0), out.stride(1),
-        float(scale), INTERPRETED_BF16=interpreted_bf16(out.dtype), BLOCK_R=64, BLOCK_C=block_c,
-    )
-    return out
+# N, K, R stay runtime values (a launch would make a size of 1 a constexpr): the sums are memory-bound.
+@triton.jit(do_not_specialize=["groups", "N", "K", "R", "dB_scale", "dA_scale"])
+def _reduce_partials_kernel(
+    dA_partial_ptr, dA_ptr, dB_partial_ptr, dB_ptr, db_partial_ptr, db_ptr,
+    groups, N, K, R, dA_scale, dB_scale,
+    R_PAD: tl.constexpr, COMPUTE_DB: tl.constexpr, INTERPRETED_BF16: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Programs [0, dA_blocks) sum dA [R, K], the next dB_blocks dB [N, R], the rest (if requested) db [N].
+    pid = tl.program_id(0)
+    dA_blocks = tl.cdiv(R * K, BLOCK)
+    dB_blocks = tl.cdiv(N * R, BLOCK)
+    if pid < dA_blocks:
+        _sum_groups(dA_partial_ptr, dA_ptr, pid, groups, R, K, K, K.to(tl.int64) * R_PAD, dA_scale,
+                    INTERPRETED_BF16, BLOCK)
+    elif pid < dA_blocks + dB_blocks:
+        _sum_groups(dB_partial_ptr, dB_ptr, pid - dA_blocks, groups, N, R, R_PAD, N.to(tl.int64) * R_PAD, dB_scale,
+                    INTERPRETED_BF16, BLOCK)
+    else:
+        if COMPUTE_DB:
+            _sum_groups(db_partial_ptr, db_ptr, pid - dA_blocks - dB_blocks, groups, N, 1, 1, N.to(tl.int64), 1.0,
+                        INTERPRETED_BF16, BLOCK)
+
+
+@triton.jit
+def _pad_rank_kernel(src_ptr, dst_ptr, rows, R, stride_sr, stride_sc, R_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    # dst[i, :] = (src[i, :R], zeros): the [rows, R_PAD] copy of B the gb loop reads without a rank mask.
+    lines = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ranks = tl.arange(0, R_PAD)
+    ok = lines < rows
+    values = tl.load(src_ptr + lines[:, None] * stride_sr + ranks[None, :] * stride_sc,
+                     mask=ok[:, None] & (ranks < R)[None, :], other=0.0)
+    tl.store(dst_ptr + lines[:, None] * R_PAD + ranks[None, :], values, mask=ok[:, None])
+
+
+REDUCE_BLOCK = 1024
+PAD_BLOCK = 64
+
+
+def _padded_b(lora_B: torch.Tensor, r_pad: int) -> torch.Tensor:
+    N, R = lora_B.shape
+    padded = poison_(torch.empty(N, r_pad, dtype=lora_B.dtype, device=lora_B.device))
+    _pad_rank_kernel[(triton.cdiv(N, PAD_BLOCK),)](lora_B, padded, N, R, lora_B.stride(0), lora_B.stride(1),
+                                                   R_PAD=r_pad, BLOCK=PAD_BLOCK)
+    return padded
 
 
 def lora_backward(
@@ -273,66 +257,45 @@ def lora_backward(
     device, f32 = x.device, torch.float32
     bf16_fixes = interpreted_bf16(x.dtype)
     precision = input_precision(x.dtype)
-    bucket = m_bucket(M)
     threshold, keep_scale, seed32 = dropout_threshold(dropout_p), dropout_scale(dropout_p), seed_as_int32(seed)
 
     with device_guard(x):
-        # gb = g·B, fp32 [M, R_PAD] (padding columns zero): inside the dx kernel when it runs and the
-        # rank is small, else from the thin projection kernel.
-        gb = poison_(torch.empty(M, r_pad, dtype=f32, device=device))
-        fused_gb = backward_fuses_gb(compute_dx, r_pad)
-        if not fused_gb:
+        gb = None
+        b_operand = lora_B
+        if not backward_fuses_gb(r_pad):
+            # gb = g·B, fp32 [M, R_PAD] (padding columns zero), from the thin projection kernel.
+            gb = poison_(torch.empty(M, r_pad, dtype=f32, device=device))
             project_rows(grad_y, lora_B, lora_B.stride(0), lora_B.stride(1), R, gb, r_pad,
                          1.0, 0, 0, bf16_fixes, precision)
+        elif backward_pads_b(R):
+            b_operand = _padded_b(lora_B, r_pad)
 
-        dx = grad_y.new_empty(0)
-        if compute_dx:
-            dx = poison_(torch.empty(M, K, dtype=grad_y.dtype, device=device))
+        groups, rows_per_group = backward_row_groups(M, triton.cdiv(K, PLAN_BLOCK_N), multiprocessors(device))
+        dx = poison_(torch.empty(M, K, dtype=grad_y.dtype, device=device)) if compute_dx else None
+        dA_partial = poison_(torch.empty(groups, r_pad, K, dtype=f32, device=device))
+        dB_partial = poison_(torch.empty(groups, N, r_pad, dtype=f32, device=device))
+        db_partial = poison_(torch.empty(groups, N, dtype=f32, device=device)) if compute_db else None
 
-            def dx_grid(meta):
-                return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
+        def grid(meta):
+            return (groups * max(triton.cdiv(K, meta["BLOCK_N"]), 1),)
 
-            _input_grad_kernel[dx_grid](
-                grad_y, weight, lora_A, lora_B, gb, dx,
-                M, N, K, R, bucket,
-                grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
-                lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), dx.stride(0), dx.stride(1),
-                float(scaling) * keep_scale, seed32, threshold,
-                R_PAD=r_pad, PRECOMPUTED_GB=not fused_gb, INTERPRETED_BF16=bf16_fixes, INPUT_PRECISION=precision,
-            )
-
-        # g-pass: dB/db partials per row split (reductions over M), summed in a fixed order.
-        block_n = gpass_block_n(N, r_pad)
-        col_blocks = triton.cdiv(N, block_n)
-        splits, rows_per_split = split_rows(M, col_blocks, device)
-        dB_partial = poison_(torch.empty(splits, N, r_pad, dtype=f32, device=device))
-        db_partial = poison_(torch.empty(splits, N, dtype=f32, device=device)) if compute_db else None
-        _gpass_kernel[(col_blocks, splits)](
-            grad_y, xa, dB_partial, db_partial,
-            M, N, R, rows_per_split, bucket,
-            grad_y.stride(0), grad_y.stride(1), xa.stride(0), xa.stride(1),
-            R_PAD=r_pad, BLOCK_N=block_n, INTERPRETED_BF16=bf16_fixes, INPUT_PRECISION=precision,
-        )
-        dB = _sum_partials(dB_partial, poison_(torch.empty(N, R, dtype=lora_B.dtype, device=device)), scaling)
-        db = grad_y.new_empty(0)
-        if compute_db:
-            db = poison_(torch.empty(N, dtype=grad_y.dtype, device=device))
-            _sum_partials(db_partial.unsqueeze(2), db.unsqueeze(1), 1.0)
-
-        # dA: per (column block, row split) partials of gbᵀ·(x ⊙ mask), then one fixed-order sum.
-        da_splits, da_rows_per_split = split_rows(M, triton.cdiv(K, DA_PLANNING_BLOCK_K), device)
-        dA_partial = poison_(torch.empty(da_splits, r_pad, K, dtype=f32, device=device))
-
-        def da_grid(meta):
-            return (triton.cdiv(K, meta["BLOCK_K"]), da_splits)
-
-        _lora_a_grad_kernel[da_grid](
-            x, gb, dA_partial,
-            M, K, da_rows_per_split, bucket,
-            x.stride(0), x.stride(1),
-            seed32, threshold,
+        lora_backward_kernel[grid](
+            grad_y, x, weight, lora_A, b_operand, xa, gb, dx, dA_partial, dB_partial, db_partial,
+            M, N, K, R, m_bucket(M), rows_per_group,
+            grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            lora_A.stride(0), lora_A.stride(1), b_operand.stride(0), b_operand.stride(1),
+            xa.stride(0), xa.stride(1), *(dx.stride() if compute_dx else (0, 0)),
+            float(scaling) * keep_scale, seed32, threshold,
             R_PAD=r_pad, INTERPRETED_BF16=bf16_fixes, INPUT_PRECISION=precision,
         )
+
         dA = poison_(torch.empty(R, K, dtype=lora_A.dtype, device=device))
-        _sum_partials(dA_partial, dA, scaling * keep_scale)
-    return dx, dA, dB, db
+        dB = poison_(torch.empty(N, R, dtype=lora_B.dtype, device=device))
+        db = poison_(torch.empty(N, dtype=grad_y.dtype, device=device)) if compute_db else None
+        blocks = sum(triton.cdiv(n, REDUCE_BLOCK) for n in (R * K, N * R, N if compute_db else 0))
+        _reduce_partials_kernel[(blocks,)](
+            dA_partial, dA, dB_partial, dB, db_partial, db,
+            groups, N, K, R, float(scaling) * keep_scale, float(scaling),
+            R_PAD=r_pad, COMPUTE_DB=compute_db, INTERPRETED_BF16=bf16_fixes, BLOCK=REDUCE_BLOCK,
+        )
+    return (dx if compute_dx else grad_y.new_empty(0)), dA, dB, (db if compute_db else grad_y.new_empty(0))

@@ -33,23 +33,44 @@ def cast_to(value, dtype: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
 
 @triton.jit
 def accumulate_product(acc, lhs_ptrs, rhs_ptrs, lhs_step, rhs_step, length, lhs_row_ok, rhs_col_ok,
-                       BLOCK_K: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                       BLOCK_K: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       RHS_COLS_MASKED: tl.constexpr):
     """``acc += lhs[:, :length] · rhs[:length, :]``, one ``[·, BLOCK_K]`` / ``[BLOCK_K, ·]`` tile pair per step.
 
     ``lhs_ptrs`` / ``rhs_ptrs`` point at the first tiles (reduction index along their columns /
-    rows) and advance by ``lhs_step`` / ``rhs_step`` elements per step; rows of lhs and columns of
-    rhs outside ``lhs_row_ok`` / ``rhs_col_ok`` and the reduction tail load as zeros.
+    rows) and advance by ``lhs_step`` / ``rhs_step`` elements per step; rows of lhs outside
+    ``lhs_row_ok`` and the reduction tail load as zeros, and so do columns of rhs outside
+    ``rhs_col_ok`` unless ``RHS_COLS_MASKED`` is off (rhs padded in memory: its loads then carry
+    only the reduction-tail mask, which is uniform along a row, so they stay asynchronous).
     """
     steps = tl.arange(0, BLOCK_K)
     for k0 in range(0, length, BLOCK_K):
         k_ok = (k0 + steps) < length
         lhs = tl.load(lhs_ptrs, mask=lhs_row_ok[:, None] & k_ok[None, :], other=0.0)
-        rhs = tl.load(rhs_ptrs, mask=k_ok[:, None] & rhs_col_ok[None, :], other=0.0)
+        if RHS_COLS_MASKED:
+            rhs = tl.load(rhs_ptrs, mask=k_ok[:, None] & rhs_col_ok[None, :], other=0.0)
+        else:
+            rhs = tl.load(rhs_ptrs, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(dot_operand(lhs, INTERPRETED_BF16), dot_operand(rhs, INTERPRETED_BF16), acc,
                      input_precision=INPUT_PRECISION)
         lhs_ptrs += lhs_step
         rhs_ptrs += rhs_step
     return acc
+
+
+@triton.jit
+def rank_product(lhs_ptrs, rhs_ptrs, lhs_step, rhs_step, length, lhs_row_ok, rank_ok,
+                 BLOCK_M: tl.constexpr, R_PAD: tl.constexpr, BLOCK_K: tl.constexpr, RANK_MASKED: tl.constexpr,
+                 INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """The thin product ``lhs[BLOCK_M, :length] · rhs[:length, R_PAD]`` in fp32 (xa = x·Aᵀ, gb = g·B).
+
+    Rank columns at or past R come out as exactly zero: the rhs has zeros there (masked, or
+    padded in memory when ``RANK_MASKED`` is off), but an inf in lhs would make them inf·0 = NaN,
+    and they must reach neither the next product nor a stored output.
+    """
+    acc = accumulate_product(tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32), lhs_ptrs, rhs_ptrs, lhs_step, rhs_step,
+                             length, lhs_row_ok, rank_ok, BLOCK_K, INTERPRETED_BF16, INPUT_PRECISION, RANK_MASKED)
+    return tl.where(rank_ok[None, :], acc, 0.0)
 
 
 def interpreted_bf16(dtype: torch.dtype) -> bool:

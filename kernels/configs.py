@@ -60,8 +60,8 @@ def _cuda_capability() -> tuple[int, int]:
     return (8, 0)
 
 
-def _tile(bm, bn, bk, warps, stages, group=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+def _tile(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
                          num_warps=warps, num_stages=stages)
 
 
@@ -80,7 +80,6 @@ _GEMM_AMPERE = [
 
 _GEMM_HOPPER = [
     _tile(128, 256, 64, 8, 3),
-    _tile(256, 128, 64, 8, 3),
     _tile(128, 128, 64, 8, 4),
     _tile(128, 128, 64, 4, 4),
     _tile(64, 256, 64, 4, 4),
@@ -92,30 +91,26 @@ _GEMM_HOPPER = [
 ]
 
 
+# The backward keeps three pipelined loops' state and the dA accumulator across its row loop: at
+# most 3 stages (ptxas spills the 4- and 5-stage tiles at r = 4), and a narrow tile for R_PAD 256.
+_BACKWARD_AMPERE = [_tile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                          min(c.num_stages, 3)) for c in _GEMM_AMPERE] + [_tile(32, 32, 32, 8, 3)]
+_BACKWARD_HOPPER = [_tile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                          min(c.num_stages, 3)) for c in _GEMM_HOPPER] + [_tile(32, 32, 64, 8, 3)]
+
+
+def backward_configs() -> list[triton.Config]:
+    """Tiles of the one-pass backward: BLOCK_M rows, BLOCK_N dx/dA columns, BLOCK_K step over N (and dB tile)."""
+    if interpreting():
+        return [_tile(32, 32, 32, 4, 1)]
+    return _BACKWARD_HOPPER if _cuda_capability()[0] >= 9 else _BACKWARD_AMPERE
+
+
 def gemm_configs() -> list[triton.Config]:
-    """Tiles of the forward and dx kernels: BLOCK_M rows, BLOCK_N output columns, BLOCK_K reduction step."""
+    """Tiles of the forward kernel: BLOCK_M rows, BLOCK_N output columns, BLOCK_K reduction step."""
     if interpreting():
-        return [_tile(32, 32, 32, 4, 1, group=2)]
+        return [_tile(32, 32, 32, 4, 1)]
     return _GEMM_HOPPER if _cuda_capability()[0] >= 9 else _GEMM_AMPERE
-
-
-def gpass_configs() -> list[triton.Config]:
-    """g-pass tiles: BLOCK_N is fixed by the launcher (it sizes the gb partial sums)."""
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-            for bm in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
-
-
-def lora_a_grad_configs() -> list[triton.Config]:
-    """dA tiles: BLOCK_M rows per step (divides the split), BLOCK_K columns of x per program."""
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bk in ((64, 64), (128, 64), (64, 128), (128, 128), (32, 128))
-            for w, s in ((4, 3), (8, 3), (4, 4))] + [
-        # R_PAD 256 with dropout: the only tile whose stages fit sm80 and whose registers do not spill.
-        triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=8, num_stages=3)]
 
 
 def projection_configs() -> list[triton.Config]:
@@ -127,12 +122,6 @@ def projection_configs() -> list[triton.Config]:
             for w, s in ((4, 3), (4, 4), (8, 3))]
 
 
-def gpass_block_n(n: int, r_pad: int) -> int:
-    """Output-column block of the g-pass (dB, db): wide unless the [BLOCK_N, R_PAD] accumulator gets large."""
-    widest = 32 if interpreting() else (256 if r_pad <= 32 else 128 if r_pad <= 64 else 64)
-    return max(16, min(widest, triton.next_power_of_2(n)))
-
-
 @functools.lru_cache(maxsize=None)
 def _device_limits(device_index: int) -> tuple[int, int]:
     props = torch.cuda.get_device_properties(device_index)
@@ -140,25 +129,51 @@ def _device_limits(device_index: int) -> tuple[int, int]:
     return shared, props.multi_processor_count
 
 
-def target_programs(device: torch.device) -> int:
-    """How many programs a split-M reduction aims for: two waves of SMs (a handful when interpreting)."""
+INTERPRETER_MULTIPROCESSORS = 4
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The programs of one wave: the GPU's SM count (a handful when interpreting)."""
     if device.type != "cuda":
-        return 8
-    return 2 * _device_limits(device.index if device.index is not None else torch.cuda.current_device())[1]
+        return INTERPRETER_MULTIPROCESSORS
+    return _device_limits(device.index if device.index is not None else torch.cuda.current_device())[1]
 
 
-def split_rows_for(m: int, other_blocks: int, programs: int) -> tuple[int, int]:
-    """(splits, rows_per_split) of a deterministic split-M reduction aiming at ``programs`` programs in all."""
+@functools.lru_cache(maxsize=4096)
+def blocks_per_program(lines: int, blocks: int, sms: int, per_program: float = 0.0) -> int:
+    """How many of each line's ``blocks`` one program walks (1..blocks) so that the grid finishes soonest.
+
+    The grid has ``lines · cdiv(blocks, b)`` programs, which run in ``cdiv(programs, sms)`` rounds of
+    ``b + per_program`` block-times each (``per_program``: work a program does once whatever b, in
+    block-times). Wave quantisation makes several b equally fast; the largest wins (least repeated
+    per-program work, fewest partial sums).
+    """
+    best, best_time = 1, None
+    for b in range(1, min(blocks, 512) + 1):
+        time = triton.cdiv(lines * triton.cdiv(blocks, b), sms) * (b + per_program)
+        if best_time is None or time <= best_time:
+            best, best_time = b, time
+    return best
+
+
+def forward_columns_per_program(m: int, n: int, block_m: int, block_n: int, r_pad: int, sms: int) -> int:
+    """Output column blocks one forward program walks with one xa (computed once per program: an extra
+    ``R_PAD/BLOCK_N`` of a tile's MMA work). All of its row block's when M fills the GPU; at small M
+    the row block's columns are split so the grid still fills the SMs."""
+    return blocks_per_program(triton.cdiv(max(m, 1), block_m), triton.cdiv(max(n, 1), block_n), sms,
+                              r_pad / block_n)
+
+
+def backward_row_groups(m: int, col_blocks: int, sms: int) -> tuple[int, int]:
+    """(groups, rows_per_group) of the one-pass backward, whose grid is groups × ``col_blocks`` programs.
+
+    Every group writes one set of dA/dB/db partials, so groups are as few as the SMs allow.
+    ``rows_per_group`` is a multiple of :func:`row_align`; tiles whose BLOCK_M does not divide it
+    are pruned.
+    """
     align = row_align()
-    wanted = max(1, triton.cdiv(programs, max(other_blocks, 1)))
-    splits = max(1, min(wanted, triton.cdiv(m, align)))
-    rows_per_split = triton.cdiv(triton.cdiv(m, splits), align) * align
-    return triton.cdiv(m, rows_per_split), rows_per_split
-
-
-def split_rows(m: int, other_blocks: int, device: torch.device) -> tuple[int, int]:
-    """(splits, rows_per_split) for a deterministic split-M reduction with ``other_blocks`` column blocks."""
-    return split_rows_for(m, other_blocks, target_programs(device))
+    rows_per_group = align * blocks_per_program(max(col_blocks, 1), triton.cdiv(max(m, 1), align), sms)
+    return triton.cdiv(m, rows_per_group), rows_per_group
 
 
 def _fits(config: triton.Config, shared_bytes: int, budget: int, accumulators: int) -> bool:
@@ -187,14 +202,14 @@ def _flag(name, named_args, kwargs):
 
 
 def prune_gemm_configs(configs, named_args, **kwargs):
-    """Forward/dx tiles: stage buffers of (x, W[, A or B]) tiles and the [BM, BN] + [BM, R_PAD] accumulators.
+    """Forward tiles: stage buffers of (x, W[, A]) tiles and the [BM, BN] + [BM, R_PAD] accumulators.
 
-    The rank-sized operand is staged in the loop only when its product is accumulated there
-    (not ``PRECOMPUTED_XA`` / ``PRECOMPUTED_GB``); the [BM, R_PAD] registers count either way
-    (accumulator in the loop, or the loaded xa/gb tile in the epilogue beside the [BM, BN] one).
+    A's tile is staged in the loop only when xa is accumulated there (not ``PRECOMPUTED_XA``);
+    the [BM, R_PAD] registers count either way (accumulator in the loop, or the loaded xa tile
+    held beside the [BM, BN] one).
     """
     r_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
-    rank_tile_in_loop = not (_flag("PRECOMPUTED_XA", named_args, kwargs) or _flag("PRECOMPUTED_GB", named_args, kwargs))
+    rank_tile_in_loop = not _flag("PRECOMPUTED_XA", named_args, kwargs)
     tensor = named_args["w_ptr"]
     elt = tensor.element_size()
     budget = _shared_budget(tensor)
@@ -203,54 +218,53 @@ def prune_gemm_configs(configs, named_args, **kwargs):
         m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         return (m * k + k * n + (k * r_pad if rank_tile_in_loop else 0)) * elt
 
-    dropout = _flag("HAS_DROPOUT", named_args, kwargs)
-
     def accumulators(c):
-        # [BM, BN] accumulator, [BM, R_PAD] xa/gb, the [R_PAD, BN] B/A tile of the LoRA term (loaded
-        # through registers: one per 16-bit element), and with dropout one more [BM, BN] tile of hash
-        # temporaries beside the LoRA term.
+        # [BM, BN] accumulator, [BM, R_PAD] xa, the [R_PAD, BN] tile of B of the LoRA term (loaded
+        # through registers: one per 16-bit element). The forward never hashes (the pre-pass does).
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        return m * n * (2 if dropout else 1) + m * r_pad + r_pad * n * elt / 2
+        return m * n + m * r_pad + r_pad * n * elt / 2
 
     kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
     return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)
 
 
-def prune_gpass_configs(configs, named_args, **kwargs):
-    """g-pass tiles: [BM, BLOCK_N] of g plus [BM, R_PAD] of xa per stage; the [BLOCK_N, R_PAD] dB accumulator."""
-    r_pad, block_n = kwargs["R_PAD"], kwargs["BLOCK_N"]
-    tensor = named_args["g_ptr"]
-    budget = _shared_budget(tensor)
+def prune_backward_configs(configs, named_args, **kwargs):
+    """One-pass backward tiles.
 
-    def stage_bytes(c):
-        return c.kwargs["BLOCK_M"] * (block_n * tensor.element_size() + r_pad * 4)
-
-    def accumulators(c):
-        # dB accumulator, the fp32 xa tile, and the g tile (summed in registers for db; sm80 spills without it).
-        return (block_n + c.kwargs["BLOCK_M"]) * r_pad + c.kwargs["BLOCK_M"] * block_n * tensor.element_size() / 4
-
-    kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
-    return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)
-
-
-def prune_lora_a_grad_configs(configs, named_args, **kwargs):
-    """dA tiles: [BM, BK] of x plus [BM, R_PAD] of gb per stage; [R_PAD, BK] accumulators."""
-    r_pad = kwargs["R_PAD"]
-    tensor = named_args["x_ptr"]
-    budget = _shared_budget(tensor)
-
-    def stage_bytes(c):
-        return c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_K"] * tensor.element_size() + r_pad * 4)
-
+    Shared memory: the widest of its three pipelined loops' stages — g·W ([BM, BK] + [BK, BN]),
+    gb = g·B ([BM, BK] + [BK, R_PAD], fused gb only) and dB ([BM, BK] of g + the fp32
+    [R_PAD, BM] xa tile). Registers: the [BM, BN] dx accumulator (with dropout a second [BM, BN]
+    of hash temporaries), the x tile beside it in the epilogue, gb [BM, R_PAD], the dA accumulator
+    [R_PAD, BN] that lives across the row loop and the [R_PAD, BN] tile of A. A tile whose BLOCK_M
+    does not divide ``rows_per_group`` is dropped (its row loop would overrun into masked rows).
+    """
+    r_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
+    gb_loop = not _flag("PRECOMPUTED_GB", named_args, kwargs)
+    dx = kwargs.get("COMPUTE_DX", named_args.get("dx_ptr") is not None)
     dropout = _flag("HAS_DROPOUT", named_args, kwargs)
+    rows_per_group = named_args.get("rows_per_group", kwargs.get("rows_per_group"))
+    tensor = named_args["g_ptr"]
+    elt = tensor.element_size()
+    budget = _shared_budget(tensor)
+
+    def stage_bytes(c):
+        m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        loops = [m * k * elt + r_pad * m * 4]
+        if dx:
+            loops.append((m * k + k * n) * elt)
+        if gb_loop:
+            loops.append((m * k + k * r_pad) * elt)
+        return max(loops)
 
     def accumulators(c):
-        # [R_PAD, BK] accumulator; with dropout the hashed x tile and two tiles of hash temporaries.
-        hashed = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] * (2 + tensor.element_size() / 4) if dropout else 0
-        return r_pad * c.kwargs["BLOCK_K"] + hashed
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        tile = m * n * ((1 if dx else 0) + (1 if dropout else 0) + elt / 4)
+        return tile + m * r_pad + r_pad * n * (1 + elt / 2)
 
-    kept = [c for c in configs if _fits(c, stage_bytes(c), budget, accumulators(c))]
-    return _keep_some(configs, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes, budget)
+    divisible = [c for c in configs if not rows_per_group or rows_per_group % c.kwargs["BLOCK_M"] == 0] or configs
+    kept = [c for c in divisible if _fits(c, stage_bytes(c), budget, accumulators(c))]
+    return _keep_some(divisible, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes,
+                      budget)
 
 
 def prune_projection_configs(configs, named_args, **kwargs):

@@ -10,8 +10,9 @@ Traffic model (DRAM bytes, not L2): every tensor a launch touches is counted onc
 launch, i.e. operand tiles re-read by other programs of the same launch are assumed to
 hit L2 (W, A, B and the row block of x or g a program just read). MMA flops count what
 the kernels issue, padded rank ``R_PAD`` and recomputations included; the xa and gb
-recomputed per column block are counted with the nominal tile width ``PLAN_BLOCK_N``
-(the autotuned width may differ).
+recomputations are counted with the nominal tile ``PLAN_BLOCK_M × PLAN_BLOCK_N`` (the
+autotuned tile may differ). ``sms`` (132 on an H100 SXM) sizes the forward's column groups and
+the backward's row groups, as the launchers do with the device's SM count. The backward's partials (fp32 per row group) are counted written and read.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from dataclasses import dataclass
 
 import triton
 
-from .configs import gpass_block_n, padded_rank, split_rows_for
+from .configs import backward_row_groups, forward_columns_per_program, padded_rank
 
-# Largest padded rank whose xa (forward) or gb (dx) product stays inside the GEMM kernel.
+# Largest padded rank whose xa (forward) or gb (backward) product stays inside the GEMM kernel.
 MAX_FUSED_R_PAD = 64
-# Column-block width the dA split count is planned for (its BLOCK_K is autotuned).
-DA_PLANNING_BLOCK_K = 64
-# Nominal output-tile width used to count the per-column-block recomputation of xa / gb.
+# Nominal tile the planning decisions use (the autotuned tile may differ): the backward's row groups are
+# sized for K / PLAN_BLOCK_N column blocks, and the model counts the forward's xa and the backward's gb
+# recomputations with it.
+PLAN_BLOCK_M = 128
 PLAN_BLOCK_N = 128
 FP32 = 4
 
@@ -36,9 +38,14 @@ def forward_uses_prepass(n: int, r_pad: int, dropout_p: float) -> bool:
     return dropout_p > 0 or r_pad > MAX_FUSED_R_PAD or n == 0
 
 
-def backward_fuses_gb(compute_dx: bool, r_pad: int) -> bool:
-    """gb = g·B inside the dx kernel (else the thin projection kernel computes it)."""
-    return compute_dx and r_pad <= MAX_FUSED_R_PAD
+def backward_fuses_gb(r_pad: int) -> bool:
+    """gb = g·B inside the backward kernel (else the thin projection kernel computes it first)."""
+    return r_pad <= MAX_FUSED_R_PAD
+
+
+def backward_pads_b(r: int) -> bool:
+    """B is copied to a zero-padded [N, R_PAD] buffer for the fused gb loop (rank-masked loads do not pipeline)."""
+    return r != padded_rank(r)
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,8 @@ class Launch:
         return self.reads + self.writes
 
 
-def forward_plan(M: int, K: int, N: int, r: int, elt: int, dropout_p: float, has_bias: bool = True) -> list[Launch]:
+def forward_plan(M: int, K: int, N: int, r: int, elt: int, dropout_p: float, has_bias: bool = True,
+                 sms: int = 132) -> list[Launch]:
     r_pad = padded_rank(r)
     x, w, a, b, y, xa = M * K * elt, N * K * elt, r * K * elt, N * r * elt, M * N * elt, M * r * FP32
     bias = N * elt if has_bias else 0
@@ -66,43 +74,45 @@ def forward_plan(M: int, K: int, N: int, r: int, elt: int, dropout_p: float, has
             Launch("thin_projection_kernel", x + a, xa, 2 * M * K * r_pad),
             Launch("lora_forward_kernel", x + w + b + bias + xa, y, 2 * M * N * K + 2 * M * N * r_pad),
         ]
-    column_blocks = triton.cdiv(N, PLAN_BLOCK_N)
+    # xa is computed once per (row block, column group): once per row block when M fills the GPU.
+    col_blocks = triton.cdiv(N, PLAN_BLOCK_N)
+    col_groups = triton.cdiv(col_blocks, forward_columns_per_program(M, N, PLAN_BLOCK_M, PLAN_BLOCK_N, r_pad, sms))
     return [Launch("lora_forward_kernel", x + w + a + b + bias, y + xa,
-                   2 * M * N * K + 2 * M * K * r_pad * column_blocks + 2 * M * N * r_pad)]
+                   2 * M * N * K + 2 * M * K * r_pad * col_groups + 2 * M * N * r_pad)]
 
 
 def backward_plan(M: int, K: int, N: int, r: int, elt: int, dropout_p: float, compute_dx: bool = True,
-                  compute_db: bool = True, programs: int = 264) -> list[Launch]:
-    """``programs``: how many programs a split-M reduction aims for (two waves of SMs on a GPU)."""
+                  compute_db: bool = True, sms: int = 132) -> list[Launch]:
+    """``sms``: the GPU's SM count (132 on an H100 SXM), which sizes the row groups as the launcher does."""
     if M == 0:
         return []
     r_pad = padded_rank(r)
     g, x, w, a, b = M * N * elt, M * K * elt, N * K * elt, r * K * elt, N * r * elt
     xa, gb = M * r * FP32, M * r_pad * FP32
     launches = []
-    fused_gb = backward_fuses_gb(compute_dx, r_pad)
+    fused_gb = backward_fuses_gb(r_pad)
     if not fused_gb:
         launches.append(Launch("thin_projection_kernel", g + b, gb, 2 * M * N * r_pad))
+    elif backward_pads_b(r):
+        launches.append(Launch("_pad_rank_kernel", b, N * r_pad * elt, 0))
+    col_blocks = triton.cdiv(K, PLAN_BLOCK_N)
+    groups, _ = backward_row_groups(M, col_blocks, sms)
+    partials = groups * (r_pad * K + N * r_pad + N * compute_db) * FP32
+    rank_operand = N * r_pad * elt if fused_gb else gb
+    flops = 2 * M * K * r_pad + 2 * M * N * r_pad  # dA, dB
+    if fused_gb:
+        flops += 2 * M * N * r_pad * col_blocks  # gb, recomputed by every column block
     if compute_dx:
-        column_blocks = triton.cdiv(K, PLAN_BLOCK_N)
-        gb_flops = 2 * M * N * r_pad * column_blocks if fused_gb else 0
-        launches.append(Launch("_input_grad_kernel", g + w + a + b * fused_gb + gb * (not fused_gb),
-                               M * K * elt + gb * fused_gb, 2 * M * N * K + 2 * M * K * r_pad + gb_flops))
-    splits, _ = split_rows_for(M, triton.cdiv(N, gpass_block_n(N, r_pad)), programs)
-    dB_partial, db_partial = splits * N * r_pad * FP32, splits * N * FP32
-    launches.append(Launch("_gpass_kernel", g + xa, dB_partial + db_partial * compute_db, 2 * M * N * r_pad))
-    launches.append(Launch("_sum_partials_kernel", dB_partial, N * r * elt, 0))
-    if compute_db:
-        launches.append(Launch("_sum_partials_kernel", db_partial, N * elt, 0))
-    da_splits, _ = split_rows_for(M, triton.cdiv(K, DA_PLANNING_BLOCK_K), programs)
-    dA_partial = da_splits * r_pad * K * FP32
-    launches.append(Launch("_lora_a_grad_kernel", x + gb, dA_partial, 2 * M * K * r_pad))
-    launches.append(Launch("_sum_partials_kernel", dA_partial, r * K * elt, 0))
+        flops += 2 * M * N * K + 2 * M * K * r_pad
+    launches.append(Launch("lora_backward_kernel", g + x + xa + a + rank_operand + w * compute_dx,
+                           x * compute_dx + partials, flops))
+    outputs = (r * K + N * r + N * compute_db)
+    launches.append(Launch("_reduce_partials_kernel", groups * outputs * FP32, outputs * elt, 0))
     return launches
 
 
 def launch_plan(M: int, K: int, N: int, r: int, elt: int, dropout_p: float, compute_dx: bool = True,
-                compute_db: bool = True, has_bias: bool = True, programs: int = 264) -> dict[str, list[Launch]]:
+                compute_db: bool = True, has_bias: bool = True, sms: int = 132) -> dict[str, list[Launch]]:
     """``{"forward": [...], "backward": [...]}`` for one layer call; ``elt`` is the input dtype's size in bytes."""
-    return {"forward": forward_plan(M, K, N, r, elt, dropout_p, has_bias),
-            "backward": backward_plan(M, K, N, r, elt, dropout_p, compute_dx, compute_db, programs)}
+    return {"forward": forward_plan(M, K, N, r, elt, dropout_p, has_bias, sms),
+            "backward": backward_plan(M, K, N, r, elt, dropout_p, compute_dx, compute_db, sms)}

@@ -49,9 +49,7 @@ def autotuned_kernels() -> dict[str, Autotuner]:
     wrapped = {
         "forward": forward.lora_forward_kernel,
         "projection": projection.thin_projection_kernel,
-        "input_grad": backward._input_grad_kernel,
-        "gpass": backward._gpass_kernel,
-        "lora_a_grad": backward._lora_a_grad_kernel,
+        "backward": backward.lora_backward_kernel,
     }
     found = {}
     for name, kernel in wrapped.items():

@@ -1,7 +1,8 @@
 """GPU-only checks of the Triton backend for what a review of GPU code fears (all skip without CUDA).
 
 - every config that pruning keeps is launched once for parity, not only the autotune winner;
-- a backward whose split-M reductions span several row tiles and several column tiles;
+- a backward with several row groups of several row blocks each, several column blocks and dB
+  tiles per program (the reduction of per-group partials), with and without dx;
 - ``compute_dx=False``; a non-default stream; CUDA-graph capture of forward + backward;
 - the dropout mask past 2**31 elements in one launch (the int64 bound).
 
@@ -88,9 +89,15 @@ def test_every_kept_config_is_correct(monkeypatch, kernel, shape):
         pytest.skip(f"{kernel} is not launched at this shape")
 
 
-def test_backward_reduction_spans_several_row_and_column_tiles():
-    # M > 16384 gives several row splits per split-M reduction; N >= 136 several g-pass column blocks.
-    _check_parity(16500, 64, 300, 4, torch.bfloat16, 0.1)
+@pytest.mark.parametrize("compute_dx", [True, False])
+def test_backward_reduction_spans_several_row_and_column_tiles(compute_dx):
+    # M = 40000 on a GPU of ~100-140 SMs: about a hundred row groups of several 128-row blocks; K = 200 two
+    # or more column blocks; N = 300 several dB tiles per program.
+    M, K, N = 40000, 200, 300
+    groups, rows_per_group = triton_configs.backward_row_groups(M, 2, triton_configs.multiprocessors(
+        torch.device("cuda")))
+    assert groups > 1 and rows_per_group > triton_configs.row_align(), (groups, rows_per_group)
+    _check_parity(M, K, N, 4, torch.bfloat16, 0.1, compute_dx=compute_dx)
 
 
 @pytest.mark.parametrize("r", [4, 128])

@@ -5,7 +5,8 @@ kernel ahead of time for sm80 and sm90 with the specialisations a real launch ge
 last strides, 16-divisible pointers, strides and sizes), in a subprocess with the
 interpreter off. It also checks that the K loops are software-pipelined (shared memory
 holds more than one stage) and that the tiles fit the architecture's shared memory: every
-constexpr variant (fused / pre-computed xa and gb, the thin projection kernel) and, at
+constexpr variant (fused / pre-computed xa and gb, backward with and without dx, the thin
+projection kernel, the partials' reduction, B's padding copy) and, at
 ranks 64 and 256, the largest config the pruners keep, in the test's dtype and in fp32.
 
 Run directly: ``python tests/test_triton_gpu_compile.py 90 bf16``.
@@ -75,11 +76,12 @@ def compile_all(arch: int, dtype: str) -> None:
     ptr = f"*{dtype}"
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     common = {"INTERPRETED_BF16": False, "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee"}
-    tile = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32 if dtype == "fp32" else 64, "GROUP_M": 8}
+    tile = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32 if dtype == "fp32" else 64}
     forward_types = {**{n: ptr for n in ("x_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr")},
                      "xa_ptr": "*fp32", "scaling": "fp32"}
-    input_grad_types = {"g_ptr": ptr, "w_ptr": ptr, "a_ptr": ptr, "b_ptr": ptr, "gb_ptr": "*fp32", "dx_ptr": ptr,
-                        "lora_scale": "fp32"}
+    backward_types = {**{n: ptr for n in ("g_ptr", "x_ptr", "w_ptr", "a_ptr", "b_ptr", "dx_ptr")},
+                      **{n: "*fp32" for n in ("xa_ptr", "gb_ptr", "dA_partial_ptr", "dB_partial_ptr", "db_partial_ptr")},
+                      "lora_scale": "fp32"}
     projection_types = {"in_ptr": ptr, "p_ptr": ptr, "out_ptr": "*fp32", "scale": "fp32"}
     dx_flags = {"HAS_DROPOUT": True, "INDEX_BELOW_2_32": True}
     jobs = {
@@ -87,15 +89,15 @@ def compile_all(arch: int, dtype: str) -> None:
                     {"R_PAD": 16, "HAS_BIAS": True, "PRECOMPUTED_XA": False, **common, **tile}, 8, 3),
         "forward_precomputed": (forward.lora_forward_kernel, forward_types,
                                 {"R_PAD": 16, "HAS_BIAS": True, "PRECOMPUTED_XA": True, **common, **tile}, 8, 3),
-        "gpass": (backward._gpass_kernel,
-                  {"g_ptr": ptr, "xa_ptr": "*fp32", "dB_partial_ptr": "*fp32", "db_partial_ptr": "*fp32"},
-                  {"R_PAD": 16, "BLOCK_N": 256, "COMPUTE_DB": True, "BLOCK_M": 64, **common}, 4, 3),
-        "input_grad": (backward._input_grad_kernel, input_grad_types,
-                       {"R_PAD": 16, **dx_flags, "PRECOMPUTED_GB": False, **common, **tile}, 8, 3),
-        "input_grad_precomputed": (backward._input_grad_kernel, input_grad_types,
-                                   {"R_PAD": 16, **dx_flags, "PRECOMPUTED_GB": True, **common, **tile}, 8, 3),
-        "lora_a_grad": (backward._lora_a_grad_kernel, {"x_ptr": ptr, "gb_ptr": "*fp32", "dA_partial_ptr": "*fp32"},
-                        {"R_PAD": 16, **dx_flags, "BLOCK_M": 64, "BLOCK_K": 128, **common}, 4, 3),
+        "backward": (backward.lora_backward_kernel, backward_types,
+                     {"R_PAD": 16, **dx_flags, "COMPUTE_DX": True, "COMPUTE_DB": True, "PRECOMPUTED_GB": False,
+                      **common, **tile}, 8, 3),
+        "backward_no_dx": (backward.lora_backward_kernel, backward_types,
+                           {"R_PAD": 16, **dx_flags, "COMPUTE_DX": False, "COMPUTE_DB": True, "PRECOMPUTED_GB": False,
+                            **common, **tile}, 8, 3),
+        "backward_precomputed": (backward.lora_backward_kernel, backward_types,
+                                 {"R_PAD": 16, **dx_flags, "COMPUTE_DX": True, "COMPUTE_DB": False,
+                                  "PRECOMPUTED_GB": True, **common, **tile}, 8, 3),
         # xa pre-pass (P = Aᵀ, k contiguous) and standalone gb (P = B, rank contiguous).
         "projection_xa": (projection.thin_projection_kernel, projection_types,
                           {"R_PAD": 16, **dx_flags, "stride_pk": 1, "BLOCK_M": 64, "BLOCK_K": 64, **common},
@@ -104,8 +106,11 @@ def compile_all(arch: int, dtype: str) -> None:
                           {"R_PAD": 16, **dx_flags, "HAS_DROPOUT": False, "stride_pr": 1, "BLOCK_M": 64,
                            "BLOCK_K": 64, **common},
                           4, 3),
-        "sum_partials": (backward._sum_partials_kernel, {"partial_ptr": "*fp32", "out_ptr": ptr, "scale": "fp32"},
-                         {"INTERPRETED_BF16": False, "BLOCK_R": 64, "BLOCK_C": 16}, 4, 1),
+        "reduce_partials": (backward._reduce_partials_kernel,
+                            {**{n: "*fp32" for n in ("dA_partial_ptr", "dB_partial_ptr", "db_partial_ptr")},
+                             **{n: ptr for n in ("dA_ptr", "dB_ptr", "db_ptr")}, "dA_scale": "fp32", "dB_scale": "fp32"},
+                            {"R_PAD": 16, "COMPUTE_DB": True, "INTERPRETED_BF16": False, "BLOCK": 1024}, 4, 1),
+        "pad_rank": (backward._pad_rank_kernel, {"src_ptr": ptr, "dst_ptr": ptr}, {"R_PAD": 16, "BLOCK": 64}, 4, 1),
     }
     for name, (kernel, types, constexprs, warps, stages) in jobs.items():
         shared = _compile(kernel, types, constexprs, arch, warps, stages).metadata.shared
@@ -122,8 +127,8 @@ def compile_all(arch: int, dtype: str) -> None:
         w = torch.empty(0, dtype=elt_dtype)
         fwd_types = {**{n: p for n in forward_types if n.endswith("_ptr") and n != "xa_ptr"},
                      "xa_ptr": "*fp32", "scaling": "fp32"}
-        dx_types = {**{n: p for n in input_grad_types if n.endswith("_ptr") and n != "gb_ptr"},
-                    "gb_ptr": "*fp32", "lora_scale": "fp32"}
+        bw_types = {**{n: p for n in backward_types if backward_types[n] != "*fp32"},
+                    **{n: "*fp32" for n in backward_types if backward_types[n] == "*fp32"}, "lora_scale": "fp32"}
         proj_types = {"in_ptr": p, "p_ptr": p, "out_ptr": "*fp32", "scale": "fp32"}
         for r_pad in (64, 256):
             fused = r_pad <= plan.MAX_FUSED_R_PAD
@@ -132,10 +137,12 @@ def compile_all(arch: int, dtype: str) -> None:
             for c in _kept(configs.prune_gemm_configs, gemm_tiles, arch, {"w_ptr": w}, **fwd):
                 rank_jobs.append((f"forward_r{r_pad}_{elt_name}", forward.lora_forward_kernel, fwd_types,
                                   {**fwd, **c.kwargs}, c))
-            dxf = {**flags, "HAS_DROPOUT": True, "INDEX_BELOW_2_32": True, "PRECOMPUTED_GB": not fused}
-            for c in _kept(configs.prune_gemm_configs, gemm_tiles, arch, {"w_ptr": w}, **dxf):
-                rank_jobs.append((f"input_grad_r{r_pad}_{elt_name}", backward._input_grad_kernel, dx_types,
-                                  {**dxf, **c.kwargs}, c))
+            bwf = {**flags, "HAS_DROPOUT": True, "INDEX_BELOW_2_32": True, "COMPUTE_DX": True, "COMPUTE_DB": True,
+                   "PRECOMPUTED_GB": not fused}
+            backward_tiles = configs._BACKWARD_HOPPER if arch >= 90 else configs._BACKWARD_AMPERE
+            for c in _kept(configs.prune_backward_configs, backward_tiles, arch, {"g_ptr": w}, **bwf):
+                rank_jobs.append((f"backward_r{r_pad}_{elt_name}", backward.lora_backward_kernel, bw_types,
+                                  {**bwf, **c.kwargs}, c))
             proj = {**flags, "HAS_DROPOUT": True, "INDEX_BELOW_2_32": True, "stride_pk": 1}
             for c in _kept(configs.prune_projection_configs, configs.projection_configs(), arch,
                                    {"in_ptr": w}, **proj):
@@ -156,8 +163,8 @@ def compile_all(arch: int, dtype: str) -> None:
     # A real launch turns every int argument equal to 1 that is not in do_not_specialize into a
     # constexpr (the interpreter never does): the kernels must still compile with all of them at 1.
     jobs["keep_mask"] = (dropout._keep_mask_kernel, {"out_ptr": "*i8"}, {"BLOCK": 1024, "INDEX_BELOW_2_32": True}, 4, 1)
-    for name in ("forward", "forward_precomputed", "input_grad", "input_grad_precomputed", "lora_a_grad", "gpass",
-                 "projection_xa", "projection_gb", "keep_mask"):
+    for name in ("forward", "forward_precomputed", "backward", "backward_no_dx", "backward_precomputed",
+                 "projection_xa", "projection_gb", "reduce_partials", "pad_rank", "keep_mask"):
         kernel, types, constexprs, warps, stages = jobs[name]
         fn = kernel
         while not isinstance(fn, triton.runtime.jit.JITFunction):

@@ -37,14 +37,14 @@ PIPELINE_RANKS = (4, 16)
 ARCH_DTYPE = {90: "bf16", 80: "fp16"}
 # Rank-sized arguments: 16-divisible only when the rank is.
 RANK_SIZED = {"R", "R_OUT", "stride_bn", "stride_xam"}
-LARGE_N, LARGE_K = 3072, 768  # sizes of the planning decisions (the pruners do not look at them)
+LARGE_M, LARGE_N, LARGE_K = 16384, 3072, 768  # sizes of the planning decisions
 
 
 def _variants(arch: int):
     """(label, kernel name, types, constexprs, not_divisible, config, rank) of every kept launch variant."""
     import torch
 
-    from lora_fused.kernels import backward, configs, forward, plan, projection
+    from lora_fused.kernels import configs, plan
     from test_triton_gpu_compile import _kept
 
     dtype = ARCH_DTYPE[arch]
@@ -53,17 +53,20 @@ def _variants(arch: int):
     ptr = f"*{dtype}"
     prec = {"INTERPRETED_BF16": False, "INPUT_PRECISION": "ieee"}
     gemm_tiles = configs._GEMM_HOPPER if arch >= 90 else configs._GEMM_AMPERE
+    backward_tiles = configs._BACKWARD_HOPPER if arch >= 90 else configs._BACKWARD_AMPERE
     forward_types = {**{n: ptr for n in ("x_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr")},
                      "xa_ptr": "*fp32", "scaling": "fp32"}
-    dx_types = {"g_ptr": ptr, "w_ptr": ptr, "a_ptr": ptr, "b_ptr": ptr, "gb_ptr": "*fp32", "dx_ptr": ptr,
-                "lora_scale": "fp32"}
+    backward_types = {**{n: ptr for n in ("g_ptr", "x_ptr", "w_ptr", "a_ptr", "b_ptr", "dx_ptr")},
+                      **{n: "*fp32" for n in ("xa_ptr", "gb_ptr", "dA_partial_ptr", "dB_partial_ptr", "db_partial_ptr")},
+                      "lora_scale": "fp32"}
     proj_types = {"in_ptr": ptr, "p_ptr": ptr, "out_ptr": "*fp32", "scale": "fp32"}
-    gpass_types = {"g_ptr": ptr, "xa_ptr": "*fp32", "dB_partial_ptr": "*fp32", "db_partial_ptr": "*fp32"}
-    da_types = {"x_ptr": ptr, "gb_ptr": "*fp32", "dA_partial_ptr": "*fp32"}
+    # Row groups of a large M (several row blocks each): every tile's BLOCK_M divides them.
+    _, rows_per_group = configs.backward_row_groups(LARGE_M, -(-LARGE_K // plan.PLAN_BLOCK_N), 132)
     seen = set()
     for r in RANKS:
         r_pad = configs.padded_rank(r)
         odd = set(RANK_SIZED) if r % 16 else set()
+        fused_gb = plan.backward_fuses_gb(r_pad)
         jobs = []
         for p in (0.0, 0.1):
             prepass = plan.forward_uses_prepass(LARGE_N, r_pad, p)
@@ -75,24 +78,20 @@ def _variants(arch: int):
                 jobs += [("projection_xa", "thin_projection_kernel", proj_types, proj, odd, c)
                          for c in _kept(configs.prune_projection_configs, configs.projection_configs(), arch,
                                         {"in_ptr": elt}, **proj)]
-            fused_gb = plan.backward_fuses_gb(True, r_pad)
-            dx = {"R_PAD": r_pad, "HAS_DROPOUT": p > 0, "INDEX_BELOW_2_32": True, "PRECOMPUTED_GB": not fused_gb,
-                  **prec}
-            jobs += [("input_grad", "_input_grad_kernel", dx_types, dx, odd, c)
-                     for c in _kept(configs.prune_gemm_configs, gemm_tiles, arch, {"w_ptr": elt}, **dx)]
+            # B padded to R_PAD columns in memory when the gb loop reads it: its row stride is R_PAD.
+            bw_odd = odd - {"stride_bn"} if fused_gb else odd
+            for compute_dx in (True, False):
+                bw = {"R_PAD": r_pad, "HAS_DROPOUT": p > 0, "INDEX_BELOW_2_32": True, "COMPUTE_DX": compute_dx,
+                      "COMPUTE_DB": True, "PRECOMPUTED_GB": not fused_gb, **prec}
+                jobs += [("backward", "lora_backward_kernel", backward_types, bw, bw_odd, c)
+                         for c in _kept(configs.prune_backward_configs, backward_tiles, arch,
+                                        {"g_ptr": elt, "rows_per_group": rows_per_group}, **bw)]
             if not fused_gb:  # gb = g·B: P = B, rank contiguous, row stride r
                 proj = {"R_PAD": r_pad, "HAS_DROPOUT": False, "INDEX_BELOW_2_32": True, "stride_pr": 1, **prec}
                 jobs += [("projection_gb", "thin_projection_kernel", proj_types, proj,
                           odd | ({"stride_pk"} if r % 16 else set()), c)
                          for c in _kept(configs.prune_projection_configs, configs.projection_configs(), arch,
                                         {"in_ptr": elt}, **proj)]
-            gp = {"R_PAD": r_pad, "BLOCK_N": configs.gpass_block_n(LARGE_N, r_pad), "COMPUTE_DB": True, **prec}
-            jobs += [("gpass", "_gpass_kernel", gpass_types, gp, odd, c)
-                     for c in _kept(configs.prune_gpass_configs, configs.gpass_configs(), arch, {"g_ptr": elt}, **gp)]
-            da = {"R_PAD": r_pad, "HAS_DROPOUT": p > 0, "INDEX_BELOW_2_32": True, **prec}
-            jobs += [("lora_a_grad", "_lora_a_grad_kernel", da_types, da, odd, c)
-                     for c in _kept(configs.prune_lora_a_grad_configs, configs.lora_a_grad_configs(), arch,
-                                    {"x_ptr": elt}, **da)]
         for label, kernel, types, constexprs, not_divisible, c in jobs:
             full = {**constexprs, **c.kwargs}
             identity = (kernel, tuple(sorted(full.items())), tuple(sorted(not_divisible)), c.num_warps, c.num_stages)
@@ -120,7 +119,12 @@ SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def loops_feeding_mmas(ttgir: str) -> list[list[str]]:
-    """The bodies (lines) of the ``scf.for`` loops of a TTGIR module whose body issues an MMA."""
+    """The bodies (lines) of the innermost ``scf.for`` loops of a TTGIR module whose body issues an MMA.
+
+    Innermost: a loop around other loops (the backward's walk over a row group's row blocks, the
+    forward's walk over a row block's column blocks) issues its own MMAs once per inner loop —
+    an epilogue's, whose operands load synchronously by design; the inner loops are the main loops.
+    """
     lines = ttgir.splitlines()
     loops = []
     for i, line in enumerate(lines):
@@ -132,6 +136,8 @@ def loops_feeding_mmas(ttgir: str) -> list[list[str]]:
             if following.strip() and len(following) - len(following.lstrip()) <= indent:
                 break
             body.append(following)
+        if any(" scf.for " in b for b in body):
+            continue
         if any(re.search(r"\b(tt\.dot|ttng\.warp_group_dot|ttng\.tc_gen5_mma)\b", b) for b in body):
             loops.append(body)
     return loops
@@ -150,25 +156,15 @@ def pipeline_problems(body: list[str], arch: int) -> list[str]:
     return problems
 
 
-# Loops known not to pipeline, with the reason; anything else that does not pipeline fails. These are
-# the gaps issue 10's v2 kernels remove (a one-pass backward without a g-pass; a pre-pass whose
-# hashed tile is staged through shared memory; B padded to R_PAD in memory).
+# Loops known not to pipeline, with the reason; anything else that does not pipeline fails.
 KNOWN_UNPIPELINED = {
-    "gpass": "the g-pass casts the fp32 xa tile to the input dtype in registers and sums g for db: "
-             "its operands reach the MMA through registers, so the loop waits for every MMA",
     "projection_xa+dropout": "the hashed x tile is masked in registers before the MMA (synchronous load)",
-    "input_grad+odd_rank": "the thin gb loop's [BK, R_PAD] tile of B: rows of r < 16 elements are not "
-                           "16-byte aligned, so it cannot be copied asynchronously",
 }
 
 
 def _known_gap(label, constexprs, rank, loop_number):
-    if label == "gpass":
-        return "gpass"
     if label == "projection_xa" and constexprs.get("HAS_DROPOUT"):
         return "projection_xa+dropout"
-    if label == "input_grad" and rank % 16 and loop_number == 0 and not constexprs.get("PRECOMPUTED_GB"):
-        return "input_grad+odd_rank"
     return None
 
 
@@ -194,7 +190,7 @@ def compile_and_report(job, arch):
                 problems += [f"loop {number}: {p}" for p in found]
     tile = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK") or k == "R_PAD")
     config = f"r={rank} {tile} warps={warps} stages={stages} " + " ".join(
-        f"{k}={v}" for k, v in constexprs.items() if k in ("HAS_DROPOUT", "PRECOMPUTED_XA", "PRECOMPUTED_GB"))
+        f"{k}={v}" for k, v in constexprs.items() if k in ("HAS_DROPOUT", "PRECOMPUTED_XA", "PRECOMPUTED_GB", "COMPUTE_DX"))
     return label, config, max(spills), problems, sorted(known)
 
 

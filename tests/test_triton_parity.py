@@ -196,11 +196,11 @@ def test_gradients_are_deterministic():
         assert torch.equal(a, b), f"{name} differs between two identical backward calls"
 
 
-@pytest.mark.parametrize("compute_dx,r", [(True, 16), (False, 16), (True, 256)])
+@pytest.mark.parametrize("compute_dx,r", [(True, 16), (False, 4), (True, 256)])
 def test_backward_allocates_no_per_column_block_buffers(monkeypatch, compute_dx, r):
-    # gb = g·B is accumulated inside the dx kernel (or a thin projection kernel), not as per-column-block
-    # partials: the only buffers with M rows are dx and one fp32 gb [M, R_PAD] (the rest: split-M partials of dB, db, dA
-    # and the outputs, sized by N, K and R).
+    # gb = g·B is accumulated inside the backward kernel (or, at R_PAD > 64, by a thin projection kernel),
+    # not as per-column-block partials: the only buffers with M rows are dx and, at R_PAD > 64, one fp32
+    # gb [M, R_PAD] (the rest: per-row-group partials of dB, db, dA, padded B and the outputs, sized by N, K, R).
     M, K, N = 130, 33, 300  # N spans many column blocks
     x, weight, bias, lora_A, lora_B = make_inputs(M, K, N, r, torch.float16, device=DEVICE)
     grad_y = _random_like((M, N), torch.float16, DEVICE, seed=2)
@@ -218,7 +218,30 @@ def test_backward_allocates_no_per_column_block_buffers(monkeypatch, compute_dx,
     triton_ops.triton_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, 0.1, seed, compute_dx, True)
     r_pad = triton_configs.padded_rank(r)
     with_rows = sorted(s for s in shapes if M in s)
-    assert with_rows == sorted([(M, r_pad)] + ([(M, K)] if compute_dx else [])), shapes
+    expected = ([(M, r_pad)] if r_pad > 64 else []) + ([(M, K)] if compute_dx else [])
+    assert with_rows == sorted(expected), shapes
+
+
+@pytest.mark.parametrize("compute_dx", [True, False])
+def test_backward_row_groups_of_several_row_blocks(compute_dx):
+    # Each program walks several row blocks (dA accumulated across them in registers, dB/db over the whole
+    # group; the last group's rows end mid-block), and the groups' partials are summed by the reduction.
+    groups, rows_per_group = triton_configs.backward_row_groups(150, 1, triton_configs.multiprocessors(
+        torch.device(DEVICE)))
+    block_m = triton_configs.backward_configs()[0].kwargs["BLOCK_M"]
+    assert groups > 1 and rows_per_group > block_m and 150 % rows_per_group, (groups, rows_per_group)
+    x, weight, b, lora_A, lora_B = make_inputs(150, 70, 45, 5, torch.float16, device=DEVICE, seed=3)
+    grad_y = _random_like((150, 45), torch.float16, DEVICE, seed=8)
+    seed = torch.tensor(4, dtype=torch.int64)
+    _, xa = triton_ops.triton_forward(x, weight, b, lora_A, lora_B, SCALING, 0.2, seed)
+    got = triton_ops.triton_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, 0.2, seed, compute_dx, True)
+    same = reference_outputs(x, weight, b, lora_A, lora_B, SCALING, 0.2, 4, grad_y)
+    exact = reference_outputs(*(_double(t) for t in (x, weight, b, lora_A, lora_B)), SCALING, 0.2, 4, grad_y.double())
+    for name, value, torch_value, exact_value in zip(OUTPUT_NAMES[2:], got, same[2:], exact[2:], strict=True):
+        if name == "dx" and not compute_dx:
+            assert value.numel() == 0
+            continue
+        assert_parity(name, value, torch_value, exact_value)
 
 
 def test_only_requested_gradients():

@@ -31,6 +31,17 @@ SYNCHRONOUS_SM80 = """\
 """
 
 
+NESTED_SM90 = """\
+    %0 = scf.for %m = %c0 to %rows step %c128 iter_args(%dA = %cst) -> (tensor<16x128xf32, #mma>) {
+      %x = tt.load %xptrs, %mask, %other : tensor<128x128x!tt.ptr<bf16>, #blocked>
+      %d = ttng.warp_group_dot %gb, %xs, %dA : !ttg.memdesc<16x128xbf16> * !ttg.memdesc<128x128xbf16>
+      %w = ttng.warp_group_dot_wait %d {pendings = 0 : i32}
+""" + "\n".join("  " + line for line in PIPELINED_SM90.splitlines()) + """
+      scf.yield %w : tensor<16x128xf32, #mma>
+    }
+"""
+
+
 def test_a_pipelined_loop_passes():
     loops = loops_feeding_mmas(PIPELINED_SM90)
     assert len(loops) == 1
@@ -54,3 +65,13 @@ def test_a_synchronous_tile_load_is_reported_and_loops_without_mma_are_skipped()
 def test_ptxas_spill_report_is_parsed():
     log = "ptxas info    : Used 168 registers, 8 bytes spill stores, 12 bytes spill loads\n"
     assert [(int(a), int(b)) for a, b in SPILL.findall(log)] == [(8, 12)]
+
+
+def test_only_innermost_loops_are_main_loops():
+    # The backward's walk over a row group's row blocks issues the dA product once per row block, from a
+    # synchronously loaded x tile: an epilogue, not a main loop. The loop inside it is checked.
+    loops = loops_feeding_mmas(NESTED_SM90)
+    assert len(loops) == 1
+    assert pipeline_problems(loops[0], 90) == []
+    inner_drained = NESTED_SM90.replace("{pendings = 1 : i32}", "{pendings = 0 : i32}")
+    assert any("pendings = 0" in p for p in pipeline_problems(loops_feeding_mmas(inner_drained)[0], 90))

@@ -61,7 +61,7 @@ def _one_entry_file(tmp_path, kernel, config, triton_version=triton.__version__)
 def test_entries_this_version_cannot_use_are_skipped_with_a_warning(tmp_path, clean_caches):
     tuners = clean_caches
     real = tuning._config_to_json(tuners["forward"].configs[0])
-    foreign = {**real, "kwargs": {**real["kwargs"], "GROUP_M": 0}}  # not in the config list: would skip pruning
+    foreign = {**real, "kwargs": {**real["kwargs"], "BLOCK_K": 7}}  # not in the config list: would skip pruning
     for kernel, config, match in (("nope", real, "unknown kernel 'nope'"), ("forward", foreign, "not one of")):
         with pytest.warns(UserWarning, match=match):
             assert tuning.seed_from_file(_one_entry_file(tmp_path, kernel, config)) == 0
@@ -103,10 +103,10 @@ def test_exit_hook_merges_into_the_file_named_by_the_environment(tmp_path, monke
     monkeypatch.setenv(tuning.TUNED_OUT_ENV_VAR, str(path))
     assert tuning.dump_at_exit() == 0 and not path.exists(), "nothing tuned: nothing written"
     first = triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2)
-    tuners["gpass"].cache[(64, 16)] = first
+    tuners["backward"].cache[(64, 16)] = first
     assert tuning.dump_at_exit() == 1
-    tuners["gpass"].cache.clear()
+    tuners["backward"].cache.clear()
     tuners["projection"].cache[(32, 16)] = triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3)
     assert tuning.dump_at_exit() == 2, "a second process adds its entries to the first one's"
     kernels = sorted(e["kernel"] for e in json.loads(path.read_text())["entries"])
-    assert kernels == ["gpass", "projection"]
+    assert kernels == ["backward", "projection"]
