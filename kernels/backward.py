@@ -51,6 +51,13 @@ R_PAD > 64 (ranks 65..256): a [BLOCK_M, R_PAD] gb accumulator beside the dx tile
 fit, so :func:`~.projection.thin_projection_kernel` computes gb [M, R_PAD] first (g read
 once more) and this kernel loads it (``PRECOMPUTED_GB``); 3 launches.
 
+Registers: the walk over a row group's row blocks costs registers — ptxas on sm90 at
+128×128, 8 warps, r = 16: 255 registers and a 44 B spill, against 190 and none for the
+same kernel without the row loop (suspected: row-invariant operand addresses of W, A and B
+hoisted and kept live across it, beside the dA accumulator). Its config lists (:data:`~.configs._BACKWARD_HOPPER`, ``_AMPERE``)
+keep only tiles ptxas compiles without spills in every variant; with dx that is 64×64 or
+32×64 on sm90 and 64×128 or 32×64 on sm80 (32×16 at R_PAD > 64).
+
 Nothing of size M×N is allocated besides dx; nothing with M rows besides dx and, at
 R_PAD > 64, gb.
 """

@@ -91,12 +91,27 @@ _GEMM_HOPPER = [
 ]
 
 
-# The backward keeps three pipelined loops' state and the dA accumulator across its row loop: at
-# most 3 stages (ptxas spills the 4- and 5-stage tiles at r = 4), and a narrow tile for R_PAD 256.
-_BACKWARD_AMPERE = [_tile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                          min(c.num_stages, 3)) for c in _GEMM_AMPERE] + [_tile(32, 32, 32, 8, 3)]
-_BACKWARD_HOPPER = [_tile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                          min(c.num_stages, 3)) for c in _GEMM_HOPPER] + [_tile(32, 32, 64, 8, 3)]
+# The one-pass backward holds more state than a GEMM (three pipelined loops, the dA accumulator across
+# its row loop, gb and A for the LoRA term): these lists keep the tiles that ptxas -v compiles without
+# spills in every variant (ranks 4/16/64/256, ± dropout, ± dx; tests/test_triton_gpu_kept_configs.py),
+# at most 3 stages. Wide tiles serve only the variant without dx (the pruner drops them with dx); the
+# dx variants run 64×64 / 32×64 tiles (128-wide ones spill 36-400 B), 32×16 at R_PAD 256.
+_BACKWARD_AMPERE = [
+    _tile(128, 256, 32, 8, 3),
+    _tile(128, 128, 32, 4, 3),
+    _tile(64, 256, 32, 4, 3),
+    _tile(64, 128, 32, 4, 3),
+    _tile(32, 64, 32, 2, 3),
+    _tile(32, 16, 64, 8, 3),  # R_PAD 256
+]
+_BACKWARD_HOPPER = [
+    _tile(128, 256, 64, 8, 3),
+    _tile(128, 128, 64, 4, 3),
+    _tile(64, 256, 64, 4, 3),
+    _tile(64, 64, 64, 4, 3),
+    _tile(32, 64, 64, 8, 3),
+    _tile(32, 16, 64, 8, 3),  # R_PAD 256
+]
 
 
 def backward_configs() -> list[triton.Config]:

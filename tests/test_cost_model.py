@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 from lora_fused.kernels import configs as triton_configs
 from lora_fused.kernels import ops as triton_ops
@@ -100,3 +101,17 @@ def test_device_names_map_to_gpu_entries():
     assert cost_model.gpu_for_device_name("NVIDIA GeForce RTX 4090") is None
     with pytest.raises(ValueError, match="unknown provider"):
         cost_model.provider_plan("nope", 1, 1, 1, 1, 2, 0.0)
+
+
+def test_schedules_fill_the_sms_in_the_fewest_rounds():
+    # 32 row blocks × 6 column blocks on 132 SMs: one column block per program is 192 programs in 2 rounds,
+    # two per program 96 programs in 1 round of 2 blocks: as fast, xa computed half as often.
+    assert triton_configs.blocks_per_program(32, 6, 132, 16 / 128) == 2
+    # When M fills the GPU, a forward program walks all of its row block's columns: xa once per row block.
+    assert triton_configs.forward_columns_per_program(131072, 768, 128, 128, 16, 132) == 6
+    # Backward row groups: whole aligned row blocks, as few groups (sets of partials) as finish as soon as one
+    # row block per program would (rounds × row blocks per program).
+    align = triton_configs.row_align()
+    groups, rows = triton_configs.backward_row_groups(64 * align, 6, 132)
+    assert rows % align == 0 and groups * rows >= 64 * align > (groups - 1) * rows
+    assert triton.cdiv(groups * 6, 132) * (rows // align) == triton.cdiv(64 * 6, 132) and groups < 64

@@ -116,6 +116,7 @@ def _kernel(name):
 
 
 SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+REGISTERS = re.compile(r"Used (\d+) registers")
 
 
 def loops_feeding_mmas(ttgir: str) -> list[list[str]]:
@@ -191,7 +192,8 @@ def compile_and_report(job, arch):
     tile = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK") or k == "R_PAD")
     config = f"r={rank} {tile} warps={warps} stages={stages} " + " ".join(
         f"{k}={v}" for k, v in constexprs.items() if k in ("HAS_DROPOUT", "PRECOMPUTED_XA", "PRECOMPUTED_GB", "COMPUTE_DX"))
-    return label, config, max(spills), problems, sorted(known)
+    registers = max(int(n) for n in REGISTERS.findall(log.getvalue()))
+    return label, config + f" regs={registers}", max(spills), problems, sorted(known)
 
 
 def _init_worker():
