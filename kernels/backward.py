@@ -58,6 +58,12 @@ hoisted and kept live across it, beside the dA accumulator). Its config lists (:
 keep only tiles ptxas compiles without spills in every variant; with dx that is 64×64 or
 32×64 on sm90 and 64×128 or 32×64 on sm80 (32×16 at R_PAD > 64).
 
+Open (sm90, the ptxas 12.9 bundled with triton 3.8): ptxas reports C7514, "wgmma.mma_async instructions
+are serialized due to non wgmma instructions reading accumulator registers", for this kernel
+with and without dx (the forward kernel does not get it). Not from the dB loop nor the dA
+product (removing either keeps it); the gb loop or the dx seed inside the row loop remain.
+tests/test_triton_gpu_kept_configs.py prints it per variant. Speed only; a GPU run decides.
+
 Nothing of size M×N is allocated besides dx; nothing with M rows besides dx and, at
 R_PAD > 64, gb.
 """
