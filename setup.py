@@ -43,7 +43,7 @@ ROOT = Path(__file__).parent.resolve()
 DEFAULT_ARCHS = "8.0+PTX;9.0a"
 NVCC_KEEP_DIR = ROOT / "build" / "nvcc"  # nvcc intermediates, read by tests/test_cuda_ptxas.py
 CPU_SOURCES = ["csrc/module.cpp", "csrc/checks.cpp", "csrc/cpu_ops.cpp"]
-CUDA_SOURCES = ["csrc/cuda_ops.cpp", "csrc/cuda_simt.cu", "csrc/cuda_sm80.cu", "csrc/cuda_tensorcore.cu"]
+CUDA_SOURCES = ["csrc/cuda_ops.cpp", "csrc/cuda_simt.cu", "csrc/cuda_sm80.cu", "csrc/cuda_sm80_thin.cu"]
 
 
 def _env_flag(name: str) -> bool:
@@ -120,6 +120,16 @@ def _locate_cuda_home() -> None:
             return
 
 
+def _drop_intermediates_of_removed_sources() -> None:
+    """Delete kept nvcc files of .cu sources no longer built (a deleted kernel file would
+    otherwise leave PTX that tests/test_cuda_ptxas.py checks); ninja rebuilds only changed
+    sources, so the files of current ones stay."""
+    current = {Path(source).stem for source in CUDA_SOURCES if source.endswith(".cu")}
+    for path in NVCC_KEEP_DIR.iterdir():
+        if path.is_file() and path.name.split(".", 1)[0] not in current:
+            path.unlink()
+
+
 def extensions_and_cmdclass():
     _locate_cuda_home()
     try:
@@ -139,6 +149,7 @@ def extensions_and_cmdclass():
         keep_flags = []
         if os.environ.get("LORA_FUSED_NVCC_KEEP", "") not in ("", "0"):
             NVCC_KEEP_DIR.mkdir(parents=True, exist_ok=True)
+            _drop_intermediates_of_removed_sources()
             keep_flags = ["--keep", f"--keep-dir={NVCC_KEEP_DIR}"]
         cutlass = cutlass_include_dir()
         assert cutlass is not None  # _cuda_reason_to_skip checked it

@@ -26,8 +26,12 @@ __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162floa
 __device__ __forceinline__ float widen(float v) { return v; }
 __device__ __forceinline__ double widen(double v) { return v; }
 
+// Rounds to nearest; the primary template serves cute::half_t / cute::bfloat16_t, whose
+// conversions from float round to nearest even as well.
 template <class T, class Acc>
-__device__ __forceinline__ T narrow(Acc v);
+__device__ __forceinline__ T narrow(Acc v) {
+  return static_cast<T>(v);
+}
 template <>
 __device__ __forceinline__ __half narrow<__half, float>(float v) { return __float2half_rn(v); }
 template <>
