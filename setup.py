@@ -21,13 +21,16 @@ Environment knobs:
                                and says why, like a missing toolkit (and
                                tests/test_cuda_ext.py fails where a toolkit is present).
 
-Build time of the extension (measured 2026-12-01, `make build` after `rm
-.venv/.extension-built`, which recompiles everything, MAX_JOBS=2 on the shared 2-core
-machine at a load of about 10): CPU + CUDA for the default "8.0+PTX;9.0a" 3 min 10 s wall,
-75 s of CPU time; the CUDA part grows with each architecture listed, so a GPU machine
-builds just its own ("9.0a"). With LORA_FUSED_NVCC_KEEP=1 (set by `make build`) nvcc keeps
-its intermediates (PTX included, ~200 MB) under build/nvcc, which tests/test_cuda_ptxas.py
-reads to check every kernel's ptxas report (no spills, shared memory within limits).
+Build time of the extension (measured 2026-12-02, `make build` after `rm
+.venv/.extension-built`; pip rebuilds every source each time, MAX_JOBS=2 on the shared
+2-core machine at a load of about 6): CPU + CUDA for the default "8.0+PTX;9.0a" 6 min 20 s
+wall, 3 min 05 s of CPU time (4 min 45 s wall at a lower load), within the 8-minute budget.
+The CUDA kernels: cuda_sm80.cu (forward, dx: 2 dtypes), cuda_sm80_thin.cu (tall, wide,
+rank transpose, 2 reduces: 2 dtypes), cuda_simt.cu (fp32/fp64 only); each architecture
+listed adds its share, so a GPU machine builds just its own ("9.0a"). With
+LORA_FUSED_NVCC_KEEP=1 (set by `make build`) nvcc keeps its intermediates (PTX included,
+~200 MB) under build/nvcc, which tests/test_cuda_ptxas.py reads to check every kernel's
+ptxas report (no spills, shared memory within limits).
 """
 
 from __future__ import annotations

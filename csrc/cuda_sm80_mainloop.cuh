@@ -9,7 +9,9 @@
 // per thread. (4 warps of 64×64 need 128 accumulators and reach 255 registers with this
 // file's 64-bit bounds arithmetic: ptxas spilled.) k-tiles are 32 deep: a 128-row operand
 // stage is 8 KB, and four stages of A and B (64 KB) leave room for a one-stage LoRA tile
-// pair (16 KB) within sm_86/sm_89's 99 KB per block.
+// pair (16 KB) within sm_86/sm_89's 99 KB per block. The rank-thin products use the same
+// BlockMma with a 32-rank side (TallBlock / WideBlock below, argued in cuda_sm80_thin.cu);
+// occupancy per kernel is argued where each kernel is declared.
 //
 // Pipeline depth. Four stages keep three k-tiles in flight while one is consumed: at
 // K = 768 that is 24 k-tiles, and the loads of tile t+3 overlap the MMAs of tile t
@@ -18,13 +20,45 @@
 // Synchronisation. Group g of cp.async always holds k-tile g (possibly empty, so the
 // count stays exact); waiting until at most kStages-2 groups are pending means tile kt
 // has landed, and the __syncthreads after the wait also proves every warp finished
-// tile kt-1, whose stage the next load then overwrites.
+// tile kt-1, whose stage the next load then overwrites. Between the wait and that barrier
+// a thread may rewrite the chunks it copied itself (transform_stage: the dropout mask on
+// x), since its own cp.async groups are complete and no other thread reads the stage yet.
 //
 // Bounds. Every 16-byte chunk is predicated on its row and its 8 k-columns: chunks
 // outside the operand are zero-filled (cp.async with src-size 0 reads nothing). The
 // vector path needs the contiguous extent and the leading dimension to be multiples of
 // 8 elements and 16-byte aligned bases; otherwise the same tiles are filled with
 // element loads (slower, same results). Zeros in the k-residue add nothing to C.
+//
+// Not done yet (issue 11), and what each needs:
+// - sm90a: these kernels run on Hopper as sm80 code (mma.sync, cp.async: roughly half of
+//   H100's dense bf16 rate). The Hopper kernel is a new collective, not a variant of this
+//   one: (1) operands by TMA — cute::make_tma_copy(SM90_TMA_LOAD{}, gmem tensor, smem
+//   layout of one stage) built on the host into the kernel's params (__grid_constant__),
+//   smem layouts from GMMA::Layout_K_SW128_Atom<T> (MN-major for dx's W:
+//   Layout_MN_SW128_Atom); TMA zero-fills the edges but needs 16-byte-aligned bases and
+//   row strides, so misaligned operands keep this sm80 path; (2) a producer warp
+//   issuing TMA into kStages stages guarded by ClusterTransactionBarrier full/empty
+//   barriers (cutlass::PipelineTmaAsync), two consumer warpgroups of 64×N wgmma each
+//   (make_tiled_mma(SM90_64x128x16_F32BF16BF16_SS<GMMA::Major::K, ...>) on a 128×128 or
+//   128×256 tile), warpgroup_arrive / warpgroup_commit_batch / warpgroup_wait<1> to keep
+//   one wgmma batch in flight, setmaxnreg to move registers from producer to consumers;
+//   (3) persistent tile scheduling over grouped_tile's order; (4) the LoRA terms as today:
+//   the forward's round(xa)·Bᵀ as the first k-tiles of the same wgmma accumulator (xa is
+//   fp32 in memory, so either a T-typed copy written by the xa kernel — a new [M, r]
+//   workspace — or a register-to-smem fill by the consumers before the first TMA stage),
+//   scaled in registers before the main loop, dx's mask applied to that accumulator as now;
+//   (5) a dispatch on the device's compute capability in cuda_ops.cpp (sm90a SASS only
+//   runs on sm_90). Its evidence: a ptxas -v entry per kernel, the GPU parity cases, and a
+//   build-time budget (CuTe's SM90 collectives compile for minutes per instantiation).
+// - TF32 for fp32: a float instantiation with SM80_16x8x8_F32TF32TF32F32_TN. Element-size
+//   dependent constants become per-type (kChunk = 16 bytes / sizeof(T): 4 for fp32; kBK
+//   16 for fp32 so four stages stay 64 KB; swizzles re-derived for 4-element chunks),
+//   ldmatrix (U32x4_LDSM_N) only for K-major operands — dx's MN-major W needs
+//   UniversalCopy<uint32_t> or a transposed copy of W — and cuda_ops.cpp choosing it when
+//   at::globalContext().allowTF32CuBLAS() (torch.backends.cuda.matmul.allow_tf32 or
+//   float32_matmul_precision != "highest"); exact fp32 stays SIMT. Parity: the same-dtype
+//   PyTorch reference must then run with TF32 too.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -103,19 +137,24 @@ inline bool vector_loadable(const void* ptr, int64_t ld, int64_t contiguous_exte
 // rows (MN-major). load_stage and transform_stage share this map, so a thread that waited
 // for its own cp.async groups may rewrite exactly the chunks it copied, before the barrier.
 template <bool kKMajor, int kRows, class F>
-__device__ __forceinline__ void for_each_own_chunk(F&& f) {
+__host__ __device__ __forceinline__ void for_each_chunk_of_thread(int thread, F&& f) {
   constexpr int kChunksPerLine = (kKMajor ? kBK : kRows) / kChunk;
   constexpr int kChunks = kRows * kBK / kChunk;
   static_assert(kChunks % kThreads == 0 || kChunks < kThreads, "chunks spread evenly, or one per thread at most");
   constexpr int kPerThread = (kChunks + kThreads - 1) / kThreads;
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
-    const int c = threadIdx.x + i * kThreads;
+    const int c = thread + i * kThreads;
     if (kChunks < kThreads && c >= kChunks) return;
     // K-major: a line is one row's kBK values; MN-major: one k's kRows values.
     const int line = c / kChunksPerLine, first = (c % kChunksPerLine) * kChunk;
     f(kKMajor ? line : first, kKMajor ? first : line);
   }
+}
+
+template <bool kKMajor, int kRows, class F>
+__device__ __forceinline__ void for_each_own_chunk(F&& f) {
+  for_each_chunk_of_thread<kKMajor, kRows>(threadIdx.x, f);
 }
 
 // Fills stage `stage` of `smem` (layout L: rows × kBK × stages) with rows [row0, row0 +
