@@ -11,11 +11,15 @@
 // dx backward) run over row blocks of kDropoutBlockRows rows, each block's mask factor
 // hashed once and held in a cache-sized buffer; backward shares it between dx and dA.
 //
-// Rounding order (lora_fused/reference.py): fp16/bf16 operands are widened to fp32 once per
-// call, products accumulate in fp32, xa and gb enter the next product rounded to the input
-// dtype unscaled, s multiplies the fp32 accumulator, y and dx are rounded once at the end.
-// ATen exposes no bf16×bf16→fp32 GEMM on CPU to extensions (mm.dtype is CUDA-only and the
-// cpublas overloads are not exported), so reduced dtypes run the fp32 GEMM on widened copies.
+// Rounding order (lora_fused/reference.py): products accumulate in fp32, xa and gb enter the
+// next product rounded to the input dtype unscaled, s multiplies the fp32 accumulator, y and
+// dx are rounded once at the end.
+//
+// Routes: fp32 and fp64 run the BLAS calls below. bf16 and fp16 run cpu_brgemm.cpp's tiles
+// of oneDNN's bf16×bf16→fp32 micro-kernel where it serves the call (the CPU has the dtype's
+// dot-product instructions, oneDNN is enabled, x / grad_y have unit column stride and the
+// reductions are even: brgemm_serves_*); otherwise the same BLAS calls on fp32 copies
+// widened once per call, the correct but 3-5x slower fallback.
 //
 // Determinism: dA with dropout sums fixed row groups (a function of M only, not of the
 // thread count) and adds the group partials in order.
@@ -33,6 +37,7 @@
 #include <algorithm>
 
 #include "checks.h"
+#include "cpu_brgemm.h"
 #include "cpu_dropout.h"
 
 namespace lora_fused {
@@ -92,6 +97,10 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
   if (s.M == 0) return {y, xa};
 
   const DropoutSpec drop = dropout_spec(dropout_p, seed);
+  if (!native && brgemm_serves_forward(x)) {
+    brgemm_forward(x, weight, bias, lora_A, lora_B, scaling, drop, y, xa);
+    return {y, xa};
+  }
   const at::Tensor x_acc = widened(x, acc);
   const at::Tensor a_t = widened(lora_A, acc).t();  // [K, r]
   if (drop.enabled) {
@@ -164,6 +173,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   }
 
   const DropoutSpec drop = dropout_spec(dropout_p, seed);
+  if (!native && brgemm_serves_backward(grad_y)) {
+    at::Tensor dA = poison_(at::empty({s.r, s.K}, lora_A.options().memory_format(at::MemoryFormat::Contiguous)));
+    at::Tensor dB = poison_(at::empty({s.N, s.r}, lora_B.options().memory_format(at::MemoryFormat::Contiguous)));
+    brgemm_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, drop, dx, dA, dB);
+    if (compute_db) db.copy_(at::sum(grad_y, {0}, /*keepdim=*/false, acc));
+    return {dx, dA, dB, db};
+  }
   const at::Tensor g_acc = widened(grad_y, acc);
   const at::Tensor a_acc = widened(lora_A, acc);  // [r, K]
   const at::Tensor gb = rounded_to(at::mm(g_acc, widened(lora_B, acc)), dtype);  // [M, r]
