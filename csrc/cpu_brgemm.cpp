@@ -47,6 +47,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <vector>
 
@@ -56,8 +57,8 @@
 namespace lora_fused {
 namespace {
 
-constexpr int64_t kTile = 64;        // rows and columns of an output tile; columns of a packed block
-constexpr int64_t kXaSlice = 64;     // K per brgemm call for xa (the fp32 output): short sequential sums
+constexpr int64_t kTile = 64;     // rows and columns of an output tile; columns of a packed block
+constexpr int64_t kXaSlice = 64;  // K per brgemm call for xa (the fp32 output): short sequential sums
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up_even(int64_t v) { return v + (v & 1); }
@@ -69,20 +70,94 @@ void tile_product(int64_t rows, int64_t cols, int64_t reduction, const T* a, int
   at::native::cpublas::brgemm(rows, cols, reduction, lda, kTile, ldc, add_c, a, b_packed, c, /*is_vnni=*/true);
 }
 
-// One packed column block: out[kk][j][h] = value(2·kk + h, j) for j < cols, zero elsewhere,
-// kk < reduction_pad / 2. `value(k, j)` is the logical B[k][n0 + j].
-template <typename T, typename Value>
-void pack_block(T* out, int64_t reduction, int64_t cols, Value value) {
-  const int64_t pairs = ceil_div(reduction, 2);
-  for (int64_t kk = 0; kk < pairs; ++kk) {
-    T* row = out + kk * kTile * 2;
-    const bool has_odd = 2 * kk + 1 < reduction;
-    for (int64_t j = 0; j < cols; ++j) {
-      row[2 * j] = value(2 * kk, j);
-      row[2 * j + 1] = has_odd ? value(2 * kk + 1, j) : T(0);
+// VNNI pairs as 32-bit words (little-endian x86: the even row's element in the low half).
+LORA_FUSED_CPU_CLONES void interleave_pairs(uint32_t* out, const uint16_t* even, const uint16_t* odd, int64_t cols) {
+  for (int64_t j = 0; j < cols; ++j) out[j] = uint32_t{even[j]} | (uint32_t{odd[j]} << 16);
+  for (int64_t j = cols; j < kTile; ++j) out[j] = 0;
+}
+
+// Columns whose pairs are adjacent in memory (x·Wᵀ's W, row n at src + n·ld): a 32-bit
+// transpose, 16 pairs of a column at a time so reads and writes stay within a few lines.
+void transpose_pairs(uint32_t* out, const uint16_t* src, int64_t ld, int64_t pairs, int64_t width) {
+  constexpr int64_t kChunk = 16;
+  for (int64_t kk0 = 0; kk0 < pairs; kk0 += kChunk) {
+    const int64_t len = std::min(kChunk, pairs - kk0);
+    for (int64_t j = 0; j < width; ++j) {
+      const uint16_t* column = src + j * ld + 2 * kk0;
+      for (int64_t t = 0; t < len; ++t) std::memcpy(out + (kk0 + t) * kTile + j, column + 2 * t, sizeof(uint32_t));
     }
-    std::fill(row + 2 * cols, row + 2 * kTile, T(0));
+    for (int64_t t = 0; t < len; ++t) std::fill(out + (kk0 + t) * kTile + width, out + (kk0 + t + 1) * kTile, 0u);
   }
+}
+
+// One packed column block from rows of the logical B: out[kk][j][h] = B[2·kk + h][n0 + j]
+// for j < cols, zero elsewhere (columns past cols, the odd row of an odd reduction).
+// row(k, scratch) returns B[k][n0 .. n0 + cols) contiguously: the source row itself when
+// it is contiguous, else scratch filled with it.
+template <typename T, typename RowLoader>
+void pack_block(T* out, int64_t reduction, int64_t cols, RowLoader row) {
+  static_assert(sizeof(T) == sizeof(uint16_t), "VNNI-2 packing of 16-bit types");
+  T even[kTile], odd[kTile];
+  const T zeros[kTile] = {};
+  for (int64_t kk = 0; kk < ceil_div(reduction, 2); ++kk) {
+    const T* e = row(2 * kk, even);
+    const T* o = 2 * kk + 1 < reduction ? row(2 * kk + 1, odd) : zeros;
+    interleave_pairs(reinterpret_cast<uint32_t*>(out + kk * kTile * 2), reinterpret_cast<const uint16_t*>(e),
+                     reinterpret_cast<const uint16_t*>(o), cols);
+  }
+}
+
+// A row loader for B[k][n] = src[k·sk + n·sn], columns n0 .. n0 + cols.
+template <typename T>
+auto strided_rows(const T* src, int64_t sk, int64_t sn, int64_t n0, int64_t cols) {
+  return [=](int64_t k, T* scratch) -> const T* {
+    const T* row = src + k * sk + n0 * sn;
+    if (sn == 1) return row;
+    for (int64_t j = 0; j < cols; ++j) scratch[j] = row[j * sn];
+    return scratch;
+  };
+}
+
+// dst[j] = round(src[j] · factor[j]) for j < n: x~ = x·keep/(1-p) rounded to the dtype, as
+// the reference's x * keep * scale. Cloned per ISA like the hash (cpu_dropout.h).
+template <typename T>
+LORA_FUSED_ALWAYS_INLINE void dropped_row_impl(T* dst, const T* src, const float* factor, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = T(static_cast<float>(src[j]) * factor[j]);
+}
+LORA_FUSED_CPU_CLONES void dropped_row(at::BFloat16* dst, const at::BFloat16* src, const float* factor, int64_t n) {
+  dropped_row_impl(dst, src, factor, n);
+}
+LORA_FUSED_CPU_CLONES void dropped_row(at::Half* dst, const at::Half* src, const float* factor, int64_t n) {
+  dropped_row_impl(dst, src, factor, n);
+}
+
+// The one rounding of a tile: out[i][c] = round(base + bias[c] + s · lora · factor) over
+// rows × cols of kTile-strided fp32 accumulators (bias and factor may be null). Cloned per
+// ISA so the conversion loop vectorises.
+template <typename T>
+LORA_FUSED_ALWAYS_INLINE void store_tile_impl(T* out, int64_t ld_out, int64_t rows, int64_t cols, const float* base,
+                                              const float* lora, float s, const float* bias, const float* factor) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* out_row = out + i * ld_out;
+    const float* b = base + i * kTile;
+    const float* l = lora + i * kTile;
+    if (factor != nullptr) {
+      const float* f = factor + i * kTile;
+      for (int64_t c = 0; c < cols; ++c) out_row[c] = T(b[c] + s * l[c] * f[c]);
+    } else if (bias != nullptr) {
+      for (int64_t c = 0; c < cols; ++c) out_row[c] = T(b[c] + bias[c] + s * l[c]);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) out_row[c] = T(b[c] + s * l[c]);
+    }
+  }
+}
+LORA_FUSED_CPU_CLONES void store_tile(at::BFloat16* out, int64_t ld_out, int64_t rows, int64_t cols, const float* base,
+                                      const float* lora, float s, const float* bias, const float* factor) {
+  store_tile_impl(out, ld_out, rows, cols, base, lora, s, bias, factor);
+}
+LORA_FUSED_CPU_CLONES void store_tile(at::Half* out, int64_t ld_out, int64_t rows, int64_t cols, const float* base,
+                                      const float* lora, float s, const float* bias, const float* factor) {
+  store_tile_impl(out, ld_out, rows, cols, base, lora, s, bias, factor);
 }
 
 int64_t packed_block_elems(int64_t reduction) { return round_up_even(reduction) * kTile; }
@@ -101,17 +176,10 @@ at::Tensor pack_operand(const T* src, int64_t sk, int64_t sn, int64_t reduction,
       const int64_t n0 = nb * kTile, width = std::min(kTile, cols - n0);
       T* block = out + nb * block_elems;
       if (sk == 1 && reduction % 2 == 0) {
-        // Pairs adjacent in the source (x·Wᵀ's W): read each column once, in order.
-        std::fill(block, block + block_elems, T(0));
-        for (int64_t j = 0; j < width; ++j) {
-          const T* column = src + (n0 + j) * sn;
-          for (int64_t kk = 0; kk < reduction / 2; ++kk) {
-            block[(kk * kTile + j) * 2] = column[2 * kk];
-            block[(kk * kTile + j) * 2 + 1] = column[2 * kk + 1];
-          }
-        }
+        transpose_pairs(reinterpret_cast<uint32_t*>(block), reinterpret_cast<const uint16_t*>(src + n0 * sn), sn,
+                        reduction / 2, width);
       } else {
-        pack_block(block, reduction, width, [&](int64_t k, int64_t j) { return src[k * sk + (n0 + j) * sn]; });
+        pack_block(block, reduction, width, strided_rows(src, sk, sn, n0, width));
       }
     }
   });
@@ -157,6 +225,8 @@ std::string probe_brgemm() {
       }
     }
     at::native::cpublas::brgemm_release(true);
+  } catch (const c10::Error& error) {
+    return std::string("the start-up probe of cpublas::brgemm failed: ") + error.what_without_backtrace();
   } catch (const std::exception& error) {
     return std::string("the start-up probe of cpublas::brgemm failed: ") + error.what();
   }
@@ -229,8 +299,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const std::opti
       int64_t lda = ldx;
       if (drop.enabled) {
         fill_keep_factor(factor.data(), rows, K, m0, drop);
-        for (int64_t i = 0; i < rows; ++i)
-          for (int64_t k = 0; k < K; ++k) x_dropped[i * K + k] = T(float(a[i * ldx + k]) * factor[i * K + k]);
+        for (int64_t i = 0; i < rows; ++i) dropped_row(x_dropped.data() + i * K, a + i * ldx, factor.data() + i * K, K);
         a = x_dropped.data();
         lda = K;
       }
@@ -268,10 +337,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const std::opti
                       base.data(), kTile, false);
       tile_product<T>(rows, cols, r_pad, XR + m0 * r_pad, r_pad, data_of<T>(b_packed) + nb * packed_block_elems(r),
                       lora.data(), kTile, false);
-      for (int64_t i = 0; i < rows; ++i) {
-        T* y_row = Y + (m0 + i) * N + n0;
-        for (int64_t c = 0; c < cols; ++c) y_row[c] = T(base[i * kTile + c] + bias_f[n0 + c] + s * lora[i * kTile + c]);
-      }
+      store_tile(Y + m0 * N + n0, N, rows, cols, base.data(), lora.data(), s, bias_f.data() + n0, nullptr);
     }
     at::native::cpublas::brgemm_release(true);
   });
@@ -335,7 +401,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tens
   T* DA = dA.data_ptr<T>();
   at::parallel_for(0, k_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> base(kTile * kTile), lora(kTile * kTile), factor(kTile * kTile, 1.0f), da(r * kTile);
-    std::vector<T> x_packed(kTile * kTile);
+    std::vector<T> x_packed(kTile * kTile), x_row(kTile);
     for (int64_t kb = begin; kb < end; ++kb) {
       const int64_t k0 = kb * kTile, cols = std::min(kTile, K - k0);
       for (int64_t mb = 0; mb < m_blocks; ++mb) {
@@ -346,20 +412,17 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tens
                           base.data(), kTile, false);
           tile_product<T>(rows, cols, r_pad, GB + m0 * r_pad, r_pad,
                           data_of<T>(a_packed) + kb * packed_block_elems(r), lora.data(), kTile, false);
-          for (int64_t i = 0; i < rows; ++i) {
-            T* dx_row = DX + (m0 + i) * K + k0;
-            for (int64_t c = 0; c < cols; ++c) {
-              const int64_t e = i * kTile + c;
-              dx_row[c] = T(base[e] + s * lora[e] * factor[e]);
-            }
-          }
+          store_tile(DX + m0 * K + k0, K, rows, cols, base.data(), lora.data(), s, nullptr,
+                     drop.enabled ? factor.data() : nullptr);
         }
+        const auto x_rows = strided_rows(X + m0 * sxm, sxm, sxk, k0, cols);
         if (drop.enabled) {
-          pack_block(x_packed.data(), rows, cols, [&](int64_t i, int64_t c) {
-            return T(float(X[(m0 + i) * sxm + (k0 + c) * sxk]) * factor[i * kTile + c]);
+          pack_block(x_packed.data(), rows, cols, [&](int64_t i, T* scratch) -> const T* {
+            dropped_row(scratch, x_rows(i, x_row.data()), factor.data() + i * kTile, cols);
+            return scratch;
           });
         } else {
-          pack_block(x_packed.data(), rows, cols, [&](int64_t i, int64_t c) { return X[(m0 + i) * sxm + (k0 + c) * sxk]; });
+          pack_block(x_packed.data(), rows, cols, x_rows);
         }
         tile_product<T>(r, cols, round_up_even(rows), GBT + m0, M_pad, x_packed.data(), da.data(), kTile, mb > 0);
       }
@@ -385,7 +448,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tens
     std::vector<T> g_packed(packed_block_elems(M));
     for (int64_t nb = begin; nb < end; ++nb) {
       const int64_t n0 = nb * kTile, cols = std::min(kTile, N - n0);
-      pack_block(g_packed.data(), M, cols, [&](int64_t m, int64_t c) { return G[m * sgm + (n0 + c) * sgn]; });
+      pack_block(g_packed.data(), M, cols, strided_rows(G, sgm, sgn, n0, cols));
       tile_product<T>(r, cols, M_pad, XRT, M_pad, g_packed.data(), acc.data(), kTile, false);
       for (int64_t c = 0; c < cols; ++c)
         for (int64_t j = 0; j < r; ++j) DB[(n0 + c) * r + j] = T(s * acc[j * kTile + c]);

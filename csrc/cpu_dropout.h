@@ -17,10 +17,17 @@ namespace lora_fused {
 
 namespace detail {
 
+// The ISA clones below only pay off when the loop is compiled inside each clone.
+#if defined(__GNUC__)
+#define LORA_FUSED_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define LORA_FUSED_ALWAYS_INLINE inline
+#endif
+
 // Tile [row0, row0 + rows) x [col0, col0 + width) of an input with `cols` columns, written
 // with leading dimension ld_out.
 template <typename scalar_t>
-inline void fill_keep_factor_impl(scalar_t* out, int64_t ld_out, int64_t rows, int64_t row0, int64_t col0,
+LORA_FUSED_ALWAYS_INLINE void fill_keep_factor_impl(scalar_t* out, int64_t ld_out, int64_t rows, int64_t row0, int64_t col0,
                                   int64_t width, int64_t cols, uint32_t seed, uint32_t threshold, scalar_t kept) {
   for (int64_t i = 0; i < rows; ++i) {
     const uint64_t row_begin = static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(cols) + static_cast<uint64_t>(col0);
