@@ -17,14 +17,20 @@
 // bf16 or fp16 operands on an x86-64 CPU with the dtype's dot-product instructions
 // (avx512_bf16 / avx512_fp16), oneDNN enabled (torch.backends.mkldnn), a start-up probe
 // that checked brgemm's result bit for bit on this CPU (values whose exact sums need fp32's
-// mantissa, so an fp16/bf16 accumulator fails it), the GEMM's A operand (x forward, grad_y
-// backward) with unit column stride and even reduction lengths (K forward, N backward) so
-// no pair of A straddles a row end. On this AMD CPU that is bf16 with contiguous operands;
-// fp16 needs avx512_fp16 (Sapphire Rapids and later).
+// mantissa, so an fp16/bf16 accumulator fails it), even reduction lengths (K forward, N
+// backward) and, backward, grad_y with unit column stride (it is read in place as the A
+// operand; odd lengths would make a pair of A straddle a row end). On this AMD CPU that is
+// bf16; fp16 needs avx512_fp16 (Sapphire Rapids and later).
+//
+// Operand choice: the forward computes yᵀ = W·xᵀ + s·B·xa_rᵀ tiles, so the frozen W and B
+// are read in place as A operands and only x is packed (M×K, at most W's size at ViT-B
+// shapes; packing W per call cost 10-25 % at M = 256). The backward's dx = g·W reads g in
+// place and packs W along N (an interleave of row pairs, which vectorises); dA and dB pack
+// tiles of x~ and g along M.
 //
 // Rounding order, as the contract: every product accumulates in fp32 in brgemm's C; xa and
-// gb are rounded to the dtype unscaled before they enter the next product (the padded
-// buffers xa_r, gb_r); s and the dropout factor multiply fp32 accumulators; y and dx are
+// gb are rounded to the dtype unscaled before they enter the next product (the packed
+// xa_rᵀ and the padded gb_r); s and the dropout factor multiply fp32 accumulators; y and dx are
 // rounded once from base + b + s·lora in the tile epilogue. x~ = x·keep/(1-p) is rounded to
 // the dtype as the reference's x * keep * scale is. xa, the one fp32 output, sums brgemm
 // calls over 64-long slices of K (a sequential fp32 sum over all of K drifts past the
@@ -33,8 +39,9 @@
 // Tiles and bounds: outputs in kTile×kTile tiles (64×64 fp32 accumulators, 16 KiB each, so
 // a tile and its packed B slice stay in L2); packed B is [column blocks][K_pad / 2][kTile][2]
 // with zero rows/columns for odd reductions and short last blocks, so brgemm never reads
-// past a packed buffer; A operands are read in full rows of even length (checked) or from
-// padded buffers (xa_r, gb_r, their transposes). Determinism: every output element is
+// past a packed buffer; A operands are read in full rows of even length (checked, or a
+// zero-padded copy: B with an odd rank, a W or A without unit column stride) or from padded
+// buffers (gb_r and its transpose, xa_rᵀ). Determinism: every output element is
 // produced by one thread in a fixed order (dA sums M-blocks in order within its K-block, dB
 // takes all of M in one call), independent of the thread count.
 #include "cpu_brgemm.h"
@@ -43,6 +50,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -160,6 +168,26 @@ LORA_FUSED_CPU_CLONES void store_tile(at::Half* out, int64_t ld_out, int64_t row
   store_tile_impl(out, ld_out, rows, cols, base, lora, s, bias, factor);
 }
 
+// The forward's rounding of a yᵀ tile: out[c][i] = round(base[i][c] + bias[i] + s · lora[i][c])
+// for c < rows (rows of y), i < cols (columns of y).
+template <typename T>
+LORA_FUSED_ALWAYS_INLINE void store_tile_transposed_impl(T* out, int64_t ld_out, int64_t rows, int64_t cols,
+                                                         const float* base, const float* lora, float s,
+                                                         const float* bias) {
+  for (int64_t c = 0; c < rows; ++c) {
+    T* out_row = out + c * ld_out;
+    for (int64_t i = 0; i < cols; ++i) out_row[i] = T(base[i * kTile + c] + bias[i] + s * lora[i * kTile + c]);
+  }
+}
+LORA_FUSED_CPU_CLONES void store_tile_transposed(at::BFloat16* out, int64_t ld_out, int64_t rows, int64_t cols,
+                                                 const float* base, const float* lora, float s, const float* bias) {
+  store_tile_transposed_impl(out, ld_out, rows, cols, base, lora, s, bias);
+}
+LORA_FUSED_CPU_CLONES void store_tile_transposed(at::Half* out, int64_t ld_out, int64_t rows, int64_t cols,
+                                                 const float* base, const float* lora, float s, const float* bias) {
+  store_tile_transposed_impl(out, ld_out, rows, cols, base, lora, s, bias);
+}
+
 int64_t packed_block_elems(int64_t reduction) { return round_up_even(reduction) * kTile; }
 
 // B[k][n] = src[k·sk + n·sn] (k < reduction, n < cols), packed for tile_product as
@@ -265,8 +293,118 @@ namespace {
 
 // ---------------------------------------------------------------- forward
 
+// The bias in fp32 (zeros without one), added to the fp32 accumulators before the rounding.
 template <typename T>
-void forward_impl(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+std::vector<float> bias_as_float(const std::optional<at::Tensor>& bias, int64_t N) {
+  std::vector<float> out(N, 0.0f);
+  if (bias.has_value() && bias->defined()) {
+    const T* b = data_of<T>(*bias);
+    for (int64_t n = 0; n < N; ++n) out[n] = float(b[n * bias->stride(0)]);
+  }
+  return out;
+}
+
+// A row-major operand with unit stride along the reduction: t itself, or a contiguous copy
+// zero-padded to `width` columns (an even reduction, so no pair straddles a row end).
+at::Tensor rows_with_even_reduction(const at::Tensor& t, int64_t width) {
+  if (t.stride(1) == 1 && t.size(1) == width) return t;
+  at::Tensor padded = at::zeros({t.size(0), width}, t.options().memory_format(at::MemoryFormat::Contiguous));
+  padded.narrow(1, 0, t.size(1)).copy_(t);
+  return padded;
+}
+
+// yᵀ tiles with W and B read in place as A operands and x packed.
+template <typename T>
+void forward_x_packed(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, const DropoutSpec& drop,
+                  at::Tensor& y, at::Tensor& xa) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  const int64_t r_pad = round_up_even(r);
+  const auto options = x.options();
+  const T* X = data_of<T>(x);
+  const int64_t sxm = x.stride(0), sxk = x.stride(1);
+  const at::Tensor w_rows = rows_with_even_reduction(weight, K);    // [N, K]
+  const at::Tensor a_rows = rows_with_even_reduction(lora_A, K);    // [r, K]
+  const at::Tensor b_rows = rows_with_even_reduction(lora_B, r_pad);  // [N, r_pad]
+  const T* W = data_of<T>(w_rows);
+  const T* A = data_of<T>(a_rows);
+  const T* B = data_of<T>(b_rows);
+  const int64_t ldw = w_rows.stride(0), lda = a_rows.stride(0), ldb = b_rows.stride(0);
+  // xᵀ packed: column block mb holds rows m0 .. m0 + 64 of x.
+  const at::Tensor x_packed = pack_operand<T>(X, sxk, sxm, K, M, options);
+  const std::vector<float> bias_f = bias_as_float<T>(bias, N);
+  const float s = static_cast<float>(scaling);
+  const int64_t m_blocks = ceil_div(M, kTile), n_blocks = ceil_div(N, kTile), r_blocks = ceil_div(r, kTile);
+  const int64_t x_block = packed_block_elems(K), xa_block = packed_block_elems(r);
+
+  // Pass 1, per block of 64 rows of x: xaᵀ = A·x~ᵀ in fp32 (sums of kXaSlice-long brgemm
+  // calls), written to xa and, rounded, as the packed B operand of pass 2 (xa_rᵀ, rank padded).
+  at::Tensor xa_packed = poison_(at::empty({m_blocks * xa_block}, options));
+  T* XAP = xa_packed.data_ptr<T>();
+  float* XA = xa.data_ptr<float>();
+  at::parallel_for(0, m_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> slice(kTile * kTile), sum(kTile * kTile);
+    std::vector<T> x_dropped(drop.enabled ? kTile * K : 0), dropped_packed(drop.enabled ? x_block : 0);
+    std::vector<float> factor(drop.enabled ? kTile * K : 0);
+    for (int64_t mb = begin; mb < end; ++mb) {
+      const int64_t m0 = mb * kTile, rows = std::min(kTile, M - m0);
+      const T* xt = data_of<T>(x_packed) + mb * x_block;
+      if (drop.enabled) {
+        fill_keep_factor(factor.data(), rows, K, m0, drop);
+        for (int64_t i = 0; i < rows; ++i) {
+          const T* x_row = X + (m0 + i) * sxm;
+          if (sxk != 1) {
+            for (int64_t k = 0; k < K; ++k) x_dropped[i * K + k] = x_row[k * sxk];
+            x_row = x_dropped.data() + i * K;
+          }
+          dropped_row(x_dropped.data() + i * K, x_row, factor.data() + i * K, K);
+        }
+        transpose_pairs(reinterpret_cast<uint32_t*>(dropped_packed.data()),
+                        reinterpret_cast<const uint16_t*>(x_dropped.data()), K, K / 2, rows);
+        xt = dropped_packed.data();
+      }
+      T* xa_t = XAP + mb * xa_block;
+      for (int64_t jb = 0; jb < r_blocks; ++jb) {
+        const int64_t j0 = jb * kTile, ranks = std::min(kTile, r - j0);
+        for (int64_t k0 = 0; k0 < K; k0 += kXaSlice) {
+          const int64_t len = std::min(kXaSlice, K - k0);  // even: K is even on this route
+          float* target = k0 == 0 ? sum.data() : slice.data();
+          tile_product<T>(ranks, rows, len, A + j0 * lda + k0, lda, xt + k0 * kTile, target, kTile, false);
+          if (k0 > 0)
+            for (int64_t e = 0; e < ranks * kTile; ++e) sum[e] += slice[e];
+        }
+        for (int64_t j = 0; j < ranks; ++j)
+          for (int64_t c = 0; c < rows; ++c) XA[(m0 + c) * r + j0 + j] = sum[j * kTile + c];
+      }
+      // Rows of xa as columns of the packed xa_rᵀ block (its pad rows and columns zero).
+      for (int64_t c = 0; c < kTile; ++c)
+        for (int64_t j = 0; j < r_pad; ++j)
+          xa_t[((j / 2) * kTile + c) * 2 + j % 2] = c < rows && j < r ? T(XA[(m0 + c) * r + j]) : T(0);
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+
+  // Pass 2, per 64×64 tile of yᵀ (N-blocks outer: a block of W serves every row block of x):
+  // base = W·xᵀ and lora = B·xa_rᵀ in fp32, y = round(base + b + s·lora) stored transposed.
+  T* Y = y.data_ptr<T>();
+  at::parallel_for(0, m_blocks * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> base(kTile * kTile), lora(kTile * kTile);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nb = t / m_blocks, mb = t % m_blocks;
+      const int64_t m0 = mb * kTile, rows = std::min(kTile, M - m0);
+      const int64_t n0 = nb * kTile, cols = std::min(kTile, N - n0);
+      tile_product<T>(cols, rows, K, W + n0 * ldw, ldw, data_of<T>(x_packed) + mb * x_block, base.data(), kTile,
+                      false);
+      tile_product<T>(cols, rows, r_pad, B + n0 * ldb, ldb, XAP + mb * xa_block, lora.data(), kTile, false);
+      store_tile_transposed(Y + m0 * N + n0, N, rows, cols, base.data(), lora.data(), s, bias_f.data() + n0);
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+}
+
+// y tiles with x read in place as the A operand and Wᵀ packed (x needs unit column stride).
+template <typename T>
+void forward_w_packed(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, const DropoutSpec& drop,
                   at::Tensor& y, at::Tensor& xa) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
@@ -276,11 +414,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const at::Tensor w_packed = pack_operand<T>(data_of<T>(weight), weight.stride(1), weight.stride(0), K, N, options);
   const at::Tensor a_packed = pack_operand<T>(data_of<T>(lora_A), lora_A.stride(1), lora_A.stride(0), K, r, options);
   const at::Tensor b_packed = pack_operand<T>(data_of<T>(lora_B), lora_B.stride(1), lora_B.stride(0), r, N, options);
-  std::vector<float> bias_f(N, 0.0f);
-  if (bias.has_value() && bias->defined()) {
-    const T* b = data_of<T>(*bias);
-    for (int64_t n = 0; n < N; ++n) bias_f[n] = float(b[n * bias->stride(0)]);
-  }
+  const std::vector<float> bias_f = bias_as_float<T>(bias, N);
   const float s = static_cast<float>(scaling);
   const int64_t m_blocks = ceil_div(M, kTile), n_blocks = ceil_div(N, kTile), r_blocks = ceil_div(r, kTile);
 
@@ -341,6 +475,30 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const std::opti
     }
     at::native::cpublas::brgemm_release(true);
   });
+}
+
+// Which operand the forward packs: x (forward_x_packed, whose yᵀ tiles are stored
+// transposed) or W (forward_w_packed). Per call the first costs a 32-bit transpose of x
+// (M·K/2 words) plus a transposed store of y (M·N elements), the second a transpose of W
+// (N·K/2 words); the weights are from single-thread timings on the AMD EPYC (1.25 ns per
+// word, 0.75 ns per transposed element). A function of the shapes only, so the bits of y
+// do not depend on the thread count. At ViT-B: x packed for M = 256 (global attention),
+// W packed for proj and qkv at M = 784 (windowed).
+bool forward_packs_x(int64_t M, int64_t N, int64_t K, const at::Tensor& x) {
+  if (x.stride(1) != 1) return true;  // x is not a valid A operand in place
+  const double pack_x = 1.25 * M * K / 2 + 0.75 * M * N, pack_w = 1.25 * N * K / 2;
+  return pack_x < pack_w;
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, const DropoutSpec& drop,
+                  at::Tensor& y, at::Tensor& xa) {
+  if (forward_packs_x(x.size(0), weight.size(0), x.size(1), x)) {
+    forward_x_packed<T>(x, weight, bias, lora_A, lora_B, scaling, drop, y, xa);
+  } else {
+    forward_w_packed<T>(x, weight, bias, lora_A, lora_B, scaling, drop, y, xa);
+  }
 }
 
 // ---------------------------------------------------------------- backward
@@ -460,7 +618,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tens
 }  // namespace
 
 bool brgemm_serves_forward(const at::Tensor& x) {
-  return x.size(1) > 0 && x.size(1) % 2 == 0 && x.stride(1) == 1 && brgemm_route_unavailable_reason(x.scalar_type()).empty();
+  return x.size(1) > 0 && x.size(1) % 2 == 0 && brgemm_route_unavailable_reason(x.scalar_type()).empty();
 }
 
 bool brgemm_serves_backward(const at::Tensor& grad_y) {

@@ -17,8 +17,8 @@ namespace lora_fused {
 // instructions, oneDNN disabled by torch.backends.mkldnn, or the start-up probe failing).
 std::string brgemm_route_unavailable_reason(at::ScalarType dtype);
 
-// Whether the route serves these operands: available for their dtype, the GEMM's A operand
-// (x forward, grad_y backward) with unit column stride, and even reduction lengths.
+// Whether the route serves these operands: available for their dtype, even reduction
+// lengths (K forward, N backward) and, backward, grad_y with unit column stride.
 bool brgemm_serves_forward(const at::Tensor& x);
 bool brgemm_serves_backward(const at::Tensor& grad_y);
 

@@ -69,12 +69,16 @@ def test_disabling_onednn_switches_the_route_off_and_back():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [0.0, 0.3])
+# The forward packs W for the first five shapes and x (yᵀ tiles stored transposed) for the
+# last two, by forward_packs_x's cost rule in csrc/cpu_brgemm.cpp (x packed when N ≫ M).
 @pytest.mark.parametrize("M, K, N, r", [
     (130, 768, 96, 16),      # xa, the fp32 output, over ViT-B's K: sliced sums keep it within the parity rule
     (67, 3072, 64, 3),       # K = 3072, odd M (padded pair in dA/dB), odd rank (padded xa_r / gb_r)
     (200, 130, 2 * 64 + 6, 1),  # a short last column block of every packed operand, rank 1
     (1, 2, 2, 1),            # the smallest even problem
     (65, 64, 64, 64),        # one full tile plus one row; rank 64 (one full packed block)
+    (40, 768, 1000, 16),     # x packed: xa from packed x, K = 768
+    (7, 130, 300, 67),       # x packed: short row and column blocks, odd rank above one block
 ])
 def test_parity_on_the_route(dtype, p, M, K, N, r):
     x, weight, bias, lora_A, lora_B = make_inputs(M, K, N, r, dtype, seed=M + K)
