@@ -24,6 +24,7 @@
 // Determinism: dA with dropout sums fixed row groups (a function of M only, not of the
 // thread count) and adds the group partials in order.
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -73,7 +74,9 @@ at::Tensor keep_factor(const DropoutSpec& drop, int64_t row0, int64_t rows, int6
 void dropped_projection(at::Tensor& xa, const at::Tensor& x_acc, const at::Tensor& a_t, const DropoutSpec& drop) {
   const int64_t M = x_acc.size(0), K = x_acc.size(1);
   const auto acc = x_acc.options().memory_format(at::MemoryFormat::Contiguous);
+  const at::ThreadLocalState caller_state;  // the ATen ops below run on OpenMP threads: below autograd, as here
   at::parallel_for(0, ceil_div(M, kDropoutBlockRows), 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t row0 = b * kDropoutBlockRows, rows = std::min(kDropoutBlockRows, M - row0);
       at::Tensor x_dropped = keep_factor(drop, row0, rows, K, acc);
@@ -131,7 +134,9 @@ at::Tensor dropped_backward_terms(at::Tensor& dx_acc, const at::Tensor& gb, cons
   const int64_t blocks_per_group = ceil_div(blocks, kMaxPartials);
   const int64_t groups = ceil_div(blocks, blocks_per_group);  // every group gets at least one block
   at::Tensor partials = poison_(at::empty({groups, r, K}, acc));
+  const at::ThreadLocalState caller_state;  // as in dropped_projection
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t grp = begin; grp < end; ++grp) {
       at::Tensor partial = partials[grp];
       const int64_t first = grp * blocks_per_group, last = std::min(blocks, first + blocks_per_group);
