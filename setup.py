@@ -21,13 +21,16 @@ Environment knobs:
                                and says why, like a missing toolkit (and
                                tests/test_cuda_ext.py fails where a toolkit is present).
 
-Build time of the extension (measured 2026-12-01, `make build` after `rm
-.venv/.extension-built`, which recompiles everything, MAX_JOBS=2 on the shared 2-core
-machine at a load of about 10): CPU + CUDA for the default "8.0+PTX;9.0a" 3 min 10 s wall,
-75 s of CPU time; the CUDA part grows with each architecture listed, so a GPU machine
-builds just its own ("9.0a"). With LORA_FUSED_NVCC_KEEP=1 (set by `make build`) nvcc keeps
-its intermediates (PTX included, ~200 MB) under build/nvcc, which tests/test_cuda_ptxas.py
-reads to check every kernel's ptxas report (no spills, shared memory within limits).
+Build time of the extension (measured 2026-12-02, `make build` after `rm
+.venv/.extension-built`; pip rebuilds every source each time, MAX_JOBS=2 on the shared
+2-core machine at a load of about 6): CPU + CUDA for the default "8.0+PTX;9.0a" 6 min 20 s
+wall, 3 min 05 s of CPU time (4 min 45 s wall at a lower load), within the 8-minute budget.
+The CUDA kernels: cuda_sm80.cu (forward, dx: 2 dtypes), cuda_sm80_thin.cu (tall, wide,
+rank transpose, 2 reduces: 2 dtypes), cuda_simt.cu (fp32/fp64 only); each architecture
+listed adds its share, so a GPU machine builds just its own ("9.0a"). With
+LORA_FUSED_NVCC_KEEP=1 (set by `make build`) nvcc keeps its intermediates (PTX included,
+~200 MB) under build/nvcc, which tests/test_cuda_ptxas.py reads to check every kernel's
+ptxas report (no spills, shared memory within limits).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ ROOT = Path(__file__).parent.resolve()
 DEFAULT_ARCHS = "8.0+PTX;9.0a"
 NVCC_KEEP_DIR = ROOT / "build" / "nvcc"  # nvcc intermediates, read by tests/test_cuda_ptxas.py
 CPU_SOURCES = ["csrc/module.cpp", "csrc/checks.cpp", "csrc/cpu_ops.cpp", "csrc/cpu_brgemm.cpp"]
-CUDA_SOURCES = ["csrc/cuda_ops.cpp", "csrc/cuda_simt.cu", "csrc/cuda_sm80.cu", "csrc/cuda_tensorcore.cu"]
+CUDA_SOURCES = ["csrc/cuda_ops.cpp", "csrc/cuda_simt.cu", "csrc/cuda_sm80.cu", "csrc/cuda_sm80_thin.cu"]
 
 
 def _env_flag(name: str) -> bool:
@@ -121,6 +124,16 @@ def _locate_cuda_home() -> None:
             return
 
 
+def _drop_intermediates_of_removed_sources() -> None:
+    """Delete kept nvcc files of .cu sources no longer built (a deleted kernel file would
+    otherwise leave PTX that tests/test_cuda_ptxas.py checks); ninja rebuilds only changed
+    sources, so the files of current ones stay."""
+    current = {Path(source).stem for source in CUDA_SOURCES if source.endswith(".cu")}
+    for path in NVCC_KEEP_DIR.iterdir():
+        if path.is_file() and path.name.split(".", 1)[0] not in current:
+            path.unlink()
+
+
 def extensions_and_cmdclass():
     _locate_cuda_home()
     try:
@@ -143,6 +156,7 @@ def extensions_and_cmdclass():
         keep_flags = []
         if os.environ.get("LORA_FUSED_NVCC_KEEP", "") not in ("", "0"):
             NVCC_KEEP_DIR.mkdir(parents=True, exist_ok=True)
+            _drop_intermediates_of_removed_sources()
             keep_flags = ["--keep", f"--keep-dir={NVCC_KEEP_DIR}"]
         cutlass = cutlass_include_dir()
         assert cutlass is not None  # _cuda_reason_to_skip checked it

@@ -15,7 +15,7 @@ Sources of the entries:
 - ``triton_v2``: the plan of issue 10 (backward reading g and x once; forward computing xa
   once per row block): not implemented yet, a prediction only.
 - ``cuda``: :func:`cuda_plan`, a description of the kernels csrc/cuda_ops.cpp launches (the
-  CuTe sm80 forward and dx, the SIMT xa pre-pass, the WMMA g-pass and dA): keep it in step.
+  CuTe sm80 forward and dx, the CuTe rank-thin xa, gb, dB and dA GEMMs): keep it in step.
 - ``linear``, ``peft``, ``addmm``: the PyTorch ops those layers run, one launch per op.
 
 What it leaves out: L2 misses on re-read operand tiles (assumed hits), launch latency,
@@ -148,27 +148,32 @@ def triton_v2_plan(M, K, N, r, elt, p, programs=264, block_m=128):
     return {"forward": forward, "backward": backward}
 
 
-def cuda_plan(M, K, N, r, elt, p, programs=264):
-    """The C++/CUDA backend's launches for fp16/bf16 as of this writing (csrc/cuda_ops.cpp).
+def cuda_plan(M, K, N, r, elt, p):
+    """The C++/CUDA backend's launches for fp16/bf16 (csrc/cuda_ops.cpp), every product on
+    the CuTe sm80 mainloop; the rank-thin ones (csrc/cuda_sm80_thin.cu) pad the rank to
+    32-rank tiles and read their wide operand once per rank tile.
 
-    Forward: the SIMT xa pre-pass (csrc/cuda_simt.cu: reads x, hashes the mask once, writes
-    fp32 xa) and the CuTe sm80 GEMM (csrc/cuda_sm80.cu: the rank-r up-projection in 32-rank
-    chunks, then x·Wᵀ on top). The pre-pass's 2·M·K·r FMAs run on CUDA cores, which this
-    model leaves out (it counts MMA flops only): at K = 3072 they can cost as much as the
-    GEMM, so read the forward as a lower bound. Backward: the WMMA g-pass (gb, dB/db
-    partials) + reduce, the CuTe dx (reads g again), the WMMA dA + reduce."""
-    from lora_fused.kernels.configs import padded_rank
-
-    r_pad, r_chunks = padded_rank(r), -(-r // 32) * 32
+    Forward: the tall xa GEMM (reads x, hashes the mask once, writes fp32 xa) and the
+    forward GEMM (the rank-r up-projection in 32-rank chunks, then x·Wᵀ on top). Backward
+    (the benchmark's frozen bias: no db): lora_B transposed once, the tall gb = g·B GEMM,
+    round(xa)ᵀ for the wide dB GEMM (split-M partials) + its fixed-order reduce, dx (reads g
+    again), round(gb)ᵀ for the wide dA GEMM (reads x, hashes the mask once) + reduce."""
+    tiles = -(-r // 32)
+    r_tile = tiles * 32
     x, w, y, a, b, xa, gb = M * K * elt, N * K * elt, M * N * elt, r * K * elt, N * r * elt, M * r * FP32, M * r * FP32
-    splits = max(1, min(programs, -(-M // 128)))
-    forward = [_op("xa pre-pass (SIMT)", x + a, xa),
-               _op("forward (CuTe sm80)", x + w + b + N * elt + xa, y, 2 * M * N * K + 2 * M * N * r_chunks)]
-    dB_partials, dA_partials = splits * N * (r_pad + 1) * FP32, splits * r_pad * K * FP32
-    backward = [_op("g-pass", y + b + xa, gb + dB_partials, 4 * M * N * r_pad),
-                _op("g-pass reduce", dB_partials, N * r * elt),
-                _op("dx (CuTe sm80)", y + w + a + gb, x, 2 * M * N * K + 2 * M * K * r_chunks),
-                _op("dA", x + gb, dA_partials, 2 * M * K * r_pad),
+    splits = max(1, min(64, -(-M // 512)))  # reduction_splits in csrc/cuda_kernels.h
+    rank_operand = r * (-(-M // 8) * 8) * elt
+    forward = [_op("xa (CuTe thin)", x * tiles + a, xa, 2 * M * K * r_tile),
+               _op("forward (CuTe sm80)", x + w + b + N * elt + xa, y, 2 * M * N * K + 2 * M * N * r_tile)]
+    dB_partials, dA_partials = splits * N * r * FP32, splits * r * K * FP32
+    backward = [_op("lora_B transpose", b, b),
+                _op("gb (CuTe thin)", y * tiles + b, gb, 2 * M * N * r_tile),
+                _op("round(xa)ᵀ", xa, rank_operand),
+                _op("dB partials (CuTe thin)", y * tiles + rank_operand, dB_partials, 2 * M * N * r_tile),
+                _op("dB reduce", dB_partials, N * r * elt),
+                _op("dx (CuTe sm80)", y + w + a + gb, x, 2 * M * N * K + 2 * M * K * r_tile),
+                _op("round(gb)ᵀ", gb, rank_operand),
+                _op("dA partials (CuTe thin)", x * tiles + rank_operand, dA_partials, 2 * M * K * r_tile),
                 _op("dA reduce", dA_partials, r * K * elt)]
     return {"forward": forward, "backward": backward}
 

@@ -26,8 +26,12 @@ __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162floa
 __device__ __forceinline__ float widen(float v) { return v; }
 __device__ __forceinline__ double widen(double v) { return v; }
 
+// Rounds to nearest; the primary template serves cute::half_t / cute::bfloat16_t, whose
+// conversions from float round to nearest even as well.
 template <class T, class Acc>
-__device__ __forceinline__ T narrow(Acc v);
+__device__ __forceinline__ T narrow(Acc v) {
+  return static_cast<T>(v);
+}
 template <>
 __device__ __forceinline__ __half narrow<__half, float>(float v) { return __float2half_rn(v); }
 template <>
@@ -69,6 +73,11 @@ cudaError_t allow_dynamic_smem(size_t smem_bytes) {
   const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;  // past 64 devices: every call
   if (bit != 0 && (done_on_devices.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
   err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+  // The largest shared-memory carveout, so that blocks whose launch bounds ask for two per
+  // SM get them (sm80 forward: 2 × 80 KB of sm_80's 164 KB) rather than an L1-sized split.
+  if (err == cudaSuccess) {
+    err = cudaFuncSetAttribute(kKernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+  }
   if (err == cudaSuccess) done_on_devices.fetch_or(bit, std::memory_order_acq_rel);
   return err;
 }

@@ -1,4 +1,4 @@
-// Host interface of the CUDA kernels (cuda_simt.cu, cuda_sm80.cu, cuda_tensorcore.cu).
+// Host interface of the CUDA kernels (cuda_simt.cu, cuda_sm80.cu, cuda_sm80_thin.cu).
 //
 // Plain types only, no torch headers: the .cu files compile without ATen, which keeps
 // nvcc fast. cuda_ops.cpp validates tensors, allocates outputs and workspaces, and
@@ -44,6 +44,7 @@ struct BackwardArgs {
   const void* weight;
   const void* lora_A;
   const void* lora_B;
+  const void* lora_B_t;  // [r, N]: lora_B transposed (fp16/bf16 only: the gb GEMM's K-major operand)
   const void* xa;
   void* dx;         // [M, K] or nullptr
   void* dA;         // [r, K]
@@ -51,6 +52,7 @@ struct BackwardArgs {
   void* db;         // [N] or nullptr
   void* gb;         // workspace [M, r]
   void* partials;   // workspace of backward_workspace_elems() accumulator elements
+  void* rank_operand;  // fp16/bf16 workspace of (r + 1) × rank_operand_ld(M) elements of the dtype
   int64_t M, N, K, r;
   double scaling;
   DropoutSpec dropout;
@@ -63,64 +65,40 @@ inline int64_t reduction_splits(int64_t M) {
   return splits < 1 ? 1 : (splits > 64 ? 64 : splits);
 }
 
-// The tensor-core backward (cuda_tensorcore.cu) pads the rank to 16, 32 or 64 columns.
-// Its g-pass gives each block a fixed range of 64-row tiles; its dA kernel covers
-// 128-column tiles of x per reduction slice.
-constexpr int64_t kMaxTensorCoreRank = 64;
-constexpr int64_t kGpassRows = 64, kGpassCols = 64, kDaRows = 32, kDaCols = 128;
-
 LORA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-inline int64_t rank_pad(int64_t columns) { return columns <= 16 ? 16 : (columns <= 32 ? 32 : 64); }
-
-inline int64_t gpass_tiles_per_block(int64_t M) {
-  const int64_t tiles = ceil_div(M, kGpassRows);
-  return ceil_div(tiles, tiles < 256 ? tiles : 256);
-}
-
-inline int64_t gpass_blocks(int64_t M) { return ceil_div(ceil_div(M, kGpassRows), gpass_tiles_per_block(M)); }
-
-// Whether the tensor-core g-pass and dA serve this call (fp16/bf16 only).
-inline bool tensorcore_gpass_fits(int64_t N, int64_t r, bool with_db) {
-  return N > 0 && r + (with_db ? 1 : 0) <= kMaxTensorCoreRank;
-}
-inline bool tensorcore_dA_fits(int64_t r) { return r <= kMaxTensorCoreRank; }
-
-// Accumulator elements of the partial-sum workspace the backward needs.
-inline int64_t backward_workspace_elems(int64_t M, int64_t N, int64_t K, int64_t r, bool tensor_cores,
-                                        bool with_db) {
+// Accumulator elements of the partial-sum workspace the backward needs: one slice of dB|db
+// ([N][r + 1]) or of dA ([r][K]) per reduction split; the two reductions take turns.
+inline int64_t backward_workspace_elems(int64_t M, int64_t N, int64_t K, int64_t r) {
   const int64_t db_cols = N * (r + 1), da = r * K;
-  int64_t elems = reduction_splits(M) * (db_cols > da ? db_cols : da);
-  if (tensor_cores && tensorcore_gpass_fits(N, r, with_db)) {
-    const int64_t g = gpass_blocks(M) * ceil_div(N, kGpassCols) * kGpassCols * rank_pad(r + (with_db ? 1 : 0));
-    elems = g > elems ? g : elems;
-  }
-  if (tensor_cores && tensorcore_dA_fits(r)) {
-    const int64_t a = reduction_splits(M) * rank_pad(r) * ceil_div(K, kDaCols) * kDaCols;
-    elems = a > elems ? a : elems;
-  }
-  return elems;
+  return reduction_splits(M) * (db_cols > da ? db_cols : da);
 }
 
-// SIMT kernels, every dtype (fp32 accumulation; fp64 for kDouble).
+// Leading dimension of the rank operands round(xa)ᵀ and round(gb)ᵀ [rows, M] the
+// tensor-core dB and dA read: M rounded up to 8 elements (16-byte cp.async chunks).
+inline int64_t rank_operand_ld(int64_t M) { return ceil_div(M, 8) * 8; }
+
+// SIMT kernels, fp32 and fp64 (fp32 accumulation; fp64 for kDouble).
 cudaError_t simt_xa(const ForwardArgs& args, cudaStream_t stream);       // xa = x~·Aᵀ
-cudaError_t simt_forward(const ForwardArgs& args, cudaStream_t stream);  // y from precomputed xa (fp32/fp64 only)
+cudaError_t simt_forward(const ForwardArgs& args, cudaStream_t stream);  // y from precomputed xa
 cudaError_t simt_gb(const BackwardArgs& args, cudaStream_t stream);      // gb = g·B
-cudaError_t simt_dx(const BackwardArgs& args, cudaStream_t stream);      // dx (fp32/fp64 only)
+cudaError_t simt_dx(const BackwardArgs& args, cudaStream_t stream);      // dx
 cudaError_t simt_dB_db(const BackwardArgs& args, cudaStream_t stream);   // dB = s·gᵀ·xa, db = Σ g
 cudaError_t simt_dA(const BackwardArgs& args, cudaStream_t stream);      // dA = s·gbᵀ·x~
 
-// Tensor-core kernels, kHalf and kBFloat16 only.
-// CuTe sm80 mainloop (cuda_sm80.cu), any rank:
-// y = x·Wᵀ + b + s·(round(xa)·Bᵀ), xa read from args.xa (computed by simt_xa first).
+// Tensor-core kernels on the CuTe sm80 mainloop, kHalf and kBFloat16 only, any rank.
+// cuda_sm80.cu, the two large GEMMs:
+// y = x·Wᵀ + b + s·(round(xa)·Bᵀ), xa read from args.xa (sm80_xa first).
 cudaError_t sm80_forward(const ForwardArgs& args, cudaStream_t stream);
-// dx = g·W + s·(round(gb)·A) ⊙ keep/(1-p), from gb.
+// dx = g·W + s·(round(gb)·A) ⊙ keep/(1-p), from gb (sm80_gb first).
 cudaError_t sm80_dx(const BackwardArgs& args, cudaStream_t stream);
-// WMMA (cuda_tensorcore.cu):
-// gb = g·B, dB = s·gᵀ·xa and db = Σ g in one read of g (when tensorcore_gpass_fits).
-cudaError_t tensorcore_gpass(const BackwardArgs& args, cudaStream_t stream);
-// dA = s·gbᵀ·x~ (when tensorcore_dA_fits).
-cudaError_t tensorcore_dA(const BackwardArgs& args, cudaStream_t stream);
+// cuda_sm80_thin.cu, the rank-thin products:
+cudaError_t sm80_xa(const ForwardArgs& args, cudaStream_t stream);     // xa = x~·Aᵀ (fp32 out)
+cudaError_t sm80_gb(const BackwardArgs& args, cudaStream_t stream);    // gb = g·B (fp32 out), reads lora_B_t
+// dB = s·gᵀ·round(xa), db = Σ g; then dA = s·round(gb)ᵀ·x~. Both use rank_operand and
+// partials, so they run in stream order, dB_db first.
+cudaError_t sm80_dB_db(const BackwardArgs& args, cudaStream_t stream);
+cudaError_t sm80_dA(const BackwardArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lora_fused

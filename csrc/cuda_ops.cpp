@@ -1,7 +1,8 @@
 // CUDA implementation of the two ops: validation, outputs and workspaces from the caching
-// allocator, the device guard and current stream, and the choice of kernels
-// (tensor cores for fp16/bf16 — cuda_sm80.cu for the two GEMMs, cuda_tensorcore.cu for
-// the rank-r reductions where the rank fits — SIMT for fp32/fp64 and the rest, cuda_simt.cu).
+// allocator, the device guard and current stream, and the choice of kernels: one path per
+// dtype class — fp16/bf16 on tensor cores through the CuTe sm80 mainloop (cuda_sm80.cu for
+// the two large GEMMs, cuda_sm80_thin.cu for the rank-thin products), fp32/fp64 on SIMT
+// (cuda_simt.cu).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros_like.h>
@@ -84,10 +85,11 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // xa first (the pre-pass hashes each dropout element once), then the GEMM reads it.
-  check_launch(cuda::simt_xa(args, stream), op, "xa = dropout(x)·lora_Aᵀ");
   if (uses_tensor_cores(dtype)) {
+    check_launch(cuda::sm80_xa(args, stream), op, "tensor-core xa = dropout(x)·lora_Aᵀ");
     check_launch(cuda::sm80_forward(args, stream), op, "tensor-core forward");
   } else {
+    check_launch(cuda::simt_xa(args, stream), op, "xa = dropout(x)·lora_Aᵀ");
     check_launch(cuda::simt_forward(args, stream), op, "forward");
   }
   return {y, xa};
@@ -118,8 +120,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   const at::Tensor xa_c = xa.contiguous();
   at::Tensor gb = poison_(at::empty({s.M, s.r}, acc_options));
   const bool tensor_cores = uses_tensor_cores(dtype);
-  at::Tensor partials = poison_(at::empty(
-      {cuda::backward_workspace_elems(s.M, s.N, s.K, s.r, tensor_cores, compute_db)}, acc_options));
+  at::Tensor partials = poison_(at::empty({cuda::backward_workspace_elems(s.M, s.N, s.K, s.r)}, acc_options));
+  // The tensor-core path's rank operands: lora_B as a K-major [r, N] operand of gb = g·B, and
+  // round(xa)ᵀ / round(gb)ᵀ [r + 1, ld] for dB|db and dA, in turn.
+  const at::Tensor b_t = tensor_cores ? lora_B.t().contiguous() : at::Tensor();
+  at::Tensor rank_operand = tensor_cores
+                                ? poison_(at::empty({(s.r + 1) * cuda::rank_operand_ld(s.M)}, x.options()))
+                                : at::Tensor();
 
   cuda::BackwardArgs args;
   args.dtype = kernel_dtype(dtype);
@@ -130,6 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   args.weight = weight_c.data_ptr();
   args.lora_A = a_c.data_ptr();
   args.lora_B = b_c.data_ptr();
+  args.lora_B_t = tensor_cores ? b_t.data_ptr() : nullptr;
   args.xa = xa_c.data_ptr();
   args.dx = compute_dx ? dx.data_ptr() : nullptr;
   args.dA = dA.data_ptr();
@@ -137,29 +145,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   args.db = compute_db ? db.data_ptr() : nullptr;
   args.gb = gb.data_ptr();
   args.partials = partials.data_ptr();
+  args.rank_operand = tensor_cores ? rank_operand.data_ptr() : nullptr;
   args.M = s.M, args.N = s.N, args.K = s.K, args.r = s.r;
   args.scaling = scaling;
   args.dropout = dropout_spec(dropout_p, seed);
 
-  // gb first (dx and dA read it). The g-pass and dA kernels share the partial-sum
-  // workspace; the stream orders them.
+  // gb first (dx and dA read it). dB|db and dA share the partial-sum and rank-operand
+  // workspaces; the stream orders them.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (tensor_cores && cuda::tensorcore_gpass_fits(s.N, s.r, compute_db)) {
-    check_launch(cuda::tensorcore_gpass(args, stream), op, "tensor-core g-pass (gb, dB, db)");
+  if (tensor_cores) {
+    check_launch(cuda::sm80_gb(args, stream), op, "tensor-core gb = grad_y·lora_B");
+    check_launch(cuda::sm80_dB_db(args, stream), op, "tensor-core dB, db");
+    if (compute_dx) check_launch(cuda::sm80_dx(args, stream), op, "tensor-core dx");
+    check_launch(cuda::sm80_dA(args, stream), op, "tensor-core dA");
   } else {
     check_launch(cuda::simt_gb(args, stream), op, "gb = grad_y·lora_B");
     check_launch(cuda::simt_dB_db(args, stream), op, "dB, db");
-  }
-  if (compute_dx) {
-    if (tensor_cores) {
-      check_launch(cuda::sm80_dx(args, stream), op, "tensor-core dx");
-    } else {
-      check_launch(cuda::simt_dx(args, stream), op, "dx");
-    }
-  }
-  if (tensor_cores && cuda::tensorcore_dA_fits(s.r)) {
-    check_launch(cuda::tensorcore_dA(args, stream), op, "tensor-core dA");
-  } else {
+    if (compute_dx) check_launch(cuda::simt_dx(args, stream), op, "dx");
     check_launch(cuda::simt_dA(args, stream), op, "dA");
   }
   return {dx, dA, dB, db};

@@ -1,5 +1,5 @@
-// SIMT kernels: one tiled GEMM template serves every product of the contract for every
-// dtype (the whole fp32/fp64 path, and the small-rank products of the fp16/bf16 path).
+// SIMT kernels: one tiled GEMM template serves every product of the contract for fp32 and
+// fp64 (fp16/bf16 run on tensor cores: cuda_sm80.cu and cuda_sm80_thin.cu).
 //
 // A "problem" functor supplies the operands element by element, a(m, k) and b(k, n), and
 // stores each result. The reduction range has two segments, [0, K0) and [K0, K0 + K1),
@@ -8,6 +8,7 @@
 // only the LoRA part). blockIdx.z splits the reduction into slices for the long
 // reductions over M; those store partial sums that reduce_* kernels add in slice order.
 #include "cuda_common.cuh"
+#include "cuda_reduce.cuh"
 
 namespace lora_fused {
 namespace cuda {
@@ -231,35 +232,6 @@ struct DaProblem {
   }
 };
 
-// dB[n, j] = s·Σ_split partials[split][n][j]; db[n] = Σ_split partials[split][n][r].
-template <class T, class Acc>
-__global__ void reduce_dB_db_kernel(const Acc* partials, int64_t splits, int64_t N, int64_t r, int64_t cols,
-                                    Acc scaling, T* dB, T* db) {
-  const int64_t count = N * cols;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < count;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    Acc sum = 0;
-    for (int64_t s = 0; s < splits; ++s) sum += partials[s * count + e];
-    const int64_t n = e / cols, j = e % cols;
-    if (j < r) {
-      dB[n * r + j] = narrow<T, Acc>(scaling * sum);
-    } else {
-      db[n] = narrow<T, Acc>(sum);
-    }
-  }
-}
-
-// out[e] = s·Σ_split partials[split][e]
-template <class T, class Acc>
-__global__ void reduce_scaled_kernel(const Acc* partials, int64_t splits, int64_t count, Acc scaling, T* out) {
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < count;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    Acc sum = 0;
-    for (int64_t s = 0; s < splits; ++s) sum += partials[s * count + e];
-    out[e] = narrow<T, Acc>(scaling * sum);
-  }
-}
-
 // The slice length of a reduction over M: a multiple of the tile depth.
 int64_t slice_rows(int64_t M, int64_t splits) {
   const int64_t rows = (M + splits - 1) / splits;
@@ -272,29 +244,18 @@ struct TypeTag {
 };
 
 template <class F>
-cudaError_t dispatch_all(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kHalf: return f(TypeTag<__half>{});
-    case DType::kBFloat16: return f(TypeTag<__nv_bfloat16>{});
-    case DType::kFloat: return f(TypeTag<float>{});
-    case DType::kDouble: return f(TypeTag<double>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-template <class F>
 cudaError_t dispatch_wide(DType dtype, F&& f) {
   switch (dtype) {
     case DType::kFloat: return f(TypeTag<float>{});
     case DType::kDouble: return f(TypeTag<double>{});
-    default: return cudaErrorInvalidValue;  // fp16/bf16 go through the tensor-core kernels
+    default: return cudaErrorInvalidValue;  // fp16/bf16 run on tensor cores
   }
 }
 
 }  // namespace
 
 cudaError_t simt_xa(const ForwardArgs& a, cudaStream_t stream) {
-  return dispatch_all(a.dtype, [&](auto tag) {
+  return dispatch_wide(a.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Acc = typename AccOf<T>::type;
     XaProblem<T> p{static_cast<const T*>(a.x), a.ldx, static_cast<const T*>(a.lora_A), static_cast<Acc*>(a.xa),
@@ -316,7 +277,7 @@ cudaError_t simt_forward(const ForwardArgs& a, cudaStream_t stream) {
 }
 
 cudaError_t simt_gb(const BackwardArgs& a, cudaStream_t stream) {
-  return dispatch_all(a.dtype, [&](auto tag) {
+  return dispatch_wide(a.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Acc = typename AccOf<T>::type;
     GbProblem<T> p{static_cast<const T*>(a.grad_y), a.ldg, static_cast<const T*>(a.lora_B), static_cast<Acc*>(a.gb),
@@ -337,7 +298,7 @@ cudaError_t simt_dx(const BackwardArgs& a, cudaStream_t stream) {
 }
 
 cudaError_t simt_dB_db(const BackwardArgs& a, cudaStream_t stream) {
-  return dispatch_all(a.dtype, [&](auto tag) {
+  return dispatch_wide(a.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Acc = typename AccOf<T>::type;
     const int64_t cols = a.r + (a.db != nullptr ? 1 : 0);
@@ -345,25 +306,23 @@ cudaError_t simt_dB_db(const BackwardArgs& a, cudaStream_t stream) {
     Acc* partials = static_cast<Acc*>(a.partials);
     DbProblem<T> p{static_cast<const T*>(a.grad_y), a.ldg, static_cast<const Acc*>(a.xa), partials, a.N, a.r, cols};
     cudaError_t err = run_gemm(p, a.N, cols, a.M, 0, splits, slice_rows(a.M, splits), stream);
-    if (err != cudaSuccess || a.N == 0) return err;
-    reduce_dB_db_kernel<T, Acc><<<reduce_blocks(a.N * cols), 256, 0, stream>>>(
-        partials, splits, a.N, a.r, cols, static_cast<Acc>(a.scaling), static_cast<T*>(a.dB), static_cast<T*>(a.db));
-    return cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    return reduce_dB_db(static_cast<const Acc*>(partials), splits, a.N, a.r, a.db != nullptr,
+                        static_cast<Acc>(a.scaling), static_cast<T*>(a.dB), static_cast<T*>(a.db), stream);
   });
 }
 
 cudaError_t simt_dA(const BackwardArgs& a, cudaStream_t stream) {
-  return dispatch_all(a.dtype, [&](auto tag) {
+  return dispatch_wide(a.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Acc = typename AccOf<T>::type;
     const int64_t splits = reduction_splits(a.M);
     Acc* partials = static_cast<Acc*>(a.partials);
     DaProblem<T> p{static_cast<const Acc*>(a.gb), static_cast<const T*>(a.x), a.ldx, partials, a.K, a.r, a.dropout};
     cudaError_t err = run_gemm(p, a.r, a.K, a.M, 0, splits, slice_rows(a.M, splits), stream);
-    if (err != cudaSuccess || a.K == 0) return err;
-    reduce_scaled_kernel<T, Acc><<<reduce_blocks(a.r * a.K), 256, 0, stream>>>(
-        partials, splits, a.r * a.K, static_cast<Acc>(a.scaling), static_cast<T*>(a.dA));
-    return cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    return reduce_scaled(static_cast<const Acc*>(partials), splits, a.r * a.K, static_cast<Acc>(a.scaling),
+                         static_cast<T*>(a.dA), stream);
   });
 }
 

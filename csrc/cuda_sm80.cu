@@ -95,31 +95,7 @@ __device__ __forceinline__ void lora_then_main(const BlockState<T, kBKMajor>& st
                                                int64_t k_tiles, FillLoraB&& fill_lora_b, ScaleLora&& scale_lora,
                                                Load&& load) {
   using Block = BlockMma<T, kBKMajor>;
-  // Start the main pipeline first, so its loads overlap the LoRA stage.
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) load(s, static_cast<int64_t>(s));
-    cp_async_fence();
-  }
-
-  typename Block::Mma mma;
-  Tensor sA = make_tensor(make_smem_ptr(st.a_s), typename Block::LayoutA{});
-  Tensor sB = make_tensor(make_smem_ptr(st.b_s), typename Block::LayoutB{});
-  Tensor sLA = make_tensor(make_smem_ptr(st.lora_a_s), typename Block::LayoutLoraA{});
-  Tensor sLB = make_tensor(make_smem_ptr(st.lora_b_s), typename Block::LayoutLoraB{});
-  Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));
-  Tensor tCrB = thr_mma.partition_fragment_B(sB(_, _, 0));
-  auto s2r_a = make_tiled_copy_A(S2RAtom<true, T>{}, mma);
-  auto s2r_b = make_tiled_copy_B(S2RAtom<kBKMajor, T>{}, mma);
-  auto thr_s2r_a = s2r_a.get_slice(threadIdx.x);
-  auto thr_s2r_b = s2r_b.get_slice(threadIdx.x);
-  Tensor tXsA = thr_s2r_a.partition_S(sA);
-  Tensor tXsB = thr_s2r_b.partition_S(sB);
-  Tensor tXsLA = thr_s2r_a.partition_S(sLA);
-  Tensor tXsLB = thr_s2r_b.partition_S(sLB);
-  Tensor tXrA = thr_s2r_a.retile_D(tCrA);
-  Tensor tXrB = thr_s2r_b.retile_D(tCrB);
-
+  Block::prologue(k_tiles, load);  // the main pipeline starts first, so its loads overlap the LoRA stage
   clear(acc);
   const typename Block::LayoutLoraA layout_la;
   for (int64_t r0 = 0; r0 < r; r0 += kBK) {
@@ -130,16 +106,29 @@ __device__ __forceinline__ void lora_then_main(const BlockState<T, kBKMajor>& st
     }
     fill_lora_b(r0);
     __syncthreads();
-    Block::mma_stage(acc, mma, s2r_a, s2r_b, tXsLA(_, _, _, 0), tXsLB(_, _, _, 0), tCrA, tCrB, tXrA, tXrB);
+    Block::single_stage(acc, st.lora_a_s, st.lora_b_s);
     __syncthreads();  // before the next rank chunk overwrites the stage
   }
   Tensor coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
   scale_lora(acc, coords);
-  Block::pipeline(acc, k_tiles, load, mma, s2r_a, s2r_b, tXsA, tXsB, tCrA, tCrB, tXrA, tXrB);
+  Block::pipeline(acc, k_tiles, st.a_s, st.b_s, load);
 }
 
+// Occupancy (ptxas -v, tests/test_cuda_ptxas.py). The forward holds 64 fp32 accumulators
+// per thread; its sm_80 SASS fits in 128 registers without spilling, so two blocks share an
+// SM (2 × 80 KB of shared memory within sm_80's 164 KB): one block's prologue, LoRA stage
+// and epilogue overlap the other's main loop. sm_90a's ptxas spills 16 bytes at 128, and
+// dx (the MN-major W operand's ldmatrix.trans partitions, the mask's index arithmetic)
+// spills 24-80 bytes at 128 on both, so those keep one block per SM (161-188 registers,
+// no spills). sm_86/sm_89 fit one 80 KB block per SM anyway.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr int kForwardBlocksPerSm = 1;
+#else
+constexpr int kForwardBlocksPerSm = 2;
+#endif
+
 template <class T>
-__global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams80<T> p) {
+__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm) forward_kernel(ForwardParams80<T> p) {
   extern __shared__ __align__(128) unsigned char smem[];
   using Block = BlockMma<T, true>;
   const BlockState<T, true> st(smem);
@@ -180,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams80<T> p)
 }
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) dx_kernel(DxParams80<T> p) {
+__global__ void __launch_bounds__(kThreads, 1) dx_kernel(DxParams80<T> p) {
   extern __shared__ __align__(128) unsigned char smem[];
   using Block = BlockMma<T, false>;
   const BlockState<T, false> st(smem);

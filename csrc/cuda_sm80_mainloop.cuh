@@ -9,7 +9,9 @@
 // per thread. (4 warps of 64×64 need 128 accumulators and reach 255 registers with this
 // file's 64-bit bounds arithmetic: ptxas spilled.) k-tiles are 32 deep: a 128-row operand
 // stage is 8 KB, and four stages of A and B (64 KB) leave room for a one-stage LoRA tile
-// pair (16 KB) within sm_86/sm_89's 99 KB per block.
+// pair (16 KB) within sm_86/sm_89's 99 KB per block. The rank-thin products use the same
+// BlockMma with a 32-rank side (TallBlock / WideBlock below, argued in cuda_sm80_thin.cu);
+// occupancy per kernel is argued where each kernel is declared.
 //
 // Pipeline depth. Four stages keep three k-tiles in flight while one is consumed: at
 // K = 768 that is 24 k-tiles, and the loads of tile t+3 overlap the MMAs of tile t
@@ -18,13 +20,45 @@
 // Synchronisation. Group g of cp.async always holds k-tile g (possibly empty, so the
 // count stays exact); waiting until at most kStages-2 groups are pending means tile kt
 // has landed, and the __syncthreads after the wait also proves every warp finished
-// tile kt-1, whose stage the next load then overwrites.
+// tile kt-1, whose stage the next load then overwrites. Between the wait and that barrier
+// a thread may rewrite the chunks it copied itself (transform_stage: the dropout mask on
+// x), since its own cp.async groups are complete and no other thread reads the stage yet.
 //
 // Bounds. Every 16-byte chunk is predicated on its row and its 8 k-columns: chunks
 // outside the operand are zero-filled (cp.async with src-size 0 reads nothing). The
 // vector path needs the contiguous extent and the leading dimension to be multiples of
 // 8 elements and 16-byte aligned bases; otherwise the same tiles are filled with
 // element loads (slower, same results). Zeros in the k-residue add nothing to C.
+//
+// Not done yet (issue 11), and what each needs:
+// - sm90a: these kernels run on Hopper as sm80 code (mma.sync, cp.async: roughly half of
+//   H100's dense bf16 rate). The Hopper kernel is a new collective, not a variant of this
+//   one: (1) operands by TMA — cute::make_tma_copy(SM90_TMA_LOAD{}, gmem tensor, smem
+//   layout of one stage) built on the host into the kernel's params (__grid_constant__),
+//   smem layouts from GMMA::Layout_K_SW128_Atom<T> (MN-major for dx's W:
+//   Layout_MN_SW128_Atom); TMA zero-fills the edges but needs 16-byte-aligned bases and
+//   row strides, so misaligned operands keep this sm80 path; (2) a producer warp
+//   issuing TMA into kStages stages guarded by ClusterTransactionBarrier full/empty
+//   barriers (cutlass::PipelineTmaAsync), two consumer warpgroups of 64×N wgmma each
+//   (make_tiled_mma(SM90_64x128x16_F32BF16BF16_SS<GMMA::Major::K, ...>) on a 128×128 or
+//   128×256 tile), warpgroup_arrive / warpgroup_commit_batch / warpgroup_wait<1> to keep
+//   one wgmma batch in flight, setmaxnreg to move registers from producer to consumers;
+//   (3) persistent tile scheduling over grouped_tile's order; (4) the LoRA terms as today:
+//   the forward's round(xa)·Bᵀ as the first k-tiles of the same wgmma accumulator (xa is
+//   fp32 in memory, so either a T-typed copy written by the xa kernel — a new [M, r]
+//   workspace — or a register-to-smem fill by the consumers before the first TMA stage),
+//   scaled in registers before the main loop, dx's mask applied to that accumulator as now;
+//   (5) a dispatch on the device's compute capability in cuda_ops.cpp (sm90a SASS only
+//   runs on sm_90). Its evidence: a ptxas -v entry per kernel, the GPU parity cases, and a
+//   build-time budget (CuTe's SM90 collectives compile for minutes per instantiation).
+// - TF32 for fp32: a float instantiation with SM80_16x8x8_F32TF32TF32F32_TN. Element-size
+//   dependent constants become per-type (kChunk = 16 bytes / sizeof(T): 4 for fp32; kBK
+//   16 for fp32 so four stages stay 64 KB; swizzles re-derived for 4-element chunks),
+//   ldmatrix (U32x4_LDSM_N) only for K-major operands — dx's MN-major W needs
+//   UniversalCopy<uint32_t> or a transposed copy of W — and cuda_ops.cpp choosing it when
+//   at::globalContext().allowTF32CuBLAS() (torch.backends.cuda.matmul.allow_tf32 or
+//   float32_matmul_precision != "highest"); exact fp32 stays SIMT. Parity: the same-dtype
+//   PyTorch reference must then run with TF32 too.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -71,7 +105,15 @@ using MNMajorSmem = decltype(tile_to_shape(composition(Swizzle<3, 3, 3>{}, Layou
                                            Shape<Int<kRows>, Int<kBK>, Int<kDepth>>{}));
 
 template <bool kKMajor, int kRows, int kDepth>
-using OperandSmem = std::conditional_t<kKMajor, KMajorSmem<kRows, kDepth>, MNMajorSmem<kRows, kDepth>>;
+struct OperandSmemOf {  // a specialisation, so only the chosen layout is formed
+  using type = KMajorSmem<kRows, kDepth>;
+};
+template <int kRows, int kDepth>
+struct OperandSmemOf<false, kRows, kDepth> {
+  using type = MNMajorSmem<kRows, kDepth>;
+};
+template <bool kKMajor, int kRows, int kDepth>
+using OperandSmem = typename OperandSmemOf<kKMajor, kRows, kDepth>::type;
 
 template <bool kKMajor, class T>
 using S2RAtom = std::conditional_t<kKMajor, Copy_Atom<SM75_U32x4_LDSM_N, T>, Copy_Atom<SM75_U16x8_LDSM_T, T>>;
@@ -90,20 +132,37 @@ inline bool vector_loadable(const void* ptr, int64_t ld, int64_t contiguous_exte
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && ld % kChunk == 0 && contiguous_extent % kChunk == 0;
 }
 
+// Calls f(rr, kk) for each 16-byte chunk thread threadIdx.x copies into a kRows × kBK
+// stage: (rr, kk) is the chunk's first element, the chunk runs along k (K-major) or along
+// rows (MN-major). load_stage and transform_stage share this map, so a thread that waited
+// for its own cp.async groups may rewrite exactly the chunks it copied, before the barrier.
+template <bool kKMajor, int kRows, class F>
+__host__ __device__ __forceinline__ void for_each_chunk_of_thread(int thread, F&& f) {
+  constexpr int kChunksPerLine = (kKMajor ? kBK : kRows) / kChunk;
+  constexpr int kChunks = kRows * kBK / kChunk;
+  static_assert(kChunks % kThreads == 0 || kChunks < kThreads, "chunks spread evenly, or one per thread at most");
+  constexpr int kPerThread = (kChunks + kThreads - 1) / kThreads;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int c = thread + i * kThreads;
+    if (kChunks < kThreads && c >= kChunks) return;
+    // K-major: a line is one row's kBK values; MN-major: one k's kRows values.
+    const int line = c / kChunksPerLine, first = (c % kChunksPerLine) * kChunk;
+    f(kKMajor ? line : first, kKMajor ? first : line);
+  }
+}
+
+template <bool kKMajor, int kRows, class F>
+__device__ __forceinline__ void for_each_own_chunk(F&& f) {
+  for_each_chunk_of_thread<kKMajor, kRows>(threadIdx.x, f);
+}
+
 // Fills stage `stage` of `smem` (layout L: rows × kBK × stages) with rows [row0, row0 +
 // kRows) and k-columns [k0, k0 + kBK) of `op`, zero outside it.
 template <bool kKMajor, int kRows, class T, class L>
 __device__ __forceinline__ void load_stage(T* smem, L layout, int stage, const Operand<T>& op, int64_t row0,
                                            int64_t k0) {
-  constexpr int kChunksPerLine = (kKMajor ? kBK : kRows) / kChunk;
-  constexpr int kChunks = kRows * kBK / kChunk;
-  static_assert(kChunks % kThreads == 0, "every thread copies the same number of chunks");
-#pragma unroll
-  for (int i = 0; i < kChunks / kThreads; ++i) {
-    const int c = threadIdx.x + i * kThreads;
-    // K-major: a line is one row's kBK values; MN-major: one k's kRows values.
-    const int line = c / kChunksPerLine, first = (c % kChunksPerLine) * kChunk;
-    const int rr = kKMajor ? line : first, kk = kKMajor ? first : line;
+  for_each_own_chunk<kKMajor, kRows>([&](int rr, int kk) {
     T* dst = smem + layout(rr, kk, stage);
     const int64_t row = row0 + rr, k = k0 + kk;
     const int64_t offset = kKMajor ? row * op.ld + k : k * op.ld + row;
@@ -117,52 +176,129 @@ __device__ __forceinline__ void load_stage(T* smem, L layout, int stage, const O
         dst[e] = inside ? op.ptr[offset + e] : T(0.f);
       }
     }
-  }
+  });
+}
+
+// Rewrites, in place, the chunks of stage `stage` this thread loaded with load_stage:
+// element (row0 + rr, k0 + kk) becomes T(f(v, row, k)). Call it after cp_async_wait has
+// covered the stage and before the barrier that publishes it (BlockMma::pipeline's
+// `landed` hook): no other thread touches these chunks in between.
+template <bool kKMajor, int kRows, class T, class L, class F>
+__device__ __forceinline__ void transform_stage(T* smem, L layout, int stage, int64_t row0, int64_t k0, F&& f) {
+  for_each_own_chunk<kKMajor, kRows>([&](int rr, int kk) {
+    T* dst = smem + layout(rr, kk, stage);
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) {
+      const int64_t row = row0 + rr + (kKMajor ? 0 : e), k = k0 + kk + (kKMajor ? e : 0);
+      dst[e] = T(f(static_cast<float>(dst[e]), row, k));
+    }
+  });
 }
 
 // The warp-level half of the mainloop: partitions of shared memory and register fragments
-// for one block tile, and the MMAs over one shared-memory stage.
-template <class T, bool kBKMajor>
+// for one block tile, and the MMAs over one shared-memory stage. The defaults are the
+// 128×128 tile of the two large GEMMs; cuda_sm80_thin.cu instantiates the rank-thin tiles.
+struct NoTransform {
+  __device__ void operator()(int, int64_t) const {}
+};
+
+template <class T, bool kBKMajor, int kRowsA = kBM, int kRowsB = kBN, class MmaT = TiledMmaFor<T>>
 struct BlockMma {
-  using Mma = TiledMmaFor<T>;
-  using LayoutA = KMajorSmem<kBM, kStages>;
-  using LayoutB = OperandSmem<kBKMajor, kBN, kStages>;
-  using LayoutLoraA = KMajorSmem<kBM, 1>;
-  using LayoutLoraB = OperandSmem<kBKMajor, kBN, 1>;
+  using Mma = MmaT;
+  static constexpr int kTileRowsA = kRowsA, kTileRowsB = kRowsB;
+  using LayoutA = KMajorSmem<kRowsA, kStages>;
+  using LayoutB = OperandSmem<kBKMajor, kRowsB, kStages>;
+  using LayoutLoraA = KMajorSmem<kRowsA, 1>;
+  using LayoutLoraB = OperandSmem<kBKMajor, kRowsB, 1>;
   static constexpr size_t kPipelineBytes = (cosize_v<LayoutA> + cosize_v<LayoutB>) * sizeof(T);
   static constexpr size_t kLoraBytes = (cosize_v<LayoutLoraA> + cosize_v<LayoutLoraB>) * sizeof(T);
 
-  // Runs acc += A·Bᵀ over `k_tiles` k-tiles of kBK, loading stage s with load(s, tile)
-  // (which issues cp.async for every operand of that tile).
-  template <class Acc, class Load, class S2RA, class S2RB, class SA, class SB, class RA, class RB,
-            class XRA, class XRB>
-  __device__ static void pipeline(Acc& acc, int64_t k_tiles, Load&& load, const Mma& mma, const S2RA& s2r_a,
-                                  const S2RB& s2r_b, const SA& tXsA, const SB& tXsB, RA& tCrA, RB& tCrB, XRA& tXrA,
-                                  XRB& tXrB) {
-    for (int64_t kt = 0; kt < k_tiles; ++kt) {
-      cp_async_wait<kStages - 2>();
-      __syncthreads();  // tile kt visible to all; every warp is done with tile kt - 1
-      const int64_t next = kt + kStages - 1;
-      if (next < k_tiles) load(static_cast<int>(next % kStages), next);  // refills tile kt - 1's stage
+  // Issues the loads of the first kStages - 1 k-tiles (one cp.async group per tile, empty
+  // past k_tiles, so group g always holds tile g).
+  template <class Load>
+  __device__ static void prologue(int64_t k_tiles, Load&& load) {
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < k_tiles) load(s, static_cast<int64_t>(s));
       cp_async_fence();
-      const int stage = static_cast<int>(kt % kStages);
-      mma_stage(acc, mma, s2r_a, s2r_b, tXsA(_, _, _, stage), tXsB(_, _, _, stage), tCrA, tCrB, tXrA, tXrB);
     }
+  }
+
+  // Builds this thread's views over shared-memory operands (a_s: layout la, rows × kBK ×
+  // stages; b_s likewise) — the ldmatrix source partitions and the register fragments
+  // they fill — and calls body(mma_stage), where mma_stage(s) runs acc += A·Bᵀ over stage s.
+  template <class Acc, class LA, class LB, class Body>
+  __device__ static void with_views(Acc& acc, const T* a_s, LA la, const T* b_s, LB lb, Body&& body) {
+    Mma mma;
+    auto thr_mma = mma.get_slice(threadIdx.x);
+    Tensor sA = make_tensor(make_smem_ptr(a_s), la);
+    Tensor sB = make_tensor(make_smem_ptr(b_s), lb);
+    Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));
+    Tensor tCrB = thr_mma.partition_fragment_B(sB(_, _, 0));
+    auto s2r_a = make_tiled_copy_A(S2RAtom<true, T>{}, mma);
+    auto s2r_b = make_tiled_copy_B(S2RAtom<kBKMajor, T>{}, mma);
+    auto thr_s2r_a = s2r_a.get_slice(threadIdx.x);
+    auto thr_s2r_b = s2r_b.get_slice(threadIdx.x);
+    Tensor tXsA = thr_s2r_a.partition_S(sA);  // (copy, rows, k-blocks, stages)
+    Tensor tXsB = thr_s2r_b.partition_S(sB);
+    Tensor tXrA = thr_s2r_a.retile_D(tCrA);
+    Tensor tXrB = thr_s2r_b.retile_D(tCrB);
+    auto mma_stage = [&](int stage) {
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tCrA); ++kb) {
+        copy(s2r_a, tXsA(_, _, kb, stage), tXrA(_, _, kb));
+        copy(s2r_b, tXsB(_, _, kb, stage), tXrB(_, _, kb));
+        gemm(mma, tCrA(_, _, kb), tCrB(_, _, kb), acc);
+      }
+    };
+    body(mma_stage);
+  }
+
+  // Runs acc += A·Bᵀ over `k_tiles` k-tiles of kBK from the pipeline stages at a_s and b_s
+  // (LayoutA, LayoutB), after prologue(). load(s, tile) issues the cp.async of every
+  // operand of that tile into stage s; landed(s, tile) runs when this thread's own copies
+  // of the tile are complete, before the barrier that makes the stage visible to all
+  // (transform_stage rewrites them there).
+  template <class Acc, class Load, class Landed = NoTransform>
+  __device__ static void pipeline(Acc& acc, int64_t k_tiles, const T* a_s, const T* b_s, Load&& load,
+                                  Landed&& landed = Landed{}) {
+    with_views(acc, a_s, LayoutA{}, b_s, LayoutB{}, [&](auto& mma_stage) {
+      for (int64_t kt = 0; kt < k_tiles; ++kt) {
+        cp_async_wait<kStages - 2>();
+        const int stage = static_cast<int>(kt % kStages);
+        landed(stage, kt);
+        __syncthreads();  // tile kt visible to all; every warp is done with tile kt - 1
+        const int64_t next = kt + kStages - 1;
+        if (next < k_tiles) load(static_cast<int>(next % kStages), next);  // refills tile kt - 1's stage
+        cp_async_fence();
+        mma_stage(stage);
+      }
+    });
     cp_async_wait<0>();
     __syncthreads();  // shared memory is free for what follows
   }
 
-  template <class Acc, class S2RA, class S2RB, class SA, class SB, class RA, class RB, class XRA, class XRB>
-  __device__ static void mma_stage(Acc& acc, const Mma& mma, const S2RA& s2r_a, const S2RB& s2r_b, const SA& sa,
-                                   const SB& sb, RA& tCrA, RB& tCrB, XRA& tXrA, XRB& tXrB) {
-    CUTE_UNROLL
-    for (int kb = 0; kb < size<2>(tCrA); ++kb) {
-      copy(s2r_a, sa(_, _, kb), tXrA(_, _, kb));
-      copy(s2r_b, sb(_, _, kb), tXrB(_, _, kb));
-      gemm(mma, tCrA(_, _, kb), tCrB(_, _, kb), acc);
-    }
+  // acc += A·Bᵀ over the one-stage pair at a_s (LayoutLoraA) and b_s (LayoutLoraB), which the
+  // caller filled and published with a barrier.
+  template <class Acc>
+  __device__ static void single_stage(Acc& acc, const T* a_s, const T* b_s) {
+    with_views(acc, a_s, LayoutLoraA{}, b_s, LayoutLoraB{}, [&](auto& mma_stage) { mma_stage(0); });
   }
 };
+
+// The rank-thin tiles of cuda_sm80_thin.cu (its header argues them): 32 ranks against 128
+// rows or columns, 8 warps of m16n8k16 stacked along the 128 side.
+constexpr int kRankTile = 32;
+template <class T>
+using TallMma = decltype(make_tiled_mma(typename MmaOp<T>::type{}, Layout<Shape<_8, _1, _1>>{},
+                                        Tile<_128, _16, _16>{}));
+template <class T>
+using WideMma = decltype(make_tiled_mma(typename MmaOp<T>::type{}, Layout<Shape<_1, _8, _1>>{},
+                                        Tile<_16, _128, _16>{}));
+template <class T>
+using TallBlock = BlockMma<T, true, kBM, kRankTile, TallMma<T>>;  // C[128 rows, 32 ranks], both K-major
+template <class T>
+using WideBlock = BlockMma<T, false, kRankTile, kBN, WideMma<T>>;  // C[32 ranks, 128 columns], B MN-major
 
 // Grouped raster order: blocks walk groups of 8 row tiles column by column, so the 8
 // row tiles of A and one column tile of B stay in L2 while a wave reuses them.

@@ -17,7 +17,6 @@ import re
 import tempfile
 import warnings
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,9 +29,12 @@ from .inject import (
     record_modules_to_save,
     recorded_modules_to_save,
     replace_everywhere,
+    select_modules_to_save,
     selected_linears,
+    unmatched_entries,
 )
-from .layer import DEFAULT_ADAPTER, LoRALinear, _check_hyperparameters
+from .layer import DEFAULT_ADAPTER, LoRALinear
+from .peft_config import LoRAOptions
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_BIN = "adapter_model.bin"
@@ -147,8 +149,6 @@ def _write_temp(path: Path, data: bytes) -> str:
 def _modules_to_save_tensors(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     """The state of each extra module under PEFT's keys (``base_model.model.<module>.<tensor>``),
     refusing names PEFT would read differently (its suffix rule selecting other modules too)."""
-    lora_prefixes = tuple(name + "." for name, _ in lora_layers(model))
-    all_names = [n for n, _ in model.named_modules(remove_duplicate=False) if n and not n.startswith(lora_prefixes)]
     tensors = {}
     for name in names:
         try:
@@ -160,9 +160,8 @@ def _modules_to_save_tensors(model: nn.Module, names: list[str]) -> dict[str, to
         if inner:
             raise ValueError(f"save_adapter: module_to_save {name!r} holds LoRA layers (e.g. {inner[0]!r}); a module "
                              "is either trained fully or adapted by LoRA")
-        others = [n for n in all_names
-                  if n.endswith(name) and n != name and not n.startswith(name + ".") and
-                  model.get_submodule(n) is not module]
+        others = [n for n, other in select_modules_to_save(model, [name])
+                  if other is not module and not n.startswith(name + ".")]
         if others:
             raise ValueError(f"save_adapter: PEFT selects modules_to_save by name suffix, so {name!r} would also "
                              f"select {others[:3]}; rename the module or save without it")
@@ -271,59 +270,16 @@ def _read_adapter_files(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]
     return config, tensors
 
 
-@dataclass(frozen=True)
-class _AdapterSettings:
-    rank: int
-    alpha: float
-    dropout: float
-    use_rslora: bool
-    rank_pattern: dict
-    alpha_pattern: dict
-    modules_to_save: list[str]
-    target_modules: object
-    exclude_modules: object
-
-
-def _check_selector(value, field: str, where: str):
-    """A saved target_modules / exclude_modules: null, a regex (or "all-linear"), or a list of names."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value.lower() != peft_config.ALL_LINEAR:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"{where}: {field} {value!r} is not a valid regular expression ({exc})") from None
-        return value
-    if isinstance(value, list) and all(isinstance(entry, str) for entry in value):
-        return value
-    raise ValueError(f"{where}: {field} must be null, a regex string or a list of module names, got {value!r}")
-
-
-def _check_config(config: dict, config_path: Path) -> _AdapterSettings:
+def _check_config(config: dict, config_path: Path) -> LoRAOptions:
     """Every setting of the file, validated (before anything in the model changes)."""
     where = f"load_adapter: {config_path}"
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise ValueError(f"{where} has peft_type={peft_type!r}; only 'LORA' adapters are supported")
-    peft_config.check_supported(config, where)
     for field in ("r", "lora_alpha"):
         if field not in config:
             raise ValueError(f"{where} lacks the field {field!r}")
-    dropout = config.get("lora_dropout") or 0.0
-    try:
-        _check_hyperparameters(config["r"], config["lora_alpha"], dropout)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc} (fields r, lora_alpha, lora_dropout)") from None
-    return _AdapterSettings(
-        rank=config["r"], alpha=float(config["lora_alpha"]), dropout=float(dropout),
-        use_rslora=bool(config.get("use_rslora", False)),
-        rank_pattern=peft_config.check_patterns(config.get("rank_pattern"), "rank_pattern", where),
-        alpha_pattern=peft_config.check_patterns(config.get("alpha_pattern"), "alpha_pattern", where),
-        modules_to_save=peft_config.check_modules_to_save(config.get("modules_to_save"), where),
-        target_modules=_check_selector(config.get("target_modules"), "target_modules", where),
-        exclude_modules=_check_selector(config.get("exclude_modules"), "exclude_modules", where),
-    )
+    return peft_config.options_from_config(config, where)
 
 
 def _split_tensors(tensors: dict[str, torch.Tensor], weights_path: Path, takes_extras: bool):
@@ -359,7 +315,7 @@ def _split_tensors(tensors: dict[str, torch.Tensor], weights_path: Path, takes_e
     return modules, extras
 
 
-def _plan_lora(model: nn.Module, modules: dict, settings: _AdapterSettings, weights_path: Path) -> list:
+def _plan_lora(model: nn.Module, modules: dict, settings: LoRAOptions, weights_path: Path) -> list:
     """``[(name, module, rank, alpha, parts)]``, one entry per module (a module shared under
     several names appears once; the file must then give it the same weights everywhere)."""
     plan, by_module = [], {}
@@ -375,8 +331,7 @@ def _plan_lora(model: nn.Module, modules: dict, settings: _AdapterSettings, weig
         if isinstance(module, LoRALinear) and module.merged_adapter is not None:
             raise RuntimeError(f"load_adapter: module {name!r} has adapter {module.merged_adapter!r} merged; "
                                "call unmerge_lora(model) first")
-        rank = peft_config.pattern_value(settings.rank_pattern, name, settings.rank)
-        alpha = float(peft_config.pattern_value(settings.alpha_pattern, name, settings.alpha))
+        rank, alpha = settings.layer_rank_alpha(name)
         expected = {"lora_A": (rank, module.in_features), "lora_B": (module.out_features, rank)}
         for part, shape in expected.items():
             if tuple(parts[part].shape) != shape:
@@ -398,14 +353,9 @@ def _plan_modules_to_save(model: nn.Module, entries: list[str], extras: dict[str
                           lora_plan: list, weights_path: Path) -> list[tuple[str, nn.Module, dict]]:
     """``[(name, module, {state key: tensor})]`` for the modules PEFT's ``modules_to_save`` rule
     selects; every one of their tensors must be in the file and every extra tensor used."""
-    lora_prefixes = tuple(name + "." for name, _ in lora_layers(model))
-    plan, seen, unused = [], set(), dict(extras)
-    for name, module in model.named_modules(remove_duplicate=False):
-        if not name or name.startswith(lora_prefixes) or not peft_config.modules_to_save_match(entries, name):
-            continue
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
+    selected = select_modules_to_save(model, entries)
+    plan, unused = [], dict(extras)
+    for name, module in selected:
         if isinstance(module, LoRALinear) or lora_layers(module) or any(n == name for n, *_ in lora_plan):
             raise ValueError(f"load_adapter: {weights_path} both adapts {name!r} with LoRA (or inside it) and lists "
                              "it in modules_to_save")
@@ -420,17 +370,17 @@ def _plan_modules_to_save(model: nn.Module, entries: list[str], extras: dict[str
                                  f"{tuple(stored.shape)}, expected {tuple(current.shape)}")
             values[key] = stored
         plan.append((name, module, values))
-    for entry in entries:
-        if not any(name.endswith(entry) for name, _, _ in plan):
-            raise KeyError(f"load_adapter: {weights_path} lists {entry!r} in modules_to_save, which matches no module "
-                           f"of {type(model).__name__}")
+    unmatched = unmatched_entries(entries, selected)
+    if unmatched:
+        raise KeyError(f"load_adapter: {weights_path} lists {unmatched[0]!r} in modules_to_save, which matches no "
+                       f"module of {type(model).__name__}")
     if unused:
         raise ValueError(f"load_adapter: {weights_path} holds keys no module in modules_to_save takes, e.g. "
                          f"{KEY_PREFIX}{next(iter(unused))}")
     return plan
 
 
-def _warn_uncovered_targets(model: nn.Module, settings: _AdapterSettings, lora_plan: list, weights_path: Path) -> None:
+def _warn_uncovered_targets(model: nn.Module, settings: LoRAOptions, lora_plan: list, weights_path: Path) -> None:
     """PEFT warns when modules its target_modules select get no weights; so do we."""
     if settings.target_modules is None:
         return

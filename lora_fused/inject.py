@@ -6,15 +6,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Union
+from typing import Iterable
 
 import torch
 import torch.nn as nn
 
 from . import peft_config
-from .layer import LoRALinear, _check_hyperparameters
-
-ModuleSelector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+from .layer import LoRALinear
+from .peft_config import LoRAOptions, ModuleSelector
 
 
 def module_matches(selector: ModuleSelector, name: str, module: nn.Module) -> bool:
@@ -63,58 +62,30 @@ def parameter_report(model: nn.Module, replaced: list[str] | None = None) -> Inj
     return InjectionReport(list(replaced or []), trainable, total)
 
 
-@dataclass(frozen=True)
-class LoRAOptions:
-    """What ``inject_lora`` was asked for, under one set of names, validated."""
-
-    rank: int
-    alpha: float
-    dropout: float
-    use_rslora: bool
-    target_modules: ModuleSelector
-    exclude_modules: ModuleSelector
-    rank_pattern: dict
-    alpha_pattern: dict
-    modules_to_save: list[str]
-
-
 # PEFT's LoraConfig defaults, for a config given as a dict that leaves fields out.
 _PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False}
 
 
 def _resolve_options(config, keywords: dict) -> LoRAOptions:
     """One :class:`LoRAOptions` from either a PEFT config or keyword options (ours or PEFT's names)."""
-    where = "inject_lora"
     given = {name: value for name, value in keywords.items() if value is not None}
     if config is not None:
         if given:
             raise TypeError(f"inject_lora: pass either config or keyword options, not both (got config and "
                             f"{sorted(given)})")
-        fields = {**_PEFT_DEFAULTS, **peft_config.config_as_dict(config, "inject_lora: config")}
         where = "inject_lora: config"
-        peft_config.check_supported(fields, where)
+        fields = {**_PEFT_DEFAULTS, **peft_config.config_as_dict(config, where)}
         if fields.get("init_lora_weights", True) is not True:
             raise ValueError(f"{where} asks for init_lora_weights={fields['init_lora_weights']!r}; LoRALinear "
                              "initialises as PEFT's default (init_lora_weights=True: Kaiming-uniform A, zero B)")
-        given = {ours: fields.get(peft) for peft, ours in peft_config.PEFT_ALIASES}
-        given.update({name: fields.get(name) for name in ("use_rslora", "target_modules", "exclude_modules",
-                                                           "rank_pattern", "alpha_pattern", "modules_to_save")})
-    else:
-        for peft, ours in peft_config.PEFT_ALIASES:
-            if peft in given and ours in given:
-                raise TypeError(f"inject_lora: {ours}= and {peft}= name the same option (PEFT calls {ours} {peft}); "
-                                "pass one")
-            if peft in given:
-                given[ours] = given.pop(peft)
-    rank, alpha, dropout = given.get("rank", 4), given.get("alpha", 1.0), given.get("dropout", 0.0)
-    _check_hyperparameters(rank, alpha, dropout)
-    return LoRAOptions(
-        rank=rank, alpha=alpha, dropout=dropout, use_rslora=bool(given.get("use_rslora", False)),
-        target_modules=given.get("target_modules"), exclude_modules=given.get("exclude_modules"),
-        rank_pattern=peft_config.check_patterns(given.get("rank_pattern"), "rank_pattern", where),
-        alpha_pattern=peft_config.check_patterns(given.get("alpha_pattern"), "alpha_pattern", where),
-        modules_to_save=peft_config.check_modules_to_save(given.get("modules_to_save"), where),
-    )
+        return peft_config.options_from_config(fields, where)
+    for peft, ours in peft_config.PEFT_ALIASES:
+        if peft in given and ours in given:
+            raise TypeError(f"inject_lora: {ours}= and {peft}= name the same option (PEFT calls {ours} {peft}); "
+                            "pass one")
+        if peft in given:
+            given[ours] = given.pop(peft)
+    return peft_config.make_options("inject_lora", **{"rank": 4, "alpha": 1.0, **given})
 
 
 def _is_config(value) -> bool:
@@ -169,12 +140,8 @@ def inject_lora(
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "modules_to_save": modules_to_save,
     })
     targets = _select_targets(model, options)
-    settings = {}
-    for name in targets:
-        layer_rank = peft_config.pattern_value(options.rank_pattern, name, options.rank)
-        layer_alpha = peft_config.pattern_value(options.alpha_pattern, name, options.alpha)
-        settings[name] = (layer_rank, layer_alpha)
-    saved = _select_modules_to_save(model, options.modules_to_save, targets)
+    settings = {name: options.layer_rank_alpha(name) for name in targets}
+    saved = _checked_modules_to_save(model, options.modules_to_save, targets)
 
     for param in model.parameters():
         param.requires_grad_(False)
@@ -256,18 +223,39 @@ def _output_embeddings(model: nn.Module) -> nn.Module | None:
     return getter() if callable(getter) else None
 
 
-def _select_modules_to_save(model: nn.Module, entries: list[str], targets: list[str]) -> list[str]:
-    """Names of the modules ``modules_to_save`` selects by PEFT's rule (each module once)."""
+def select_modules_to_save(model: nn.Module, entries: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` for every module PEFT's ``modules_to_save`` rule selects (its name
+    ends with an entry), each module once under its first name, in model order. The model
+    is seen as PEFT sees it: the insides of LoRA layers (their adapters) are not modules of it."""
+    entries = list(entries)
     if not entries:
         return []
-    seen, names = set(), []
-    for name, module in model.named_modules(remove_duplicate=False):
+    seen, selected, lora_prefixes = set(), [], ()
+    for name, module in model.named_modules(remove_duplicate=False):  # parents before children
+        if name.startswith(lora_prefixes):
+            continue
+        if isinstance(module, LoRALinear):
+            lora_prefixes += (name + ".",)
         if name and peft_config.modules_to_save_match(entries, name) and id(module) not in seen:
             seen.add(id(module))
-            names.append(name)
-    for entry in entries:
-        if not any(name.endswith(entry) for name in names):
-            raise ValueError(f"inject_lora: modules_to_save entry {entry!r} matches no module of {type(model).__name__}")
+            selected.append((name, module))
+    return selected
+
+
+def unmatched_entries(entries: Iterable[str], selected: list[tuple[str, nn.Module]]) -> list[str]:
+    """The ``modules_to_save`` entries that select none of ``selected``."""
+    return [entry for entry in entries if not any(name.endswith(entry) for name, _ in selected)]
+
+
+def _checked_modules_to_save(model: nn.Module, entries: list[str], targets: list[str]) -> list[str]:
+    """Names of the modules ``modules_to_save`` selects; each entry must select one, and none
+    may be (or hold, or lie inside) a LoRA layer."""
+    selected = select_modules_to_save(model, entries)
+    unmatched = unmatched_entries(entries, selected)
+    if unmatched:
+        raise ValueError(f"inject_lora: modules_to_save entry {unmatched[0]!r} matches no module of "
+                         f"{type(model).__name__}")
+    names = [name for name, _ in selected]
     lora_names = targets + [name for name, _ in lora_layers(model)]
     for name in names:
         overlap = [t for t in lora_names if t == name or t.startswith(name + ".") or name.startswith(t + ".")]

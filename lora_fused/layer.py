@@ -14,13 +14,16 @@ from .ops import autocast_copy
 DEFAULT_ADAPTER = "default"
 
 
-def _check_hyperparameters(rank, alpha, dropout) -> None:
+def _check_hyperparameters(rank, alpha, dropout, names: tuple[str, str, str] = ("rank", "alpha", "dropout")) -> None:
+    """Refuse a bad rank, alpha or dropout; ``names`` are the fields as the caller's source
+    spells them (PEFT's ``r``, ``lora_alpha``, ``lora_dropout`` for a config)."""
+    rank_name, alpha_name, dropout_name = names
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+        raise ValueError(f"{rank_name} must be an integer >= 1, got {rank!r}")
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        raise ValueError(f"{alpha_name} must be a finite number, got {alpha!r}")
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        raise ValueError(f"{dropout_name} must be in [0, 1), got {dropout!r}")
 
 
 def adapter_scaling(rank: int, alpha: float, use_rslora: bool) -> float:

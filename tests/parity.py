@@ -61,6 +61,13 @@ def assert_parity(name: str, value, same_dtype_torch, float64_reference) -> None
     assert error <= budget, f"{name}: max error {error:.3e} exceeds budget {budget:.3e} ({value.dtype})"
 
 
+def assert_all_parity(names: Sequence[str], values, same_dtype_torch, float64_references) -> None:
+    """:func:`assert_parity` for each named result of one computation (``y``, ``dx``, ... in
+    the same order in all four sequences, which must have one length)."""
+    for name, value, same, exact in zip(names, values, same_dtype_torch, float64_references, strict=True):
+        assert_parity(name, value, same, exact)
+
+
 def reference_outputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, grad_y):
     """Forward and backward of the reference op: (y, xa, dx, dA, dB, db)."""
     seed_t = torch.tensor(seed, dtype=torch.int64)

@@ -69,10 +69,13 @@ def test_a_config_that_is_not_a_json_object_names_the_file(saved, text, kind):
     ({"rank_pattern": {"inn(er": 3}}, r"adapter_config.json: rank_pattern key 'inn\(er' is not a valid regular"),
     ({"rank_pattern": ["inner"]}, r"adapter_config.json: rank_pattern must be a dict"),
     ({"alpha_pattern": {"out": float("nan")}}, r"adapter_config.json: alpha_pattern\['out'\] = nan"),
-    ({"lora_alpha": float("inf")}, r"adapter_config.json: alpha must be a finite number"),
-    ({"r": 0}, r"adapter_config.json: rank must be an integer >= 1"),
-    ({"lora_dropout": 1.5}, r"adapter_config.json: dropout must be in \[0, 1\)"),
+    ({"rank_pattern": {"inner": 0}}, r"adapter_config.json: rank_pattern\['inner'\] = 0; a rank must be"),
+    ({"lora_alpha": float("inf")}, r"adapter_config.json: lora_alpha must be a finite number"),  # the file's names
+    ({"lora_alpha": "8"}, r"adapter_config.json: lora_alpha must be a finite number, got '8'"),
+    ({"r": 0}, r"adapter_config.json: r must be an integer >= 1"),
+    ({"lora_dropout": 1.5}, r"adapter_config.json: lora_dropout must be in \[0, 1\)"),
     ({"target_modules": "inner|("}, r"adapter_config.json: target_modules 'inner\|\(' is not a valid regular"),
+    ({"exclude_modules": 3}, r"adapter_config.json: exclude_modules must be null, a regex string, a list"),
     ({"modules_to_save": "out"}, r"adapter_config.json: modules_to_save must be a list"),
 ])
 def test_bad_config_values_name_the_file_and_change_nothing(saved, changes, message):

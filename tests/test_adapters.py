@@ -12,6 +12,7 @@ import torch.nn as nn
 import lora_fused
 from lora_fused import LoRALinear, inject_lora, load_adapter, save_adapter, set_adapter
 from lora_fused import adapters as adapters_module
+from adapter_files import edit_adapter
 from parity import assert_module_parity
 
 peft = pytest.importorskip("peft")
@@ -309,14 +310,6 @@ def _rewrite_weights(directory, edit):
     save_file(tensors, directory / "adapter_model.safetensors")
 
 
-def _rewrite_config(directory, **changes):
-    path = directory / "adapter_config.json"
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
-    _rewrite_weights(directory, lambda tensors: None)  # drop the digest tying it to the old config
-
-
 def test_missing_files(tmp_path, saved):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_adapter(base_model(), tmp_path / "nowhere")
@@ -365,7 +358,7 @@ def test_missing_half_of_a_pair(saved):
     ("peft_type", "IA3", "peft_type='IA3'"),
 ])
 def test_unsupported_config(saved, field, value, message):
-    _rewrite_config(saved, **{field: value})
+    edit_adapter(saved, **{field: value})
     with pytest.raises(ValueError, match=message):
         load_adapter(base_model(), saved)
 
@@ -390,7 +383,7 @@ def test_unsupported_peft_adapters(tmp_path, config_kwargs, message):
     if config_kwargs.get("use_dora"):  # also the key alone, with the config flag cleared
         with pytest.raises(ValueError, match=message):
             load_adapter(ConvEmbed(), tmp_path)
-        _rewrite_config(tmp_path, use_dora=False)
+        edit_adapter(tmp_path, use_dora=False)
     with pytest.raises(ValueError, match=message):
         load_adapter(ConvEmbed(), tmp_path)
 

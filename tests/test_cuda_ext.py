@@ -320,9 +320,9 @@ requires_cuda_kernels = pytest.mark.skipif(
 
 # Shapes crossing the 128-wide tensor-core tiles and 32-deep k-tiles, with K and N both
 # multiples of 8 (cp.async path) and not (element-load path), and ranks reaching every
-# kernel variant: the sm80 forward/dx with one or several 32-rank LoRA chunks; the g-pass
-# on tensor cores at pads 16/32/64 (r + bias column <= 64) or on SIMT; dA on tensor cores
-# (r <= 64) or SIMT. tests/test_cuda_gpu.py names one case per instantiation.
+# kernel variant: the sm80 forward/dx with one or several 32-rank LoRA chunks; the thin
+# xa, gb, dB|db and dA GEMMs over one to eight 32-rank tiles. tests/test_cuda_gpu.py names
+# one case per instantiation.
 CUDA_CASES = [
     (M, K, N, r, dtype, bias)
     for dtype in (torch.float16, torch.bfloat16, torch.float32)
@@ -373,7 +373,7 @@ def test_cuda_strided_x(dtype):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_parity_many_rows(dtype):
-    """Over 16384 rows: several g-pass row tiles per block and many reduction slices."""
+    """Over 16384 rows: many split-M reduction slices (34) and row tiles."""
     check_parity(17000, 72, 40, 8, dtype, True, dropout_p=0.1, device="cuda")
 
 

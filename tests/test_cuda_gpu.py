@@ -1,7 +1,8 @@
 """GPU tests of the extension's CUDA kernels for what a review of code nobody here could run
 fears (issue 9 point 4): strides and alignment, empty and tiny shapes, streams, CUDA
 graphs, determinism, float64, fp16 gradients of GradScaler size with large scalings, the
-g-pass over several row *and* column tiles, and one parity case per kernel instantiation.
+split-M reductions over many slices and column tiles, and one parity case per kernel
+instantiation.
 
 All of them skip without a GPU (or without the CUDA kernels in lora_fused._C). Parity
 follows DESIGN.md §5; exact equality only where the computation is literally the same
@@ -49,25 +50,26 @@ def _parity_of(got, inputs, scaling, dropout_p, seed, grad_y, names=OUTPUT_NAMES
 
 # ---- one parity case per kernel instantiation -----------------------------------------
 #
-# fp16/bf16: cuda_sm80.cu's forward_kernel<T> and dx_kernel<T> (one each, every rank: the
-# LoRA stage loops over 32-rank chunks; cp.async path when the contiguous extents are
-# multiples of 8, element loads otherwise; 16-byte stores when N (K for dx) is a multiple
-# of 8); cuda_tensorcore.cu's gpass_kernel<T, 16 | 32 | 64> (pad of r + 1 with a bias, r
-# without) and dA_kernel<T, 16 | 32 | 64>, and their reduce kernels; simt_xa (the
-# forward's pre-pass), and SIMT gb, dB/db and dA where the rank passes 64. fp32/fp64:
-# every product on SIMT. Each case names what it reaches; dropout on, so the masked
-# variants run too.
+# fp16/bf16, every kernel on the CuTe sm80 mainloop: cuda_sm80.cu's forward_kernel<T> and
+# dx_kernel<T> (every rank: the LoRA stage loops over 32-rank chunks; cp.async path when the
+# contiguous extents are multiples of 8, element loads otherwise; 16-byte stores when N (K
+# for dx) is a multiple of 8); cuda_sm80_thin.cu's tall_kernel<T> (xa with the mask formed
+# in shared memory, gb) and wide_kernel<T> (dB|db, dA with the mask) over 1, 2 or 3 tiles of
+# 32 ranks (db adds a rank row: r = 31 fills one tile, r = 32 needs two) and 1 or more
+# split-M slices, rank_transpose_kernel<T> (M not a multiple of 8: zero padding), and the
+# fixed-order reduce kernels. fp32/fp64: every product on SIMT. Each case names what it
+# reaches; dropout on, so the masked variants run too.
 INSTANTIATION_CASES = {
     # (M, K, N, r, bias): what it reaches in fp16/bf16
-    "gpass16-dA16-vector-loads-and-stores": (130, 72, 136, 15, False),
-    "gpass32-dA16-element-loads-and-stores": (130, 70, 45, 16, True),
-    "gpass32-dA32": (257, 40, 72, 31, True),
-    "gpass64-dA64-2-rank-chunks": (257, 40, 72, 33, True),
-    "gpass64-dA64-2-full-rank-chunks": (129, 136, 40, 64, False),
-    "simt-dBdb-dA64": (129, 136, 40, 64, True),
-    "simt-gb-dBdb-dA-3-rank-chunks": (70, 48, 33, 65, True),
+    "r15-one-rank-tile-vector-loads-and-stores": (130, 72, 136, 15, False),
+    "r16-element-loads-and-stores": (130, 70, 45, 16, True),
+    "r31-with-db-fills-one-rank-tile": (257, 40, 72, 31, True),
+    "r32-with-db-needs-a-second-rank-tile": (257, 40, 72, 32, True),
+    "r33-two-rank-tiles-two-lora-chunks": (257, 40, 72, 33, True),
+    "r64-two-full-rank-tiles": (129, 136, 40, 64, False),
+    "r65-three-rank-tiles": (70, 48, 33, 65, True),
     "vector-loads-element-stores": (130, 72, 45, 8, True),
-    "grouped-raster-9x3-tiles": (1100, 136, 300, 16, True),
+    "three-splits-grouped-raster-9x3-tiles": (1100, 136, 300, 16, True),
 }
 
 
@@ -157,9 +159,9 @@ def test_float64(M, K, N, r):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_gpass_several_row_and_column_tiles(dtype):
-    """M > 16384 gives each g-pass block several 64-row tiles and many reduction slices;
-    N = 200 gives it several 64-column tiles of g (the last one partial)."""
+def test_reductions_over_many_splits_and_column_tiles(dtype):
+    """M = 16500 gives dB|db and dA 33 split-M slices (the last one partial) and the tall
+    GEMMs 129 row tiles; N = 200 gives the wide dB GEMM two 128-column tiles of g."""
     check_parity(16500, 40, 200, 8, dtype, True, dropout_p=0.1, device="cuda")
 
 

@@ -15,7 +15,7 @@ from lora_fused import (
     parameter_report,
     unmerge_lora,
 )
-from parity import assert_parity
+from parity import assert_all_parity
 
 segment_anything = pytest.importorskip("segment_anything")
 from sam_float64 import sam_in_float64  # noqa: E402
@@ -68,8 +68,7 @@ def lora_names(model: nn.Module) -> list[str]:
 
 def assert_same_outputs(actual, expected, float64_outputs):
     """Two computations of one SAM function (DESIGN.md §5's rule on embeddings and logits)."""
-    for name, value, baseline, exact in zip(("embeddings", "logits"), actual, expected, float64_outputs, strict=True):
-        assert_parity(name, value, baseline, exact)
+    assert_all_parity(("embeddings", "logits"), actual, expected, float64_outputs)
 
 
 def run_sam_float64(sam: Sam, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -109,6 +109,10 @@ def test_peft_option_names_and_a_dict_config_mean_the_same_as_ours():
     (lambda m: inject_lora(m, rank_pattern={"(": 2}), "rank_pattern key '\\(' is not a valid regular expression"),
     (lambda m: inject_lora(m, rank_pattern={"qkv": 0}), "a rank must be an integer >= 1"),
     (lambda m: inject_lora(m, alpha_pattern={"qkv": float("nan")}), "alpha must be a finite number"),
+    (lambda m: inject_lora(m, rank=0), "inject_lora: rank must be an integer >= 1"),
+    (lambda m: inject_lora(m, {"r": 0}), "inject_lora: config: r must be an integer >= 1"),
+    (lambda m: inject_lora(m, target_modules="blocks.(qkv"), r"target_modules 'blocks.\(qkv' is not a valid regular"),
+    (lambda m: inject_lora(m, exclude_modules=3), "exclude_modules must be null, a regex string, a list"),
     (lambda m: inject_lora(m, modules_to_save=["no_such"]), "'no_such' matches no module"),
     (lambda m: inject_lora(m, target_modules=["qkv"], modules_to_save=["blocks.0"]), "either trained fully"),
 ])
@@ -120,6 +124,33 @@ def test_bad_options_are_refused_before_the_model_changes(call, message):
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+
+
+def test_target_modules_may_be_any_iterable_of_names():
+    model = encoder()
+    inject_lora(model, target_modules=(name for name in ("qkv", "head")))  # matched against every module
+    assert sorted(our_layers(model)) == ["blocks.0.qkv", "blocks.1.qkv", "head"]
+
+
+def test_modules_to_save_select_each_module_once_and_nothing_inside_lora_layers(tmp_path):
+    from lora_fused.inject import select_modules_to_save
+
+    def aliased():
+        model = encoder()
+        model.extra = nn.ModuleDict({"head": model.head, "qkv": model.blocks[0]["qkv"]})  # second names
+        return model
+
+    model = aliased()
+    inject_lora(model, target_modules=["qkv"], modules_to_save=["head"])
+    assert isinstance(model.extra["qkv"], LoRALinear) and model.extra["head"] is model.head
+    assert [name for name, _ in select_modules_to_save(model, ["head"])] == ["head"]
+    assert select_modules_to_save(model, ["default"]) == []  # an adapter is no module of the model, by any name
+    with pytest.raises(ValueError, match="'default' matches no module"):
+        inject_lora(model, target_modules=["proj"], modules_to_save=["default"])
+    save_adapter(model, tmp_path)  # the second name is the same module, not another one PEFT would select
+    fresh = aliased()
+    load_adapter(fresh, tmp_path)
+    assert torch.equal(fresh.head.weight, model.head.weight) and fresh.extra["head"] is fresh.head
 
 
 def train_a_little(model, seed):

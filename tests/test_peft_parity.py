@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from lora_fused import LoRALinear, from_peft, set_adapter
-from parity import assert_parity, forward_backward, in_float64
+from parity import assert_all_parity, assert_parity, forward_backward, in_float64
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -63,9 +63,7 @@ def test_same_outputs_and_gradients(backend, bias, rank, alpha, use_rslora, shap
     exact = forward_backward(in_float64(layer), x.double(), grad.double(), peft_lora_params)
     peft_values = forward_backward(layer, x, grad, peft_lora_params)
     our_values = forward_backward(ours, x, grad, lambda m: [m.lora_A, m.lora_B])
-    for name, value, peft_value, exact_value in zip(("y", "dx", "dA", "dB"), our_values, peft_values, exact,
-                                                    strict=True):
-        assert_parity(name, value, peft_value, exact_value)
+    assert_all_parity(("y", "dx", "dA", "dB"), our_values, peft_values, exact)
     assert ours.weight.grad is None and layer.base_layer.weight.grad is None
     if bias:
         assert ours.bias.grad is None and layer.base_layer.bias.grad is None

@@ -262,6 +262,29 @@ def test_empty_masks_are_kept_or_dropped_not_fatal(tmp_path, caplog):
     assert kept.names == ["a", "c"]
 
 
+class CountingSamples:
+    """A generic data set that counts how often each sample is read."""
+
+    def __init__(self, samples):
+        self.samples, self.reads = samples, [0] * len(samples)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        self.reads[index] += 1
+        return self.samples[index]
+
+
+def test_dropping_empty_masks_of_a_generic_dataset_reads_each_sample_once():
+    full = np.zeros((8, 8), bool)
+    full[2:5, 2:5] = True
+    samples = CountingSamples([{"image": np.zeros((8, 8, 3), np.uint8), "mask": mask, "name": name}
+                               for name, mask in (("a", full), ("b", np.zeros((8, 8), bool)), ("c", full))])
+    kept = check_dataset(samples, drop_empty_masks=True)
+    assert list(kept.indices) == [0, 2] and samples.reads == [1, 1, 1]
+
+
 def test_generic_datasets_are_validated_sample_by_sample():
     assert validate_dataset(SyntheticPolypDataset(3, 32, seed=0)) == []
     bad = [

@@ -172,6 +172,28 @@ def test_predict_on_the_kvasir_sample_from_a_run_and_from_the_exported_file(lora
         assert np.array_equal(from_run[name], from_file[name]), name
 
 
+@needs_kvasir
+def test_predict_scores_each_image_as_evaluate_does(lora_run, tmp_path):
+    """predict runs evaluate's batched prediction: the same images, boxes and batches give the
+    same masks, hence the same per-image scores (one computation: compared exactly)."""
+    from examples.sam_polyp.data import load_image_mask_folders
+    from examples.sam_polyp.evaluate import evaluate
+    from examples.sam_polyp.predict import image_files, jobs_from_masks, load_model, predict
+    from examples.sam_polyp.preprocess import PromptedSegmentation
+
+    run_dir, _ = lora_run
+    quiet = lambda *a: None  # noqa: E731
+    model, preprocess = load_model(str(run_dir), None, None, None, None, quiet)
+    jobs = jobs_from_masks(image_files(KVASIR / "images"), KVASIR / "masks", quiet)
+    predicted = predict(model, jobs, tmp_path, preprocess, torch.device("cpu"), batch_size=2, log=quiet)
+    dataset = PromptedSegmentation(load_image_mask_folders(KVASIR / "images", KVASIR / "masks"), model.img_size,
+                                   preprocess=preprocess)
+    evaluated = evaluate(model, dataset, DistContext(), batch_size=2)
+    assert len(jobs) == len(dataset) == 5
+    assert {Path(row["name"]).stem: (row["dice"], row["iou"]) for row in predicted["per_image"]} == \
+        {row["name"]: (row["dice"], row["iou"]) for row in evaluated["per_image"]}
+
+
 def test_box_csv_errors_name_the_line(tmp_path):
     path = tmp_path / "boxes.csv"
     path.write_text("file,x0,y0,x1,y1\na.jpg,1,2,3\n")

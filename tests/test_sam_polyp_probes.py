@@ -2,6 +2,7 @@
 checkpoints, divergence, odd data, train/test overlap. Each failed once as a new user met it."""
 
 import logging
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -212,6 +213,27 @@ def test_a_test_image_that_is_also_a_training_image_is_refused_naming_both(tmp_p
     (tmp_path / "other" / "images" / "renamed.bmp").unlink()
     (tmp_path / "other" / "masks" / "renamed.png").unlink()
     load_data(cfg, DistContext())  # disjoint: accepted
+
+
+def test_the_checks_before_training_decode_each_image_once(tmp_path, monkeypatch):
+    """Validation, the input-size check and the overlap check share one decode per image file."""
+    from examples.sam_polyp import data
+
+    rng = np.random.default_rng(2)
+    _write_pairs(tmp_path / "train_set", 12, rng)
+    _write_pairs(tmp_path / "other", 3, rng, offset=100)
+    decoded, open_decoded = [], data._open_decoded
+    monkeypatch.setattr(data, "_open_decoded", lambda path, what: decoded.append((what, path.name)) or
+                        open_decoded(path, what))
+    load_data(ExperimentConfig(data=str(tmp_path / "train_set"), test_data=[str(tmp_path / "other")]), DistContext())
+    names = [f"f{i}.png" for i in range(12)] + ["f100.png", "f101.png", "f102.png"]
+    assert sorted(decoded) == sorted((what, name) for what in ("image", "mask") for name in names)
+
+    image = tmp_path / "other" / "images" / "f100.png"  # a file changed on disk is decoded again
+    Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(image)
+    os.utime(image, ns=(1, 1))
+    decoded.clear()
+    assert data.image_facts(image).hw == (24, 32) and decoded == [("image", "f100.png")]
 
 
 def test_overlap_check_compares_pixels_not_names(tmp_path):

@@ -23,13 +23,14 @@ box-prompted evaluation and logs which files it left out.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, TypedDict
 
@@ -129,13 +130,41 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return read_mask_gray(path) > MASK_THRESHOLD
 
 
-def image_size(path: Path) -> tuple[int, int] | None:
-    """(height, width) from the header, or None when unreadable (decoding is checked elsewhere)."""
+def pixel_hash(image: np.ndarray) -> str:
+    """SHA-256 of an image's shape and uint8 pixels."""
+    digest = hashlib.sha256(repr(image.shape).encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the checks before training need of one image file: its size (the input-size check)
+    and its pixel hash (the train/test overlap check)."""
+
+    hw: tuple[int, int]
+    pixel_hash: str
+
+
+# Facts per file version (path, size, modification time): validation decodes each image once and
+# the later checks read from here; a file changed on disk is decoded again.
+_IMAGE_FACTS: dict[tuple[str, int, int], ImageFacts] = {}
+
+
+def image_facts(path: str | os.PathLike) -> ImageFacts:
+    """:class:`ImageFacts` of an image file, decoded on the first call for this version of the
+    file and remembered; raises as :func:`read_image` does, naming the file."""
+    path = Path(path)
     try:
-        with Image.open(path) as img:
-            return img.height, img.width
-    except Exception:  # noqa: BLE001 - any header failure just means "unknown size"
-        return None
+        stat = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    key = (str(path.absolute()), stat.st_size, stat.st_mtime_ns)
+    facts = _IMAGE_FACTS.get(key)
+    if facts is None:
+        image = read_image(path)
+        facts = _IMAGE_FACTS[key] = ImageFacts(image.shape[:2], pixel_hash(image))
+    return facts
 
 
 # --------------------------------------------------------------------------------------
@@ -151,13 +180,15 @@ class DataProblem:
 
     kind: ``unreadable_image``, ``unreadable_mask``, ``missing_mask``, ``missing_image``,
     ``size_mismatch``, ``duplicate_stem``, ``faint_mask``, ``bad_sample``, ``bad_size`` (errors) or
-    ``empty_mask``, ``full_mask`` (warnings).
+    ``empty_mask``, ``full_mask`` (warnings). ``index``: the sample (pair) it belongs to, where
+    it belongs to one.
     """
 
     kind: str
     path: str
     message: str
     severity: Severity = "error"
+    index: int | None = None
 
     def __str__(self) -> str:
         return f"[{self.severity}] {self.message}"
@@ -461,7 +492,7 @@ def _check_pair(image_path: Path, mask_path: Path) -> list[DataProblem]:
     problems = []
     image_hw = mask_hw = None
     try:
-        image_hw = read_image(image_path).shape[:2]
+        image_hw = image_facts(image_path).hw
     except FileNotFoundError:
         problems.append(DataProblem("missing_image", str(image_path), f"image file not found: {image_path}"))
     except UnreadableFileError as err:
@@ -510,19 +541,12 @@ def validate_dataset(dataset, *, num_threads: int | None = None) -> list[DataPro
     if isinstance(dataset, PolypFolderDataset):
         threads = num_threads or min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            per_pair = list(pool.map(lambda pair: _check_pair(*pair), dataset.pairs))
-        return list(dataset.pairing_problems) + [p for found in per_pair for p in found]
-    problems = []
-    for index in range(len(dataset)):
-        problems += _check_sample(dataset[index], index)
-    return problems
-
-
-def _empty_mask_indices(dataset, problems: Sequence[DataProblem]) -> list[int]:
-    empty = {p.path for p in problems if p.kind == "empty_mask"}
-    if isinstance(dataset, PolypFolderDataset):
-        return [i for i, (_, mask) in enumerate(dataset.pairs) if str(mask) in empty]
-    return [i for i in range(len(dataset)) if f"sample {dataset[i]['name']!r} (index {i})" in empty]
+            per_sample = list(pool.map(lambda pair: _check_pair(*pair), dataset.pairs))
+        problems = list(dataset.pairing_problems)
+    else:
+        per_sample = [_check_sample(dataset[index], index) for index in range(len(dataset))]
+        problems = []
+    return problems + [replace(p, index=index) for index, found in enumerate(per_sample) for p in found]
 
 
 def check_dataset(dataset, *, drop_empty_masks: bool = False, name: str | None = None):
@@ -537,7 +561,7 @@ def check_dataset(dataset, *, drop_empty_masks: bool = False, name: str | None =
         logger.warning("%s", problem)
     if not drop_empty_masks:
         return dataset
-    drop = set(_empty_mask_indices(dataset, problems))
+    drop = {p.index for p in problems if p.kind == "empty_mask"}  # from validation: no sample is read again
     if not drop:
         return dataset
     keep = [i for i in range(len(dataset)) if i not in drop]
@@ -550,17 +574,18 @@ def check_dataset(dataset, *, drop_empty_masks: bool = False, name: str | None =
 
 
 def check_input_sizes(datasets: dict, long_side: int, preprocess: str = "sam") -> None:
-    """Every image of the folder-backed ``datasets`` (read from file headers) can be resized to
-    a ``long_side`` px model input; otherwise one error names every file that cannot."""
+    """Every image of the folder-backed ``datasets`` can be resized to a ``long_side`` px model
+    input; otherwise one error names every file that cannot. Sizes come from :func:`image_facts`
+    (remembered from validation); unreadable files are left to validation to report."""
     from .preprocess import resized_shape
 
     problems = []
     for name, dataset in datasets.items():
         for image_path, _ in getattr(dataset, "pairs", []):
-            size = image_size(image_path)
             try:
-                if size is not None:
-                    resized_shape(*size, long_side, preprocess)
+                resized_shape(*image_facts(image_path).hw, long_side, preprocess)
+            except OSError:  # missing or unreadable: validate_dataset names it
+                continue
             except ValueError as err:
                 problems.append(DataProblem("bad_size", str(image_path), f"image {image_path} ({name}): {err}"))
     if problems:

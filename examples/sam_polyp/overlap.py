@@ -8,13 +8,10 @@ The polyp benchmark split is the case in point: its TrainDataset holds 900 of Kv
 
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
-from .data import read_image
+from .data import image_facts, pixel_hash
 
 _MAX_LISTED = 10  # overlapping pairs spelled out in the error; the rest are counted
 
@@ -23,21 +20,15 @@ class DataOverlapError(ValueError):
     """Test images that are also training images: the evaluation would not be a test."""
 
 
-def pixel_hash(image: np.ndarray) -> str:
-    """SHA-256 of an image's shape and uint8 pixels."""
-    digest = hashlib.sha256(repr(image.shape).encode())
-    digest.update(np.ascontiguousarray(image).tobytes())
-    return digest.hexdigest()
-
-
 def image_hashes(dataset) -> list[tuple[str, str]]:
-    """``(hash, where)`` for every image of ``dataset``: file paths for a folder data set
-    (decoded in a few threads; PIL releases the GIL), sample names for any other."""
+    """``(hash, where)`` for every image of ``dataset``: file paths for a folder data set (from
+    :func:`image_facts`, remembered from validation; any image not seen yet is decoded in a few
+    threads, PIL releasing the GIL), sample names for any other."""
     pairs = getattr(dataset, "pairs", None)
     if pairs is not None:
         paths = [image for image, _ in pairs]
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            hashes = list(pool.map(lambda path: pixel_hash(read_image(path)), paths))
+            hashes = list(pool.map(lambda path: image_facts(path).pixel_hash, paths))
         return list(zip(hashes, map(str, paths)))
     return [(pixel_hash(sample["image"]), str(sample.get("name", i)))
             for i, sample in ((i, dataset[i]) for i in range(len(dataset)))]

@@ -24,11 +24,11 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .data import IMAGE_EXTENSIONS, DataValidationError, load_image_mask_folders, read_image, read_mask
-from .evaluate import autocast_context
+from .evaluate import predict_masks
 from .export import merged_sam, sidecar_path
 from .metrics import MetricTotals, dice_iou
 from .model import BoxPromptSam, build_sam, model_input_size
-from .preprocess import box_from_mask, logits_to_original, preprocess_image, scale_box
+from .preprocess import box_from_mask, preprocess_image
 from .report import overlay_image, write_json
 
 
@@ -154,12 +154,9 @@ def predict(model: BoxPromptSam, jobs: list[Job], out: Path, preprocess: str, de
     for first in tqdm(range(0, len(jobs), batch_size), desc="predict", unit="batch"):
         chunk = jobs[first : first + batch_size]
         pictures = [read_image(job.image) for job in chunk]
-        inputs = [preprocess_image(picture, size, preprocess) for picture in pictures]
-        boxes = np.stack([scale_box(job.box, pic.shape[:2], hw) for job, pic, (_, hw) in zip(chunk, pictures, inputs)])
-        with autocast_context(device, amp_dtype):
-            logits, _ = model(torch.stack([x for x, _ in inputs]).to(device), torch.from_numpy(boxes).to(device))
-        for i, (job, picture) in enumerate(zip(chunk, pictures)):
-            pred = (logits_to_original(logits[i], inputs[i][1], picture.shape[:2], size) > 0).cpu().numpy()
+        batch = _prompted_batch(pictures, [job.box for job in chunk], size, preprocess)
+        for job, picture, pred in zip(chunk, pictures, predict_masks(model, batch, size, device, amp_dtype)):
+            pred = pred.numpy()
             truth = read_mask(job.mask) if job.mask is not None else None
             if truth is not None and truth.shape != pred.shape:
                 raise PredictError(f"mask {job.mask} is {truth.shape[1]}x{truth.shape[0]} but image {job.image} is "
@@ -186,6 +183,13 @@ def predict(model: BoxPromptSam, jobs: list[Job], out: Path, preprocess: str, de
     if totals.count:
         log(f"Dice {summary['dice']:.3f}  IoU {summary['iou']:.3f}  (mean over {summary['images']} images with masks)")
     return metrics
+
+
+def _prompted_batch(pictures: list[np.ndarray], boxes: list[np.ndarray], size: int, preprocess: str) -> dict:
+    """Images and their pixel boxes as the collated batch that :func:`predict_masks` takes."""
+    inputs = [preprocess_image(picture, size, preprocess) for picture in pictures]
+    return {"image": torch.stack([x for x, _ in inputs]), "box": np.stack(boxes),
+            "original_hw": [picture.shape[:2] for picture in pictures], "input_hw": [hw for _, hw in inputs]}
 
 
 def run_predict(args, device: torch.device, amp_dtype, log=print) -> dict:

@@ -171,11 +171,12 @@ def collate(items: list[dict]) -> dict:
 
 def prompt_boxes(batch: dict, img_size: int, jitter: float = 0.0, seed: int = 0, epoch: int = 0) -> torch.Tensor:
     """Boxes for a collated batch in the model input frame; jittered from a generator keyed on
-    ``(seed, epoch, sample index)`` when ``jitter > 0``, exact otherwise."""
+    ``(seed, epoch, sample index)`` when ``jitter > 0`` (only then is ``batch["index"]`` read),
+    exact otherwise."""
     boxes = []
-    for box, hw, input_hw, index in zip(batch["box"], batch["original_hw"], batch["input_hw"], batch["index"]):
+    for i, (box, hw, input_hw) in enumerate(zip(batch["box"], batch["original_hw"], batch["input_hw"])):
         if jitter > 0:
-            box = jitter_box(box, hw, jitter, np.random.default_rng([seed, epoch, index]))
+            box = jitter_box(box, hw, jitter, np.random.default_rng([seed, epoch, batch["index"][i]]))
         boxes.append(scale_box(box, hw, input_hw))
     return torch.from_numpy(np.stack(boxes))
 

@@ -1,8 +1,10 @@
 // Host-side checks of the layout assumptions in csrc/cuda_sm80_mainloop.cuh (run by
 // tests/test_cuda_sm80_layouts.py): load_stage writes 8-element chunks at layout(row, k,
 // stage), so every shared-memory layout must be a bijection whose chunks along the
-// contiguous dimension stay contiguous and 16-byte aligned; the epilogue pairs acc(i)
-// with partition_C's coordinate i, which must cover the block tile exactly once; and
+// contiguous dimension stay contiguous and 16-byte aligned, and the threads' chunks must
+// cover each stage once; the epilogue pairs acc(i)
+// with partition_C's coordinate i, which must cover the block tile exactly once (the
+// 128×128 tile and cuda_sm80_thin.cu's 128×32 and 32×128 ones); and
 // grouped_tile must visit every tile once. Prints the counts, exits non-zero on a problem.
 #include "cuda_sm80_mainloop.cuh"
 #include <cstdio>
@@ -35,20 +37,41 @@ int check_layout(const char* name) {
   return bad;
 }
 
-template <class T>
-int check_partition_c() {
-  TiledMmaFor<T> mma;
-  std::vector<int> seen(kBM * kBN, 0);
+template <class Mma, int kRows, int kCols>
+int check_partition_c(const char* name) {
+  Mma mma;
+  if (size(mma) != kThreads) { printf("%s: %d threads, expected %d\n", name, int(size(mma)), kThreads); return 1; }
+  std::vector<int> seen(kRows * kCols, 0);
   for (int t = 0; t < kThreads; ++t) {
     auto thr = mma.get_slice(t);
-    Tensor c = thr.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
-    Tensor acc = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});
-    if (size(c) != size(acc)) { printf("size mismatch\n"); return 1; }
-    for (int i = 0; i < size(c); ++i) seen[get<0>(c(i)) * kBN + get<1>(c(i))]++;
+    Tensor c = thr.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kCols>>{}));
+    Tensor acc = partition_fragment_C(mma, Shape<Int<kRows>, Int<kCols>>{});
+    if (size(c) != size(acc)) { printf("%s: size mismatch\n", name); return 1; }
+    for (int i = 0; i < size(c); ++i) seen[get<0>(c(i)) * kCols + get<1>(c(i))]++;
   }
   int bad = 0;
   for (int v : seen) if (v != 1) ++bad;
-  printf("partition_C covers the 128x128 tile once per element: problems %d\n", bad);
+  printf("%s: partition_C covers the %dx%d tile once per element: problems %d\n", name, kRows, kCols, bad);
+  return bad;
+}
+
+// The chunks load_stage copies (and transform_stage rewrites): over the block's threads,
+// every element of a kRows × kBK stage exactly once, including tiles with fewer chunks
+// than threads (the 32-rank operands).
+template <bool kKMajor, int kRows>
+int check_chunks(const char* name) {
+  std::vector<int> seen(kRows * kBK, 0);
+  int bad = 0;
+  for (int t = 0; t < kThreads; ++t)
+    for_each_chunk_of_thread<kKMajor, kRows>(t, [&](int rr, int kk) {
+      for (int e = 0; e < kChunk; ++e) {
+        const int row = rr + (kKMajor ? 0 : e), k = kk + (kKMajor ? e : 0);
+        if (row >= kRows || k >= kBK) { ++bad; continue; }
+        seen[row * kBK + k]++;
+      }
+    });
+  for (int v : seen) if (v != 1) ++bad;
+  printf("%s: chunks cover the %dx%d stage once per element: problems %d\n", name, kRows, kBK, bad);
   return bad;
 }
 
@@ -58,7 +81,13 @@ int main() {
   bad += check_layout<MNMajorSmem<kBN, kStages>, false, kBN, kStages>("MN-major B stages");
   bad += check_layout<KMajorSmem<kBN, 1>, true, kBN, 1>("K-major lora");
   bad += check_layout<MNMajorSmem<kBN, 1>, false, kBN, 1>("MN-major lora");
-  bad += check_partition_c<cute::half_t>();
+  bad += check_layout<KMajorSmem<kRankTile, kStages>, true, kRankTile, kStages>("K-major 32-rank stages (thin)");
+  bad += check_chunks<true, kBM>("K-major 128-row chunks");
+  bad += check_chunks<false, kBN>("MN-major 128-row chunks");
+  bad += check_chunks<true, kRankTile>("K-major 32-rank chunks");
+  bad += check_partition_c<TiledMmaFor<cute::half_t>, kBM, kBN>("128x128 GEMM tile");
+  bad += check_partition_c<TallMma<cute::bfloat16_t>, kBM, kRankTile>("tall thin tile");
+  bad += check_partition_c<WideMma<cute::half_t>, kRankTile, kBN>("wide thin tile");
   // the grouped raster visits every tile once
   for (long tm : {1L, 3L, 9L, 17L}) for (long tn : {1L, 2L, 5L}) {
     std::vector<int> seen(tm * tn, 0);
