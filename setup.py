@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -45,7 +46,7 @@ from setuptools import setup
 ROOT = Path(__file__).parent.resolve()
 DEFAULT_ARCHS = "8.0+PTX;9.0a"
 NVCC_KEEP_DIR = ROOT / "build" / "nvcc"  # nvcc intermediates, read by tests/test_cuda_ptxas.py
-CPU_SOURCES = ["csrc/module.cpp", "csrc/checks.cpp", "csrc/cpu_ops.cpp"]
+CPU_SOURCES = ["csrc/module.cpp", "csrc/checks.cpp", "csrc/cpu_ops.cpp", "csrc/cpu_brgemm.cpp"]
 CUDA_SOURCES = ["csrc/cuda_ops.cpp", "csrc/cuda_simt.cu", "csrc/cuda_sm80.cu", "csrc/cuda_sm80_thin.cu"]
 
 
@@ -143,7 +144,10 @@ def extensions_and_cmdclass():
               "(install torch first and build with --no-build-isolation)")
         return [], {}
 
-    cxx_flags = ["-O3"]  # torch adds the C++ standard it needs (C++20 for torch >= 2.10)
+    # at::parallel_for (ATen is built with OpenMP) runs in parallel only in code compiled with
+    # OpenMP: without the flag every row/tile loop of the C++ CPU kernels ran on one thread.
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3", *openmp]  # torch adds the C++ standard it needs (C++20 for torch >= 2.10)
     skip_reason = _cuda_reason_to_skip(torch, CUDA_HOME)
     if skip_reason is None:
         archs = os.environ.get("LORA_FUSED_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
@@ -168,10 +172,12 @@ def extensions_and_cmdclass():
             CPU_SOURCES + CUDA_SOURCES,
             include_dirs=[str(cutlass)],
             extra_compile_args={"cxx": cxx_flags + ["-DLORA_FUSED_WITH_CUDA=1"], "nvcc": nvcc_flags},
+            extra_link_args=openmp,
         )
     else:
         print(f"lora_fused: building the CPU kernels only ({skip_reason})")
-        extension = CppExtension("lora_fused._C", CPU_SOURCES, extra_compile_args={"cxx": cxx_flags})
+        extension = CppExtension("lora_fused._C", CPU_SOURCES, extra_compile_args={"cxx": cxx_flags},
+                                 extra_link_args=openmp)
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -17,19 +17,28 @@ namespace lora_fused {
 
 namespace detail {
 
+// The ISA clones below only pay off when the loop is compiled inside each clone.
+#if defined(__GNUC__)
+#define LORA_FUSED_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define LORA_FUSED_ALWAYS_INLINE inline
+#endif
+
+// Tile [row0, row0 + rows) x [col0, col0 + width) of an input with `cols` columns, written
+// with leading dimension ld_out.
 template <typename scalar_t>
-inline void fill_keep_factor_impl(scalar_t* out, int64_t rows, int64_t cols, int64_t row0, uint32_t seed,
-                                  uint32_t threshold, scalar_t kept) {
+LORA_FUSED_ALWAYS_INLINE void fill_keep_factor_impl(scalar_t* out, int64_t ld_out, int64_t rows, int64_t row0, int64_t col0,
+                                  int64_t width, int64_t cols, uint32_t seed, uint32_t threshold, scalar_t kept) {
   for (int64_t i = 0; i < rows; ++i) {
-    const uint64_t row_begin = static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(cols);
-    scalar_t* out_row = out + i * cols;
+    const uint64_t row_begin = static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(cols) + static_cast<uint64_t>(col0);
+    scalar_t* out_row = out + i * ld_out;
     int64_t j = 0;
-    while (j < cols) {
+    while (j < width) {
       // [j, run_end) shares the high word of its linear index, so the key is constant there.
       const uint64_t idx = row_begin + static_cast<uint64_t>(j);
       const uint64_t to_wrap = (uint64_t{1} << 32) - (idx & 0xFFFFFFFFull);
       const int64_t run_end = static_cast<int64_t>(
-          std::min<uint64_t>(static_cast<uint64_t>(cols), static_cast<uint64_t>(j) + to_wrap));
+          std::min<uint64_t>(static_cast<uint64_t>(width), static_cast<uint64_t>(j) + to_wrap));
       const uint32_t key = mix32(seed ^ (static_cast<uint32_t>(idx >> 32) * 0x9E3779B9u));
       const uint32_t lo0 = static_cast<uint32_t>(idx) - static_cast<uint32_t>(j);
       for (int64_t c = j; c < run_end; ++c) {
@@ -45,7 +54,8 @@ inline void fill_keep_factor_impl(scalar_t* out, int64_t rows, int64_t cols, int
 }  // namespace detail
 
 // out[i * cols + c] = keep(row0 + i, c) ? 1 / (1 - p) : 0 for an [rows, cols] block of an
-// input with `cols` columns (the linear index of dropout_hash.h is (row0 + i) * cols + c).
+// input with `cols` columns (the linear index of dropout_hash.h is (row0 + i) * cols + c),
+// or for a tile of it (fill_keep_factor_tile).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define LORA_FUSED_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -53,11 +63,21 @@ inline void fill_keep_factor_impl(scalar_t* out, int64_t rows, int64_t cols, int
 #endif
 
 LORA_FUSED_CPU_CLONES inline void fill_keep_factor(float* out, int64_t rows, int64_t cols, int64_t row0, const DropoutSpec& spec) {
-  detail::fill_keep_factor_impl(out, rows, cols, row0, spec.seed, spec.threshold, static_cast<float>(spec.scale));
+  detail::fill_keep_factor_impl(out, cols, rows, row0, 0, cols, cols, spec.seed, spec.threshold,
+                                static_cast<float>(spec.scale));
 }
 
 inline void fill_keep_factor(double* out, int64_t rows, int64_t cols, int64_t row0, const DropoutSpec& spec) {
-  detail::fill_keep_factor_impl(out, rows, cols, row0, spec.seed, spec.threshold, spec.scale);
+  detail::fill_keep_factor_impl(out, cols, rows, row0, 0, cols, cols, spec.seed, spec.threshold, spec.scale);
+}
+
+// The factor of one tile, rows [row0, row0 + rows) and columns [col0, col0 + width) of an
+// input with `cols` columns, into out[i * ld_out + j].
+LORA_FUSED_CPU_CLONES inline void fill_keep_factor_tile(float* out, int64_t ld_out, int64_t row0, int64_t rows,
+                                                        int64_t col0, int64_t width, int64_t cols,
+                                                        const DropoutSpec& spec) {
+  detail::fill_keep_factor_impl(out, ld_out, rows, row0, col0, width, cols, spec.seed, spec.threshold,
+                                static_cast<float>(spec.scale));
 }
 
 }  // namespace lora_fused

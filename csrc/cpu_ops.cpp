@@ -11,15 +11,20 @@
 // dx backward) run over row blocks of kDropoutBlockRows rows, each block's mask factor
 // hashed once and held in a cache-sized buffer; backward shares it between dx and dA.
 //
-// Rounding order (lora_fused/reference.py): fp16/bf16 operands are widened to fp32 once per
-// call, products accumulate in fp32, xa and gb enter the next product rounded to the input
-// dtype unscaled, s multiplies the fp32 accumulator, y and dx are rounded once at the end.
-// ATen exposes no bf16×bf16→fp32 GEMM on CPU to extensions (mm.dtype is CUDA-only and the
-// cpublas overloads are not exported), so reduced dtypes run the fp32 GEMM on widened copies.
+// Rounding order (lora_fused/reference.py): products accumulate in fp32, xa and gb enter the
+// next product rounded to the input dtype unscaled, s multiplies the fp32 accumulator, y and
+// dx are rounded once at the end.
+//
+// Routes: fp32 and fp64 run the BLAS calls below. bf16 and fp16 run cpu_brgemm.cpp's tiles
+// of oneDNN's bf16×bf16→fp32 micro-kernel where it serves the call (the CPU has the dtype's
+// dot-product instructions, oneDNN is enabled, x / grad_y have unit column stride and the
+// reductions are even: brgemm_serves_*); otherwise the same BLAS calls on fp32 copies
+// widened once per call, the correct but 3-5x slower fallback.
 //
 // Determinism: dA with dropout sums fixed row groups (a function of M only, not of the
 // thread count) and adds the group partials in order.
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -33,6 +38,7 @@
 #include <algorithm>
 
 #include "checks.h"
+#include "cpu_brgemm.h"
 #include "cpu_dropout.h"
 
 namespace lora_fused {
@@ -68,7 +74,9 @@ at::Tensor keep_factor(const DropoutSpec& drop, int64_t row0, int64_t rows, int6
 void dropped_projection(at::Tensor& xa, const at::Tensor& x_acc, const at::Tensor& a_t, const DropoutSpec& drop) {
   const int64_t M = x_acc.size(0), K = x_acc.size(1);
   const auto acc = x_acc.options().memory_format(at::MemoryFormat::Contiguous);
+  const at::ThreadLocalState caller_state;  // the ATen ops below run on OpenMP threads: below autograd, as here
   at::parallel_for(0, ceil_div(M, kDropoutBlockRows), 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t row0 = b * kDropoutBlockRows, rows = std::min(kDropoutBlockRows, M - row0);
       at::Tensor x_dropped = keep_factor(drop, row0, rows, K, acc);
@@ -92,6 +100,10 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
   if (s.M == 0) return {y, xa};
 
   const DropoutSpec drop = dropout_spec(dropout_p, seed);
+  if (!native && brgemm_serves_forward(x)) {
+    brgemm_forward(x, weight, bias, lora_A, lora_B, scaling, drop, y, xa);
+    return {y, xa};
+  }
   const at::Tensor x_acc = widened(x, acc);
   const at::Tensor a_t = widened(lora_A, acc).t();  // [K, r]
   if (drop.enabled) {
@@ -122,7 +134,9 @@ at::Tensor dropped_backward_terms(at::Tensor& dx_acc, const at::Tensor& gb, cons
   const int64_t blocks_per_group = ceil_div(blocks, kMaxPartials);
   const int64_t groups = ceil_div(blocks, blocks_per_group);  // every group gets at least one block
   at::Tensor partials = poison_(at::empty({groups, r, K}, acc));
+  const at::ThreadLocalState caller_state;  // as in dropped_projection
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t grp = begin; grp < end; ++grp) {
       at::Tensor partial = partials[grp];
       const int64_t first = grp * blocks_per_group, last = std::min(blocks, first + blocks_per_group);
@@ -164,6 +178,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   }
 
   const DropoutSpec drop = dropout_spec(dropout_p, seed);
+  if (!native && brgemm_serves_backward(grad_y)) {
+    at::Tensor dA = poison_(at::empty({s.r, s.K}, lora_A.options().memory_format(at::MemoryFormat::Contiguous)));
+    at::Tensor dB = poison_(at::empty({s.N, s.r}, lora_B.options().memory_format(at::MemoryFormat::Contiguous)));
+    brgemm_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, drop, dx, dA, dB);
+    if (compute_db) db.copy_(at::sum(grad_y, {0}, /*keepdim=*/false, acc));
+    return {dx, dA, dB, db};
+  }
   const at::Tensor g_acc = widened(grad_y, acc);
   const at::Tensor a_acc = widened(lora_A, acc);  // [r, K]
   const at::Tensor gb = rounded_to(at::mm(g_acc, widened(lora_B, acc)), dtype);  // [M, r]

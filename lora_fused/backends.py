@@ -102,10 +102,37 @@ def _load(name: str) -> Backend:
 
 
 def unavailable_reason(name: str, device: torch.device | str) -> str | None:
-    """Why backend ``name`` cannot serve tensors on ``device``, or None when it can."""
+    """Why backend ``name`` cannot serve tensors on ``device``, or None when it can.
+
+    Cached: the answer depends on no tensor, only on the process (what imported, whether a
+    GPU is visible, fixed once CUDA initialises) and on what the key below holds
+    (TRITON_INTERPRET, and which backends have loaded or failed to), so a call is a dict
+    lookup instead of re-evaluating every candidate on every op (issue 12's review).
+    """
+    device_type = _device_type(device)
+    key = (name, device_type, *_availability_state())
+    if key not in _reason_cache:
+        _reason_cache[key] = _evaluate_unavailable_reason(name, device_type)
+    return _reason_cache[key]
+
+
+_reason_cache: dict[tuple, str | None] = {}
+_auto_cache: dict[tuple, tuple[str, ...]] = {}
+
+
+def _availability_state() -> tuple:
+    """What availability depends on besides the process: TRITON_INTERPRET and the backends
+    loaded or failed so far (tests also edit these registries)."""
+    return _triton_interpreting(), tuple(_loaded), tuple(_load_errors)
+
+
+def _device_type(device: torch.device | str) -> str:
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
+
+
+def _evaluate_unavailable_reason(name: str, device_type: str) -> str | None:
     if name not in BACKEND_NAMES:
         return f"unknown backend {name!r}; expected one of {('auto',) + BACKEND_NAMES}"
-    device_type = torch.device(device).type
     if device_type not in ("cpu", "cuda"):
         return f"backend {name!r} does not support device type {device_type!r} (only cpu and cuda)" if name != "torch" else None
     try:
@@ -141,8 +168,12 @@ def candidate_backend_names(name: str, device_type: str) -> tuple[str, ...]:
         if override and override != "auto":
             name, explicit_source = override, f"{ENV_BACKEND}={override}"
     if name == "auto":
-        available = tuple(c for c in AUTO_ORDER.get(device_type, ("torch",)) if unavailable_reason(c, device_type) is None)
-        return available or ("torch",)
+        order = AUTO_ORDER.get(device_type, ("torch",))
+        key = (device_type, order, *_availability_state())
+        if key not in _auto_cache:
+            available = tuple(c for c in order if unavailable_reason(c, device_type) is None)
+            _auto_cache[key] = available or ("torch",)
+        return _auto_cache[key]
     reason = unavailable_reason(name, device_type)
     if reason is not None:
         raise BackendUnavailableError(f"{explicit_source} {name!r} requested for {device_type} tensors: {reason}")
@@ -157,7 +188,7 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | 
     explicitly named backend is returned as is, and its op raises its own clear error for
     operands it refuses.
     """
-    candidates = candidate_backend_names(name, torch.device(device).type)
+    candidates = candidate_backend_names(name, _device_type(device))
     if dtype is None or rank is None or len(candidates) == 1:
         return _load(candidates[0])
     for candidate in candidates:

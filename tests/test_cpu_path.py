@@ -117,3 +117,23 @@ def test_large_scaling_in_half_precision_does_not_overflow():
     dx, dA, dB, _ = BACKWARD(grad_y, x, weight, lora_A, lora_B, xa, s, 0.0, seed, True, False)
     assert torch.isfinite(y).all() and torch.isfinite(dx).all()
     assert (s * xa.abs().max()).item() > 65504, "the test must make s·xa overflow fp16"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autograd_call_on_two_threads(dtype):
+    """Through autograd on two OpenMP threads: the worker threads run the kernels' ATen ops
+    below autograd like the calling thread (they raised "functions with out=... don't support
+    automatic differentiation" before the thread-local state was passed on)."""
+    import lora_fused
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, weight, bias, lora_A, lora_B = make_inputs(300, 64, 40, 4, dtype, seed=19)
+        for t in (x, lora_A, lora_B):
+            t.requires_grad_()
+        y = lora_fused.lora_linear(x, weight, bias, lora_A, lora_B, SCALING, dropout_p=0.2, backend="cuda")
+        y.float().square().sum().backward()
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.isfinite(t.grad).all() for t in (x, lora_A, lora_B))
