@@ -16,8 +16,12 @@
 namespace lora_fused {
 namespace {
 
-// The SIMT kernels put an output dimension on gridDim.y (at most 65535 tiles of 64).
-constexpr int64_t kMaxGridDimension = int64_t{65535} * 64;
+// Grid limits: gridDim.y (and .z) is at most 65535. The SIMT kernels put one output
+// dimension on gridDim.y in tiles of 64: N (forward), r (xa, gb), K (dx, dA) or r + 1
+// (dB|db). The tensor-core kernels keep every large dimension on gridDim.x; only the tall
+// rank-thin GEMMs (xa, gb) put the rank on gridDim.y, in tiles of 32 (the wide ones put the
+// split-M slices there, at most 64).
+constexpr int64_t kMaxGridY = 65535;
 
 cuda::DType kernel_dtype(at::ScalarType dtype) {
   switch (dtype) {
@@ -46,9 +50,14 @@ int64_t row_stride(const at::Tensor& t) {
   return t.size(0) <= 1 ? t.size(1) : t.stride(0);
 }
 
-void check_grid_limits(const char* op, const Sizes& s) {
-  TORCH_CHECK(s.N <= kMaxGridDimension && s.K <= kMaxGridDimension, op, ": N = ", s.N, " and K = ", s.K,
-              " must be at most ", kMaxGridDimension, " on CUDA");
+void check_grid_limits(const char* op, const Sizes& s, bool tensor_cores) {
+  if (tensor_cores) {
+    TORCH_CHECK(s.r <= kMaxGridY * 32, op, ": rank r = ", s.r, " must be at most ", kMaxGridY * 32, " on CUDA");
+    return;
+  }
+  constexpr int64_t kMax = kMaxGridY * 64;
+  TORCH_CHECK(s.N <= kMax && s.K <= kMax && s.r + 1 <= kMax, op, ": N = ", s.N, ", K = ", s.K, " and r + 1 = ",
+              s.r + 1, " must be at most ", kMax, " on CUDA for fp32/fp64 (SIMT kernels)");
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -57,9 +66,9 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const
                                                       const at::Tensor& seed) {
   const char* op = "lora_fused::fused_forward";
   const Sizes s = check_forward_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
-  check_grid_limits(op, s);
-  const c10::cuda::CUDAGuard guard(x.device());
   const auto dtype = x.scalar_type();
+  check_grid_limits(op, s, uses_tensor_cores(dtype));
+  const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = poison_(at::empty({s.M, s.N}, x.options()));
   at::Tensor xa = poison_(at::empty({s.M, s.r}, x.options().dtype(accumulator_type(dtype))));
   if (s.M == 0) return {y, xa};
@@ -84,7 +93,8 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const
   args.dropout = dropout_spec(dropout_p, seed);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // xa first (the pre-pass hashes each dropout element once), then the GEMM reads it.
+  // xa first, then the GEMM reads it. The pre-pass hashes each dropout element once per
+  // rank tile (tensor cores: 32 ranks, so once for r <= 32; SIMT: 64).
   if (uses_tensor_cores(dtype)) {
     check_launch(cuda::sm80_xa(args, stream), op, "tensor-core xa = dropout(x)·lora_Aᵀ");
     check_launch(cuda::sm80_forward(args, stream), op, "tensor-core forward");
@@ -101,9 +111,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
     bool compute_dx, bool compute_db) {
   const char* op = "lora_fused::fused_backward";
   const Sizes s = check_backward_args(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed);
-  check_grid_limits(op, s);
-  const c10::cuda::CUDAGuard guard(x.device());
   const auto dtype = x.scalar_type();
+  check_grid_limits(op, s, uses_tensor_cores(dtype));
+  const c10::cuda::CUDAGuard guard(x.device());
   const auto acc_options = x.options().dtype(accumulator_type(dtype));
   at::Tensor dx = compute_dx ? poison_(at::empty({s.M, s.K}, grad_y.options())) : at::empty({0}, grad_y.options());
   at::Tensor db = poison_(at::empty({compute_db ? s.N : 0}, grad_y.options()));

@@ -3,7 +3,7 @@
 // composition, not copies of the mainloop:
 //
 // Forward: y = round(acc(x·Wᵀ) + b + s·acc(round(xa)·Bᵀ)). xa comes from the pre-pass
-// (simt_xa, which hashes each dropout element once). The block first runs the rank-r
+// (sm80_xa in cuda_sm80_thin.cu, which hashes each dropout element once per 32-rank tile). The block first runs the rank-r
 // product round(xa)·Bᵀ through one extra shared-memory stage (while the first kStages-1
 // k-tiles of x and W are already in flight), scales those fp32 accumulators by s, then
 // runs the K pipeline of x·Wᵀ on top of them; bias and the single rounding in the

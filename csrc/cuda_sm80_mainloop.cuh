@@ -180,18 +180,24 @@ __device__ __forceinline__ void load_stage(T* smem, L layout, int stage, const O
 }
 
 // Rewrites, in place, the chunks of stage `stage` this thread loaded with load_stage:
-// element (row0 + rr, k0 + kk) becomes T(f(v, row, k)). Call it after cp_async_wait has
-// covered the stage and before the barrier that publishes it (BlockMma::pipeline's
-// `landed` hook): no other thread touches these chunks in between.
+// element (row0 + rr, k0 + kk) becomes T(f(v, row, k)). Call it after cp_async_wait_group
+// has covered the stage and before the barrier that publishes it (BlockMma::pipeline's
+// `landed` hook): no other thread touches these chunks in between. A chunk is one aligned
+// 16-byte unit of shared memory (tests/cuda/sm80_layout_check.cu), so it is read and
+// written back with one 16-byte access each, converted in registers.
 template <bool kKMajor, int kRows, class T, class L, class F>
 __device__ __forceinline__ void transform_stage(T* smem, L layout, int stage, int64_t row0, int64_t k0, F&& f) {
+  static_assert(kChunk * sizeof(T) == sizeof(uint4), "a chunk is one 16-byte unit");
   for_each_own_chunk<kKMajor, kRows>([&](int rr, int kk) {
-    T* dst = smem + layout(rr, kk, stage);
+    uint4* chunk = reinterpret_cast<uint4*>(smem + layout(rr, kk, stage));
+    uint4 bits = *chunk;
+    T* values = reinterpret_cast<T*>(&bits);
 #pragma unroll
     for (int e = 0; e < kChunk; ++e) {
       const int64_t row = row0 + rr + (kKMajor ? 0 : e), k = k0 + kk + (kKMajor ? e : 0);
-      dst[e] = T(f(static_cast<float>(dst[e]), row, k));
+      values[e] = T(f(static_cast<float>(values[e]), row, k));
     }
+    *chunk = bits;
   });
 }
 
@@ -220,7 +226,7 @@ struct BlockMma {
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
       if (s < k_tiles) load(s, static_cast<int64_t>(s));
-      cp_async_fence();
+      cp_async_commit_group();
     }
   }
 
@@ -264,17 +270,17 @@ struct BlockMma {
                                   Landed&& landed = Landed{}) {
     with_views(acc, a_s, LayoutA{}, b_s, LayoutB{}, [&](auto& mma_stage) {
       for (int64_t kt = 0; kt < k_tiles; ++kt) {
-        cp_async_wait<kStages - 2>();
+        cp_async_wait_group<kStages - 2>();  // with a "memory" clobber: `landed` reads the stage
         const int stage = static_cast<int>(kt % kStages);
         landed(stage, kt);
         __syncthreads();  // tile kt visible to all; every warp is done with tile kt - 1
         const int64_t next = kt + kStages - 1;
         if (next < k_tiles) load(static_cast<int>(next % kStages), next);  // refills tile kt - 1's stage
-        cp_async_fence();
+        cp_async_commit_group();
         mma_stage(stage);
       }
     });
-    cp_async_wait<0>();
+    cp_async_wait_group<0>();
     __syncthreads();  // shared memory is free for what follows
   }
 

@@ -204,7 +204,9 @@ Operand<T> rank_transpose(const float* src, int64_t M, int64_t r, bool ones_row,
   const int64_t rows = r + (ones_row ? 1 : 0), ld = rank_operand_ld(M);
   rank_transpose_kernel<T><<<reduce_blocks(rows * ld), 256, 0, stream>>>(src, M, r, rows, ld, workspace);
   *err = cudaGetLastError();
-  return {workspace, ld, rows, ld, true};  // cudaMalloc'd, ld % 8 == 0: 16-byte chunks
+  // ld % 8 == 0 by construction; the base is a fresh allocation today, but whether it is
+  // 16-byte aligned is checked, not assumed (an offset workspace takes the element path).
+  return {workspace, ld, rows, ld, vector_loadable(workspace, ld, ld)};
 }
 
 template <class T>

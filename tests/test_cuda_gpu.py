@@ -165,6 +165,19 @@ def test_reductions_over_many_splits_and_column_tiles(dtype):
     check_parity(16500, 40, 200, 8, dtype, True, dropout_p=0.1, device="cuda")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_empty_trailing_split_slices_store_zeros(dtype):
+    """M = 32769 hits the 64-split cap, and rounding each slice up to whole k-tiles leaves the
+    last slices empty: tensor cores 544 rows per slice (slices 61-63 start past M), SIMT 528
+    (slice 63). Their partial sums must still be written (zeros) under the poison switch, or
+    the fixed-order reduce adds NaN into dA, dB and db."""
+    M = 32769
+    splits = min(64, -(-M // 512))
+    per_slice_tc, per_slice_simt = -(-(-(-M // splits)) // 32) * 32, -(-(-(-M // splits)) // 16) * 16
+    assert splits == 64 and per_slice_tc * 61 >= M and per_slice_simt * 63 >= M
+    check_parity(M, 24, 40, 4, dtype, True, dropout_p=0.1, device="cuda")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_tensor_core_backward_is_deterministic(dtype):
     """Fixed-order partial sums: two runs give the same bits (no atomics)."""
