@@ -1,11 +1,11 @@
-// fp16/bf16 forward and dx on the CuTe sm80 mainloop (cuda_sm80_mainloop.cuh: tiles,
-// pipeline depth, synchronisation and bounds are argued there). The LoRA terms are
-// composition, not copies of the mainloop:
+// fp16/bf16 (and fp32 on TF32) forward and dx on the CuTe sm80 mainloop
+// (cuda_sm80_mainloop.cuh: tiles, pipeline depth, synchronisation and bounds are argued
+// there). The LoRA terms are composition, not copies of the mainloop:
 //
 // Forward: y = round(acc(x·Wᵀ) + b + s·acc(round(xa)·Bᵀ)). xa comes from the pre-pass
-// (sm80_xa in cuda_sm80_thin.cu, which hashes each dropout element once per 32-rank tile). The block first runs the rank-r
-// product round(xa)·Bᵀ through one extra shared-memory stage (while the first kStages-1
-// k-tiles of x and W are already in flight), scales those fp32 accumulators by s, then
+// (sm80_xa in cuda_sm80_thin.cu, which hashes each dropout element once per 32-rank tile).
+// The block first runs the rank-r product round(xa)·Bᵀ through one extra shared-memory
+// stage (while the first kStages-1 k-tiles of x and W are already in flight), scales those fp32 accumulators by s, then
 // runs the K pipeline of x·Wᵀ on top of them; bias and the single rounding in the
 // epilogue, stored through shared memory with 16-byte stores.
 //
@@ -15,8 +15,16 @@
 // g·W accumulates on top. Nothing rank-sized is ever rounded after scaling, so nothing
 // overflows where PEFT's order would not.
 //
-// Rank: the LoRA stage is kBK = 32 ranks deep and loops for larger r, so one instantiation
-// per dtype and kernel serves every rank (4 kernels in all, per architecture).
+// Rank: the LoRA stage is one k-tile deep (32 ranks for fp16/bf16, 16 for fp32) and loops
+// for larger r, so one instantiation per dtype and kernel serves every rank.
+//
+// fp32 runs here on TF32 tensor cores when PyTorch allows TF32 matmuls (cuda_ops.cpp reads
+// the flag per call): the same tiles in bytes (16-deep k-tiles of 4-element chunks), the
+// operands rounded to TF32 as they leave shared memory (round_operands_to_tf32 in the
+// mainloop), everything else fp32. ldmatrix cannot transpose 32-bit values, so fp32 dx
+// reads W transposed ([K, N], which the op layer makes once per backward: N·K elements,
+// a few percent of g's traffic) as a K-major operand, and lora_A goes into a K-major LoRA
+// stage too (fill_lora_b writes any layout). 6 kernels per architecture in all.
 #include "cuda_common.cuh"
 #include "cuda_sm80_mainloop.cuh"
 
@@ -42,7 +50,7 @@ struct ForwardParams80 {
 template <class T>
 struct DxParams80 {
   Operand<T> grad_y;  // [M, N], K-major (the reduction runs over N)
-  Operand<T> weight;  // element (c, n) at W[n * K + c]: MN-major
+  Operand<T> weight;  // element (c, n): W[n * K + c] (MN-major), or Wᵀ[c * N + n] (K-major, fp32)
   const float* gb;    // [M, r] fp32
   const T* lora_A;    // [r, K]: element (c, j) at A[j * K + c], MN-major
   T* dx;              // [M, K]
@@ -62,7 +70,7 @@ struct SmemPlan {
   static constexpr size_t lora_a_off = b_off + cosize_v<typename Block::LayoutB> * sizeof(T);
   static constexpr size_t lora_b_off = lora_a_off + cosize_v<typename Block::LayoutLoraA> * sizeof(T);
   static constexpr size_t end = lora_b_off + cosize_v<typename Block::LayoutLoraB> * sizeof(T);
-  static constexpr size_t bytes = end > staging_bytes(sizeof(T)) ? end : staging_bytes(sizeof(T));
+  static constexpr size_t bytes = end > staging_bytes<T>() ? end : staging_bytes<T>();
   static_assert(bytes <= kMaxDynamicSmem, "shared-memory plan exceeds sm_86/sm_89's 99 KB per block");
   static_assert(lora_a_off % 128 == 0 && lora_b_off % 128 == 0, "stages stay 128-byte aligned");
 };
@@ -86,7 +94,7 @@ struct BlockState {
 
 // The body shared by both kernels. The rank-r product's A operand is `rank_rows` (xa or
 // gb: fp32 [M, r], rows from m0), rounded to T unscaled as it enters shared memory;
-// `fill_lora_b(r0)` writes ranks [r0, r0 + kBK) of its B operand (lora_B or lora_A);
+// `fill_lora_b(r0)` writes ranks [r0, r0 + Block::kBK) of its B operand (lora_B or lora_A);
 // `scale_lora(acc, coords)` applies s (and the mask) to the rank-r product;
 // `load(stage, tile)` issues the main operands' cp.async for one k-tile.
 template <class T, bool kBKMajor, class FillLoraB, class ScaleLora, class Load, class Acc, class ThrMma>
@@ -95,6 +103,7 @@ __device__ __forceinline__ void lora_then_main(const BlockState<T, kBKMajor>& st
                                                int64_t k_tiles, FillLoraB&& fill_lora_b, ScaleLora&& scale_lora,
                                                Load&& load) {
   using Block = BlockMma<T, kBKMajor>;
+  constexpr int kBK = Block::kBK;
   Block::prologue(k_tiles, load);  // the main pipeline starts first, so its loads overlap the LoRA stage
   clear(acc);
   const typename Block::LayoutLoraA layout_la;
@@ -115,22 +124,25 @@ __device__ __forceinline__ void lora_then_main(const BlockState<T, kBKMajor>& st
 }
 
 // Occupancy (ptxas -v, tests/test_cuda_ptxas.py). The forward holds 64 fp32 accumulators
-// per thread; its sm_80 SASS fits in 128 registers without spilling, so two blocks share an
-// SM (2 × 80 KB of shared memory within sm_80's 164 KB): one block's prologue, LoRA stage
-// and epilogue overlap the other's main loop. sm_90a's ptxas spills 16 bytes at 128, and
-// dx (the MN-major W operand's ldmatrix.trans partitions, the mask's index arithmetic)
-// spills 24-80 bytes at 128 on both, so those keep one block per SM (161-188 registers,
-// no spills). sm_86/sm_89 fit one 80 KB block per SM anyway.
+// per thread; its fp16/bf16 sm_80 SASS fits in 128 registers without spilling, so two blocks
+// share an SM (2 × 80 KB of shared memory within sm_80's 164 KB): one block's prologue, LoRA
+// stage and epilogue overlap the other's main loop. sm_90a's ptxas spills 16 bytes at 128,
+// the TF32 forward (cvt.rna on every operand fragment) spills 8 on sm_80, and dx (the
+// MN-major W operand's ldmatrix.trans partitions, the mask's index arithmetic) spills 24-80
+// bytes at 128 on both, so those keep one block per SM (138-203 registers, no spills).
+// sm_86/sm_89 fit one 80 KB block per SM anyway.
+template <class T>
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 constexpr int kForwardBlocksPerSm = 1;
 #else
-constexpr int kForwardBlocksPerSm = 2;
+constexpr int kForwardBlocksPerSm = sizeof(T) == 2 ? 2 : 1;
 #endif
 
 template <class T>
-__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm) forward_kernel(ForwardParams80<T> p) {
+__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm<T>) forward_kernel(ForwardParams80<T> p) {
   extern __shared__ __align__(128) unsigned char smem[];
   using Block = BlockMma<T, true>;
+  constexpr int kBK = Block::kBK;
   const BlockState<T, true> st(smem);
   const TileCoord tile = grouped_tile(blockIdx.x, ceil_div(p.M, kBM), ceil_div(p.N, kBN));
   const int64_t m0 = tile.m * kBM, n0 = tile.n * kBN;
@@ -168,15 +180,17 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm) forward_kernel(
   store_tile(acc, thr_mma, reinterpret_cast<T*>(smem), p.y, p.N, m0, p.M, n0, p.N, p.vec_out);
 }
 
-template <class T>
+// kWKMajor: W is read transposed (fp32); otherwise as stored, MN-major (fp16/bf16).
+template <class T, bool kWKMajor>
 __global__ void __launch_bounds__(kThreads, 1) dx_kernel(DxParams80<T> p) {
   extern __shared__ __align__(128) unsigned char smem[];
-  using Block = BlockMma<T, false>;
-  const BlockState<T, false> st(smem);
+  using Block = BlockMma<T, kWKMajor>;
+  constexpr int kBK = Block::kBK;
+  const BlockState<T, kWKMajor> st(smem);
   const TileCoord tile = grouped_tile(blockIdx.x, ceil_div(p.M, kBM), ceil_div(p.K, kBN));
   const int64_t m0 = tile.m * kBM, c0 = tile.n * kBN;  // rows of dx, columns of dx (x's K)
 
-  auto fill_lora_b = [&](int64_t r0) {  // lora_A, ranks [r0, r0 + kBK): MN-major like W here
+  auto fill_lora_b = [&](int64_t r0) {  // lora_A, ranks [r0, r0 + kBK), in W's layout
     const typename Block::LayoutLoraB layout_lb;
     for (int e = threadIdx.x; e < kBN * kBK; e += kThreads) {
       const int cc = e % kBN, j = e / kBN;  // consecutive threads read consecutive columns of A
@@ -198,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, 1) dx_kernel(DxParams80<T> p) {
   };
   auto load = [&](int stage, int64_t k_tile) {  // k runs over N
     load_stage<true, kBM>(st.a_s, typename Block::LayoutA{}, stage, p.grad_y, m0, k_tile * kBK);
-    load_stage<false, kBN>(st.b_s, typename Block::LayoutB{}, stage, p.weight, c0, k_tile * kBK);
+    load_stage<kWKMajor, kBN>(st.b_s, typename Block::LayoutB{}, stage, p.weight, c0, k_tile * kBK);
   };
 
   typename Block::Mma mma;
@@ -214,33 +228,39 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 template <class T>
 cudaError_t forward_t(const ForwardArgs& a, cudaStream_t stream) {
   ForwardParams80<T> p;
-  p.x = {static_cast<const T*>(a.x), a.ldx, a.M, a.K, vector_loadable(a.x, a.ldx, a.K)};
-  p.weight = {static_cast<const T*>(a.weight), a.K, a.N, a.K, vector_loadable(a.weight, a.K, a.K)};
+  p.x = {static_cast<const T*>(a.x), a.ldx, a.M, a.K, vector_loadable<T>(a.x, a.ldx, a.K)};
+  p.weight = {static_cast<const T*>(a.weight), a.K, a.N, a.K, vector_loadable<T>(a.weight, a.K, a.K)};
   p.xa = static_cast<const float*>(a.xa);
   p.lora_B = static_cast<const T*>(a.lora_B);
   p.bias = static_cast<const T*>(a.bias);
   p.y = static_cast<T*>(a.y);
   p.M = a.M, p.N = a.N, p.r = a.r;
   p.scaling = static_cast<float>(a.scaling);
-  p.vec_out = a.N % kChunk == 0 && aligned16(a.y);
+  p.vec_out = a.N % kChunkOf<T> == 0 && aligned16(a.y);
   const int64_t tiles = ceil_div(a.M, kBM) * ceil_div(a.N, kBN);
   return launch<forward_kernel<T>>(p, tiles, 1, SmemPlan<T, true>::bytes, stream, kThreads);
 }
 
-template <class T>
+template <class T, bool kWKMajor>
 cudaError_t dx_t(const BackwardArgs& a, cudaStream_t stream) {
   DxParams80<T> p;
-  p.grad_y = {static_cast<const T*>(a.grad_y), a.ldg, a.M, a.N, vector_loadable(a.grad_y, a.ldg, a.N)};
-  p.weight = {static_cast<const T*>(a.weight), a.K, a.K, a.N, vector_loadable(a.weight, a.K, a.K)};
+  p.grad_y = {static_cast<const T*>(a.grad_y), a.ldg, a.M, a.N, vector_loadable<T>(a.grad_y, a.ldg, a.N)};
+  if (kWKMajor) {  // Wᵀ [K, N]: element (c, n) at c * N + n
+    const T* w_t = static_cast<const T*>(a.weight_t);
+    if (w_t == nullptr) return cudaErrorInvalidValue;
+    p.weight = {w_t, a.N, a.K, a.N, vector_loadable<T>(w_t, a.N, a.N)};
+  } else {
+    p.weight = {static_cast<const T*>(a.weight), a.K, a.K, a.N, vector_loadable<T>(a.weight, a.K, a.K)};
+  }
   p.gb = static_cast<const float*>(a.gb);
   p.lora_A = static_cast<const T*>(a.lora_A);
   p.dx = static_cast<T*>(a.dx);
   p.M = a.M, p.K = a.K, p.r = a.r;
   p.scaling = static_cast<float>(a.scaling);
   p.drop = a.dropout;
-  p.vec_out = a.K % kChunk == 0 && aligned16(a.dx);
+  p.vec_out = a.K % kChunkOf<T> == 0 && aligned16(a.dx);
   const int64_t tiles = ceil_div(a.M, kBM) * ceil_div(a.K, kBN);
-  return launch<dx_kernel<T>>(p, tiles, 1, SmemPlan<T, false>::bytes, stream, kThreads);
+  return launch<dx_kernel<T, kWKMajor>>(p, tiles, 1, SmemPlan<T, kWKMajor>::bytes, stream, kThreads);
 }
 
 }  // namespace
@@ -249,14 +269,16 @@ cudaError_t sm80_forward(const ForwardArgs& a, cudaStream_t stream) {
   switch (a.dtype) {
     case DType::kHalf: return forward_t<cute::half_t>(a, stream);
     case DType::kBFloat16: return forward_t<cute::bfloat16_t>(a, stream);
+    case DType::kFloat: return forward_t<float>(a, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
 cudaError_t sm80_dx(const BackwardArgs& a, cudaStream_t stream) {
   switch (a.dtype) {
-    case DType::kHalf: return dx_t<cute::half_t>(a, stream);
-    case DType::kBFloat16: return dx_t<cute::bfloat16_t>(a, stream);
+    case DType::kHalf: return dx_t<cute::half_t, false>(a, stream);
+    case DType::kBFloat16: return dx_t<cute::bfloat16_t, false>(a, stream);
+    case DType::kFloat: return dx_t<float, true>(a, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -84,6 +84,85 @@ def test_every_instantiation_parity(case, dtype):
     check_parity(M, K, N, r, dtype, bias, dropout_p=0.25, device="cuda")
 
 
+# ---- fp32 on TF32 tensor cores ---------------------------------------------------------
+#
+# With torch.backends.cuda.matmul.allow_tf32 (or float32 matmul precision "high"/"medium")
+# fp32 runs forward_kernel<float>, dx_kernel<float, true> (W transposed), and
+# tall_kernel<float> (xa with the mask, gb) on TF32 mma.sync; dB|db and dA stay SIMT. The
+# same-dtype PyTorch reference then runs its matmuls on TF32 too, so DESIGN.md §5's budget
+# is PyTorch's own TF32 error; with TF32 off everything is the exact fp32 SIMT path.
+TF32_CASES = {
+    # (M, K, N, r, bias): what each reaches on TF32
+    "r16-vector-loads-one-lora-chunk-5x2-tiles": (520, 264, 136, 16, True),
+    "r33-element-loads-three-lora-chunks-two-rank-tiles": (390, 70, 90, 33, True),
+    "r32-vector-loads-two-lora-chunks-no-bias": (256, 128, 256, 32, False),
+}
+
+
+@pytest.fixture(params=[True, False], ids=["tf32-on", "tf32-off"])
+def allow_tf32(request):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = request.param
+    yield request.param
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _cublas_runs_tf32(rows, depth, cols):
+    """Whether PyTorch's fp32 matmul of this shape really is TF32 (its error far above
+    fp32's); otherwise PyTorch's error is no TF32 budget and the case proves nothing."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(rows, depth, generator=gen, dtype=torch.float64)
+    b = torch.randn(depth, cols, generator=gen, dtype=torch.float64)
+    exact = a @ b
+    got = a.float().cuda() @ b.float().cuda()
+    return (got.double().cpu() - exact).abs().max().item() > 64 * torch.finfo(torch.float32).eps * depth ** 0.5
+
+
+def _check_float32_with_tf32_allowed(M, K, N, r, bias, require_tf32_reference=True):
+    """The extension's fp32 results with TF32 allowed (the caller set it): every output written
+    (finite under the poison switch) and shaped; each within 2x PyTorch's own error where
+    PyTorch's products behind it ran on TF32 too (y, dx: the [M, K]x[K, N] and [M, N]x[N, K]
+    matmuls, asserted when `require_tf32_reference`; xa, dA, dB, db: the rank-thin ones,
+    which cuBLAS may run without TF32 at small r)."""
+    x, weight, b, lora_A, lora_B = make_inputs(M, K, N, r, torch.float32, device="cuda", bias=bias)
+    grad_y = make_inputs(M, N, 1, 1, torch.float32, device="cuda", seed=1)[0]
+    got = run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.25, 1234, grad_y)
+    shapes = ((M, N), (M, r), (M, K), (r, K), (N, r), (N if bias else 0,))
+    for name, value, shape in zip(OUTPUT_NAMES, got, shapes, strict=True):
+        assert tuple(value.shape) == shape, name
+        assert torch.isfinite(value).all(), f"{name}: NaN/inf (an unwritten element under the poison switch)"
+    large = all(_cublas_runs_tf32(*shape) for shape in ((M, K, N), (M, N, K)))
+    assert large or not require_tf32_reference, (
+        f"cuBLAS ran an fp32 matmul of [{M}, {K}]x[{K}, {N}] or [{M}, {N}]x[{N}, {K}] without TF32 although "
+        "allowed: PyTorch's error is then no TF32 budget; choose a case shape cuBLAS runs on TF32")
+    names = ("y", "dx") if large else ()
+    if large and _cublas_runs_tf32(M, K, r) and _cublas_runs_tf32(M, N, r):
+        names = OUTPUT_NAMES
+    _parity_of(got, (x, weight, b, lora_A, lora_B), SCALING, 0.25, 1234, grad_y, names=names)
+
+
+@pytest.mark.parametrize("case", list(TF32_CASES), ids=str)
+def test_float32_parity_with_tf32_on_and_off(case, allow_tf32):
+    M, K, N, r, bias = TF32_CASES[case]
+    if allow_tf32:
+        _check_float32_with_tf32_allowed(M, K, N, r, bias)
+    else:  # the exact fp32 SIMT path, every output
+        check_parity(M, K, N, r, torch.float32, bias, dropout_p=0.25, device="cuda")
+
+
+@pytest.mark.parametrize("case", list(INSTANTIATION_CASES), ids=str)
+def test_every_instantiation_case_on_tf32(case):
+    """The instantiation cases (element and vector paths, rank tiles, splits) through the TF32
+    kernels (test_every_instantiation_parity[float32] runs them with TF32 off, on SIMT); parity
+    where cuBLAS runs these small shapes on TF32 as well."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        _check_float32_with_tf32_allowed(*INSTANTIATION_CASES[case], require_tf32_reference=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 # ---- strides, alignment, empty and tiny shapes ----------------------------------------
 
 
