@@ -1,6 +1,6 @@
-// The sm80 tensor-core mainloop of the fp16/bf16 kernels (and of fp32 on TF32, below), on
-// CuTe (CUTLASS 3.x): a multistage cp.async pipeline into swizzled shared memory, ldmatrix
-// into registers, mma.sync m16n8k16 (m16n8k8 for TF32) with fp32 accumulators. The same SASS serves sm_86/sm_89, and the
+// The sm80 tensor-core mainloop of the fp16/bf16 kernels (and of fp32 on TF32, below),
+// on CuTe (CUTLASS 3.x): a multistage cp.async pipeline into swizzled shared memory,
+// ldmatrix into registers, mma.sync m16n8k16 (TF32: m16n8k8), fp32 accumulators. The same SASS serves sm_86/sm_89, and the
 // sm_90a build compiles it too (mma.sync and cp.async exist on Hopper).
 //
 // Tiles. A block computes a 128×128 tile of C = A·Bᵀ with 8 warps: the TiledMMA is 2×4
