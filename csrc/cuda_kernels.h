@@ -92,8 +92,11 @@ cudaError_t simt_dA(const BackwardArgs& args, cudaStream_t stream);      // dA =
 // cuda_sm80.cu, the two large GEMMs:
 // y = x·Wᵀ + b + s·(round(xa)·Bᵀ), xa read from args.xa (sm80_xa first).
 cudaError_t sm80_forward(const ForwardArgs& args, cudaStream_t stream);
-// dx = g·W + s·(round(gb)·A) ⊙ keep/(1-p), from gb (sm80_gb first); fp32 reads weight_t.
+// dx = g·W + s·(round(gb)·A) ⊙ keep/(1-p); fp32 reads weight_t. For r <= 32 it computes gb
+// itself from the g tiles it streams (reads lora_B_t, writes args.gb for dA), so sm80_gb is
+// not needed; for larger r it reads args.gb (sm80_gb first).
 cudaError_t sm80_dx(const BackwardArgs& args, cudaStream_t stream);
+inline bool sm80_dx_computes_gb(int64_t r) { return r <= 32; }
 // cuda_sm80_thin.cu, the rank-thin products:
 cudaError_t sm80_xa(const ForwardArgs& args, cudaStream_t stream);     // xa = x~·Aᵀ (fp32 out)
 cudaError_t sm80_gb(const BackwardArgs& args, cudaStream_t stream);    // gb = g·B (fp32 out), reads lora_B_t

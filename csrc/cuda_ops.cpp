@@ -175,19 +175,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   args.scaling = scaling;
   args.dropout = dropout_spec(dropout_p, seed);
 
-  // gb first (dx and dA read it). dB|db and dA share the partial-sum and rank-operand
-  // workspaces; the stream orders them.
+  // gb before dA (and before dx, unless dx computes gb itself from the g tiles it streams:
+  // tensor cores, r <= 32). dB|db and dA share the partial-sum and rank-operand workspaces;
+  // the stream orders them.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (all_tensor_cores) {
-    check_launch(cuda::sm80_gb(args, stream), op, "tensor-core gb = grad_y·lora_B");
-    check_launch(cuda::sm80_dB_db(args, stream), op, "tensor-core dB, db");
-    if (compute_dx) check_launch(cuda::sm80_dx(args, stream), op, "tensor-core dx");
-    check_launch(cuda::sm80_dA(args, stream), op, "tensor-core dA");
-  } else if (tf32) {
-    check_launch(cuda::sm80_gb(args, stream), op, "TF32 gb = grad_y·lora_B");
-    check_launch(cuda::simt_dB_db(args, stream), op, "dB, db");
-    if (compute_dx) check_launch(cuda::sm80_dx(args, stream), op, "TF32 dx");
-    check_launch(cuda::simt_dA(args, stream), op, "dA");
+  if (all_tensor_cores || tf32) {
+    const bool gb_in_dx = compute_dx && s.K > 0 && cuda::sm80_dx_computes_gb(s.r);  // K = 0: no dx blocks
+    if (!gb_in_dx) check_launch(cuda::sm80_gb(args, stream), op, "tensor-core gb = grad_y·lora_B");
+    if (all_tensor_cores) {
+      check_launch(cuda::sm80_dB_db(args, stream), op, "tensor-core dB, db");
+    } else {
+      check_launch(cuda::simt_dB_db(args, stream), op, "dB, db");
+    }
+    if (compute_dx) {
+      check_launch(cuda::sm80_dx(args, stream), op, gb_in_dx ? "tensor-core dx and gb" : "tensor-core dx");
+    }
+    if (all_tensor_cores) {
+      check_launch(cuda::sm80_dA(args, stream), op, "tensor-core dA");
+    } else {
+      check_launch(cuda::simt_dA(args, stream), op, "dA");
+    }
   } else {
     check_launch(cuda::simt_gb(args, stream), op, "gb = grad_y·lora_B");
     check_launch(cuda::simt_dB_db(args, stream), op, "dB, db");

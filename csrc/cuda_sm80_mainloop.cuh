@@ -270,6 +270,9 @@ __device__ __forceinline__ void transform_stage(T* smem, L layout, int stage, in
 struct NoTransform {
   __device__ void operator()(int, int64_t) const {}
 };
+struct NoExtraMma {
+  __device__ void operator()(int) const {}
+};
 
 template <class T, bool kBKMajor, int kRowsA = kBM, int kRowsB = kBN, class MmaT = TiledMmaFor<T>>
 struct BlockMma {
@@ -333,10 +336,12 @@ struct BlockMma {
   // (LayoutA, LayoutB), after prologue(). load(s, tile) issues the cp.async of every
   // operand of that tile into stage s; landed(s, tile) runs when this thread's own copies
   // of the tile are complete, before the barrier that makes the stage visible to all
-  // (transform_stage rewrites them there).
-  template <class Acc, class Load, class Landed = NoTransform>
+  // (transform_stage rewrites them there). extra_mma(s) runs after the block's own MMAs on
+  // stage s, while the stage is still published: a second product over the same A tile
+  // (dx's fused gb = g·B).
+  template <class Acc, class Load, class Landed = NoTransform, class ExtraMma = NoExtraMma>
   __device__ static void pipeline(Acc& acc, int64_t k_tiles, const T* a_s, const T* b_s, Load&& load,
-                                  Landed&& landed = Landed{}) {
+                                  Landed&& landed = Landed{}, ExtraMma&& extra_mma = ExtraMma{}) {
     with_views(acc, a_s, LayoutA{}, b_s, LayoutB{}, [&](auto& mma_stage) {
       for (int64_t kt = 0; kt < k_tiles; ++kt) {
         cp_async_wait_group<kStages - 2>();  // with a "memory" clobber: `landed` reads the stage
@@ -347,6 +352,7 @@ struct BlockMma {
         if (next < k_tiles) load(static_cast<int>(next % kStages), next);  // refills tile kt - 1's stage
         cp_async_commit_group();
         mma_stage(stage);
+        extra_mma(stage);
       }
     });
     cp_async_wait_group<0>();

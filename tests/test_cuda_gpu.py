@@ -53,11 +53,14 @@ def _parity_of(got, inputs, scaling, dropout_p, seed, grad_y, names=OUTPUT_NAMES
 # fp16/bf16, every kernel on the CuTe sm80 mainloop: cuda_sm80.cu's forward_kernel<T> and
 # dx_kernel<T> (every rank: the LoRA stage loops over 32-rank chunks; cp.async path when the
 # contiguous extents are multiples of 8, element loads otherwise; 16-byte stores when N (K
-# for dx) is a multiple of 8); cuda_sm80_thin.cu's tall_kernel<T> (xa with the mask formed
-# in shared memory, gb) and wide_kernel<T> (dB|db, dA with the mask) over 1, 2 or 3 tiles of
+# for dx) is a multiple of 8; dx computes gb itself for r <= 32 — written by the first of
+# its column tiles, read by dA — and reads sm80_gb's for r >= 33); cuda_sm80_thin.cu's
+# tall_kernel<T> (xa with the mask formed in shared memory; gb for r >= 33 or without dx)
+# and wide_kernel<T> (dB|db, dA with the mask) over 1, 2 or 3 tiles of
 # 32 ranks (db adds a rank row: r = 31 fills one tile, r = 32 needs two) and 1 or more
 # split-M slices, rank_transpose_kernel<T> (M not a multiple of 8: zero padding), and the
-# fixed-order reduce kernels. fp32/fp64: every product on SIMT. Each case names what it
+# fixed-order reduce kernels. fp32 (TF32 off)/fp64: every product on SIMT; fp32 on TF32
+# below. Each case names what it
 # reaches; dropout on, so the masked variants run too.
 INSTANTIATION_CASES = {
     # (M, K, N, r, bias): what it reaches in fp16/bf16
