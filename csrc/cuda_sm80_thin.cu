@@ -4,7 +4,8 @@
 //
 //   tall GEMM  C[M, r] = A·Bᵀ over depth D, A [M, D] and B [r, D] both K-major:
 //       xa = x~·lora_Aᵀ (D = K; the forward's pre-pass) and gb = g·lora_B (D = N, B = lora_Bᵀ,
-//       which the op layer transposes once: N·r elements). fp32 out, unscaled.
+//       which the op layer transposes once: N·r elements; only where dx does not compute gb
+//       itself: r > 32 or no dx). fp32 out, unscaled.
 //   wide GEMM  C[r, n] = A·Bᵀ over a slice of M, A = round(xa)ᵀ or round(gb)ᵀ [rows, M]
 //       K-major, B = g or x, element (n, m) at ptr[m·ld + n]: MN-major (ldmatrix.trans):
 //       the split-M partial sums of dB|db (A = [round(xa) | 1]ᵀ: the ones row gives db =
