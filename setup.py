@@ -25,9 +25,12 @@ Build time of the extension (measured 2026-12-02, `make build` after `rm
 .venv/.extension-built`; pip rebuilds every source each time, MAX_JOBS=2 on the shared
 2-core machine at a load of about 6): CPU + CUDA for the default "8.0+PTX;9.0a" 6 min 20 s
 wall, 3 min 05 s of CPU time (4 min 45 s wall at a lower load), within the 8-minute budget.
-The CUDA kernels: cuda_sm80.cu (forward, dx: 2 dtypes), cuda_sm80_thin.cu (tall, wide,
-rank transpose, 2 reduces: 2 dtypes), cuda_simt.cu (fp32/fp64 only); each architecture
-listed adds its share, so a GPU machine builds just its own ("9.0a"). With
+The CUDA kernels: cuda_sm80.cu (forward, dx: fp16, bf16 and fp32 on TF32),
+cuda_sm80_thin.cu (tall: 3 dtypes incl. TF32; wide, rank transpose, 2 reduces: fp16/bf16),
+cuda_simt.cu (fp32/fp64 only). With the TF32 kernels (forward, dx, tall) `make build` took
+3 min 59 s wall, 2 min 37 s CPU, at a load of about 3.5; 3 min 50 s, 2 min 28 s CPU without
+them, minutes earlier. Each architecture listed adds its share, so a GPU machine builds just
+its own ("9.0a"). With
 LORA_FUSED_NVCC_KEEP=1 (set by `make build`) nvcc keeps its intermediates (PTX included,
 ~200 MB) under build/nvcc, which tests/test_cuda_ptxas.py reads to check every kernel's
 ptxas report (no spills, shared memory within limits).

@@ -163,32 +163,57 @@ def triton_v1_plan(M, K, N, r, elt, p, programs=264):
 
 
 def cuda_plan(M, K, N, r, elt, p):
-    """The C++/CUDA backend's launches for fp16/bf16 (csrc/cuda_ops.cpp), every product on
-    the CuTe sm80 mainloop; the rank-thin ones (csrc/cuda_sm80_thin.cu) pad the rank to
-    32-rank tiles and read their wide operand once per rank tile.
+    """The C++/CUDA backend's launches (csrc/cuda_ops.cpp) for fp16/bf16, every product on the
+    CuTe sm80 mainloop, and for fp32 with TF32 allowed (the model's fp32 peak is TF32's); the
+    rank-thin ones (csrc/cuda_sm80_thin.cu) pad the rank to 32-rank tiles and read their wide
+    operand once per rank tile.
 
     Forward: the tall xa GEMM (reads x, hashes the mask once, writes fp32 xa) and the
-    forward GEMM (the rank-r up-projection in 32-rank chunks, then x·Wᵀ on top). Backward
-    (the benchmark's frozen bias: no db): lora_B transposed once, the tall gb = g·B GEMM,
-    round(xa)ᵀ for the wide dB GEMM (split-M partials) + its fixed-order reduce, dx (reads g
-    again), round(gb)ᵀ for the wide dA GEMM (reads x, hashes the mask once) + reduce."""
+    forward GEMM (the rank-r up-projection in one-k-tile chunks: 32 ranks, 16 for fp32, then
+    x·Wᵀ on top). Backward (the benchmark's frozen bias: no db): lora_B transposed once, dB
+    (fp16/bf16: round(xa)ᵀ for the wide GEMM's split-M partials + its fixed-order reduce;
+    fp32: the SIMT GEMM, 64-rank tiles, no tensor cores), dx (reads g; fp32 reads Wᵀ,
+    transposed once), which for r ≤ 32 also computes gb = g·B from the g tiles it streams
+    (each of its K/128 column tiles repeats that 32-rank product; one writes gb) — for larger
+    r the tall gb GEMM reads g once more first —, dA (fp16/bf16: round(gb)ᵀ for the wide GEMM,
+    reads x and hashes the mask once; fp32: SIMT) + reduce."""
     tiles = -(-r // 32)
     r_tile = tiles * 32
+    lora_chunk = 64 // elt  # the forward's and dx's LoRA stage: one k-tile of 64 bytes per row
+    r_lora = -(-r // lora_chunk) * lora_chunk
     x, w, y, a, b, xa, gb = M * K * elt, N * K * elt, M * N * elt, r * K * elt, N * r * elt, M * r * FP32, M * r * FP32
     splits = max(1, min(64, -(-M // 512)))  # reduction_splits in csrc/cuda_kernels.h
     rank_operand = r * (-(-M // 8) * 8) * elt
     forward = [_op("xa (CuTe thin)", x * tiles + a, xa, 2 * M * K * r_tile),
-               _op("forward (CuTe sm80)", x + w + b + N * elt + xa, y, 2 * M * N * K + 2 * M * N * r_tile)]
+               _op("forward (CuTe sm80)", x + w + b + N * elt + xa, y, 2 * M * N * K + 2 * M * N * r_lora)]
     dB_partials, dA_partials = splits * N * r * FP32, splits * r * K * FP32
-    backward = [_op("lora_B transpose", b, b),
-                _op("gb (CuTe thin)", y * tiles + b, gb, 2 * M * N * r_tile),
-                _op("round(xa)ᵀ", xa, rank_operand),
-                _op("dB partials (CuTe thin)", y * tiles + rank_operand, dB_partials, 2 * M * N * r_tile),
-                _op("dB reduce", dB_partials, N * r * elt),
-                _op("dx (CuTe sm80)", y + w + a + gb, x, 2 * M * N * K + 2 * M * K * r_tile),
-                _op("round(gb)ᵀ", gb, rank_operand),
-                _op("dA partials (CuTe thin)", x * tiles + rank_operand, dA_partials, 2 * M * K * r_tile),
-                _op("dA reduce", dA_partials, r * K * elt)]
+    backward = [_op("lora_B transpose", b, b)]
+    gb_in_dx = r <= 32  # sm80_dx_computes_gb in csrc/cuda_kernels.h
+    if gb_in_dx:
+        dx_reads, dx_writes, dx_gb_flops = y + w + a + b, x + gb, 2 * M * N * 32 * -(-K // 128)
+    else:
+        backward.append(_op("gb (CuTe thin)", y * tiles + b, gb, 2 * M * N * r_tile))
+        dx_reads, dx_writes, dx_gb_flops = y + w + a + gb, x, 0
+    dx_name = "dx + gb (CuTe sm80)" if gb_in_dx else "dx (CuTe sm80)"
+    if elt == 4:
+        # TF32: dB|db and dA on the SIMT GEMM (64×64 tiles: the wide operand once per 64-rank
+        # tile, the rank operand once per 64 columns). Their 2·M·r·(N + K) flops are left out:
+        # not MMAs, and memory-bound at r ≤ 64 on these GPUs' fp32 SIMT rates.
+        simt_db_tiles, simt_da_tiles = -(-(r + 1) // 64), -(-r // 64)
+        backward += [_op("dB partials (SIMT)", y * simt_db_tiles + xa * -(-N // 64), dB_partials),
+                     _op("dB reduce", dB_partials, N * r * elt),
+                     _op("W transpose", w, w),
+                     _op(dx_name + ", TF32", dx_reads, dx_writes, 2 * M * N * K + 2 * M * K * r_lora + dx_gb_flops),
+                     _op("dA partials (SIMT)", x * simt_da_tiles + gb * -(-K // 64), dA_partials),
+                     _op("dA reduce", dA_partials, r * K * elt)]
+        return {"forward": forward, "backward": backward}
+    backward += [_op("round(xa)ᵀ", xa, rank_operand),
+                 _op("dB partials (CuTe thin)", y * tiles + rank_operand, dB_partials, 2 * M * N * r_tile),
+                 _op("dB reduce", dB_partials, N * r * elt),
+                 _op(dx_name, dx_reads, dx_writes, 2 * M * N * K + 2 * M * K * r_lora + dx_gb_flops),
+                 _op("round(gb)ᵀ", gb, rank_operand),
+                 _op("dA partials (CuTe thin)", x * tiles + rank_operand, dA_partials, 2 * M * K * r_tile),
+                 _op("dA reduce", dA_partials, r * K * elt)]
     return {"forward": forward, "backward": backward}
 
 

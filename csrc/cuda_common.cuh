@@ -62,6 +62,18 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int sr
                : "memory");
 }
 
+// Waits until at most kPending of this thread's cp.async groups are still in flight. The
+// "memory" clobber keeps the compiler from moving shared-memory accesses across the wait
+// (CuTe's cp_async_wait has none): the pipeline's `landed` hook reads and rewrites the
+// landed chunks with plain loads and stores right after it, before any barrier.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Closes the current group of cp.async (possibly empty), also a compiler fence.
+__device__ __forceinline__ void cp_async_commit_group() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
 // Opts kKernel into `smem_bytes` of dynamic shared memory once per device (the attribute
 // belongs to the function on the current device; the bytes are fixed per instantiation).
 template <auto kKernel>

@@ -42,9 +42,10 @@ struct BackwardArgs {
   const void* x;
   int64_t ldx;
   const void* weight;
+  const void* weight_t;  // [K, N]: W transposed (fp32 on TF32 only: the dx GEMM's K-major operand)
   const void* lora_A;
   const void* lora_B;
-  const void* lora_B_t;  // [r, N]: lora_B transposed (fp16/bf16 only: the gb GEMM's K-major operand)
+  const void* lora_B_t;  // [r, N]: lora_B transposed (tensor-core gb only: its K-major operand)
   const void* xa;
   void* dx;         // [M, K] or nullptr
   void* dA;         // [r, K]
@@ -86,17 +87,21 @@ cudaError_t simt_dx(const BackwardArgs& args, cudaStream_t stream);      // dx
 cudaError_t simt_dB_db(const BackwardArgs& args, cudaStream_t stream);   // dB = s·gᵀ·xa, db = Σ g
 cudaError_t simt_dA(const BackwardArgs& args, cudaStream_t stream);      // dA = s·gbᵀ·x~
 
-// Tensor-core kernels on the CuTe sm80 mainloop, kHalf and kBFloat16 only, any rank.
+// Tensor-core kernels on the CuTe sm80 mainloop, any rank: kHalf and kBFloat16, and kFloat on
+// TF32 (forward, dx, xa and gb: when PyTorch allows TF32 matmuls; dB|db and dA stay SIMT).
 // cuda_sm80.cu, the two large GEMMs:
 // y = x·Wᵀ + b + s·(round(xa)·Bᵀ), xa read from args.xa (sm80_xa first).
 cudaError_t sm80_forward(const ForwardArgs& args, cudaStream_t stream);
-// dx = g·W + s·(round(gb)·A) ⊙ keep/(1-p), from gb (sm80_gb first).
+// dx = g·W + s·(round(gb)·A) ⊙ keep/(1-p); fp32 reads weight_t. For r <= 32 it computes gb
+// itself from the g tiles it streams (reads lora_B_t, writes args.gb for dA), so sm80_gb is
+// not needed; for larger r it reads args.gb (sm80_gb first).
 cudaError_t sm80_dx(const BackwardArgs& args, cudaStream_t stream);
+inline bool sm80_dx_computes_gb(int64_t r) { return r <= 32; }
 // cuda_sm80_thin.cu, the rank-thin products:
 cudaError_t sm80_xa(const ForwardArgs& args, cudaStream_t stream);     // xa = x~·Aᵀ (fp32 out)
 cudaError_t sm80_gb(const BackwardArgs& args, cudaStream_t stream);    // gb = g·B (fp32 out), reads lora_B_t
-// dB = s·gᵀ·round(xa), db = Σ g; then dA = s·round(gb)ᵀ·x~. Both use rank_operand and
-// partials, so they run in stream order, dB_db first.
+// dB = s·gᵀ·round(xa), db = Σ g; then dA = s·round(gb)ᵀ·x~ (kHalf, kBFloat16). Both use
+// rank_operand and partials, so they run in stream order, dB_db first.
 cudaError_t sm80_dB_db(const BackwardArgs& args, cudaStream_t stream);
 cudaError_t sm80_dA(const BackwardArgs& args, cudaStream_t stream);
 

@@ -1,8 +1,10 @@
 // CUDA implementation of the two ops: validation, outputs and workspaces from the caching
-// allocator, the device guard and current stream, and the choice of kernels: one path per
-// dtype class — fp16/bf16 on tensor cores through the CuTe sm80 mainloop (cuda_sm80.cu for
-// the two large GEMMs, cuda_sm80_thin.cu for the rank-thin products), fp32/fp64 on SIMT
-// (cuda_simt.cu).
+// allocator, the device guard and current stream, and the choice of kernels: fp16/bf16 on
+// tensor cores through the CuTe sm80 mainloop (cuda_sm80.cu for the two large GEMMs,
+// cuda_sm80_thin.cu for the rank-thin products); fp32 on TF32 tensor cores (forward, xa, gb,
+// dx) when PyTorch allows TF32 matmuls at the time of the call, exact fp32 SIMT otherwise;
+// fp64, and fp32's dB|db and dA, on SIMT (cuda_simt.cu).
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros_like.h>
@@ -16,8 +18,12 @@
 namespace lora_fused {
 namespace {
 
-// The SIMT kernels put an output dimension on gridDim.y (at most 65535 tiles of 64).
-constexpr int64_t kMaxGridDimension = int64_t{65535} * 64;
+// Grid limits: gridDim.y (and .z) is at most 65535. The SIMT kernels put one output
+// dimension on gridDim.y in tiles of 64: N (forward), r (xa, gb), K (dx, dA) or r + 1
+// (dB|db). The tensor-core kernels keep every large dimension on gridDim.x; only the tall
+// rank-thin GEMMs (xa, gb) put the rank on gridDim.y, in tiles of 32 (the wide ones put the
+// split-M slices there, at most 64).
+constexpr int64_t kMaxGridY = 65535;
 
 cuda::DType kernel_dtype(at::ScalarType dtype) {
   switch (dtype) {
@@ -29,7 +35,14 @@ cuda::DType kernel_dtype(at::ScalarType dtype) {
   }
 }
 
-bool uses_tensor_cores(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
+bool is_16bit(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
+
+// fp32 on TF32 tensor cores exactly when cuBLAS may use them for PyTorch's own fp32 matmuls:
+// torch.backends.cuda.matmul.allow_tf32, or torch.set_float32_matmul_precision("high" or
+// "medium"), both of which allowTF32CuBLAS reports (torch 2.11 and 2.14 alike). Read per
+// call, so the parity reference (the same-dtype PyTorch computation) runs under the same
+// setting.
+bool uses_tf32(at::ScalarType dtype) { return dtype == at::kFloat && at::globalContext().allowTF32CuBLAS(); }
 
 void check_launch(cudaError_t err, const char* op, const char* kernel) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel '", kernel, "' failed: ", cudaGetErrorString(err));
@@ -46,9 +59,14 @@ int64_t row_stride(const at::Tensor& t) {
   return t.size(0) <= 1 ? t.size(1) : t.stride(0);
 }
 
-void check_grid_limits(const char* op, const Sizes& s) {
-  TORCH_CHECK(s.N <= kMaxGridDimension && s.K <= kMaxGridDimension, op, ": N = ", s.N, " and K = ", s.K,
-              " must be at most ", kMaxGridDimension, " on CUDA");
+void check_grid_limits(const char* op, const Sizes& s, bool tensor_cores, bool simt) {
+  if (tensor_cores) {
+    TORCH_CHECK(s.r <= kMaxGridY * 32, op, ": rank r = ", s.r, " must be at most ", kMaxGridY * 32, " on CUDA");
+  }
+  if (!simt) return;
+  constexpr int64_t kMax = kMaxGridY * 64;
+  TORCH_CHECK(s.N <= kMax && s.K <= kMax && s.r + 1 <= kMax, op, ": N = ", s.N, ", K = ", s.K, " and r + 1 = ",
+              s.r + 1, " must be at most ", kMax, " on CUDA for the SIMT kernels (fp64, fp32)");
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -57,9 +75,10 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const
                                                       const at::Tensor& seed) {
   const char* op = "lora_fused::fused_forward";
   const Sizes s = check_forward_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
-  check_grid_limits(op, s);
-  const c10::cuda::CUDAGuard guard(x.device());
   const auto dtype = x.scalar_type();
+  const bool tensor_cores = is_16bit(dtype) || uses_tf32(dtype);
+  check_grid_limits(op, s, tensor_cores, !tensor_cores);
+  const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = poison_(at::empty({s.M, s.N}, x.options()));
   at::Tensor xa = poison_(at::empty({s.M, s.r}, x.options().dtype(accumulator_type(dtype))));
   if (s.M == 0) return {y, xa};
@@ -84,8 +103,9 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const
   args.dropout = dropout_spec(dropout_p, seed);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // xa first (the pre-pass hashes each dropout element once), then the GEMM reads it.
-  if (uses_tensor_cores(dtype)) {
+  // xa first, then the GEMM reads it. The pre-pass hashes each dropout element once per
+  // rank tile (tensor cores: 32 ranks, so once for r <= 32; SIMT: 64).
+  if (tensor_cores) {
     check_launch(cuda::sm80_xa(args, stream), op, "tensor-core xa = dropout(x)·lora_Aᵀ");
     check_launch(cuda::sm80_forward(args, stream), op, "tensor-core forward");
   } else {
@@ -101,9 +121,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
     bool compute_dx, bool compute_db) {
   const char* op = "lora_fused::fused_backward";
   const Sizes s = check_backward_args(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed);
-  check_grid_limits(op, s);
-  const c10::cuda::CUDAGuard guard(x.device());
   const auto dtype = x.scalar_type();
+  // fp16/bf16: every product on tensor cores. TF32: gb and dx on tensor cores, dB|db and dA
+  // on SIMT in fp32 (their MN-major operand has no 32-bit ldmatrix.trans).
+  const bool all_tensor_cores = is_16bit(dtype), tf32 = uses_tf32(dtype);
+  check_grid_limits(op, s, all_tensor_cores || tf32, !all_tensor_cores);
+  const c10::cuda::CUDAGuard guard(x.device());
   const auto acc_options = x.options().dtype(accumulator_type(dtype));
   at::Tensor dx = compute_dx ? poison_(at::empty({s.M, s.K}, grad_y.options())) : at::empty({0}, grad_y.options());
   at::Tensor db = poison_(at::empty({compute_db ? s.N : 0}, grad_y.options()));
@@ -119,12 +142,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   const at::Tensor weight_c = weight.contiguous(), a_c = lora_A.contiguous(), b_c = lora_B.contiguous();
   const at::Tensor xa_c = xa.contiguous();
   at::Tensor gb = poison_(at::empty({s.M, s.r}, acc_options));
-  const bool tensor_cores = uses_tensor_cores(dtype);
   at::Tensor partials = poison_(at::empty({cuda::backward_workspace_elems(s.M, s.N, s.K, s.r)}, acc_options));
-  // The tensor-core path's rank operands: lora_B as a K-major [r, N] operand of gb = g·B, and
-  // round(xa)ᵀ / round(gb)ᵀ [r + 1, ld] for dB|db and dA, in turn.
-  const at::Tensor b_t = tensor_cores ? lora_B.t().contiguous() : at::Tensor();
-  at::Tensor rank_operand = tensor_cores
+  // The tensor-core operands: lora_B as a K-major [r, N] operand of gb = g·B; fp16/bf16's
+  // round(xa)ᵀ / round(gb)ᵀ [r + 1, ld] for dB|db and dA, in turn; TF32's Wᵀ [K, N], dx's
+  // K-major operand (copies of parameters, not outputs: nothing to poison).
+  const at::Tensor b_t = all_tensor_cores || tf32 ? lora_B.t().contiguous() : at::Tensor();
+  const at::Tensor weight_t = tf32 && compute_dx ? weight.t().contiguous() : at::Tensor();
+  at::Tensor rank_operand = all_tensor_cores
                                 ? poison_(at::empty({(s.r + 1) * cuda::rank_operand_ld(s.M)}, x.options()))
                                 : at::Tensor();
 
@@ -135,9 +159,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   args.x = x_k.data_ptr();
   args.ldx = row_stride(x_k);
   args.weight = weight_c.data_ptr();
+  args.weight_t = weight_t.defined() ? weight_t.data_ptr() : nullptr;
   args.lora_A = a_c.data_ptr();
   args.lora_B = b_c.data_ptr();
-  args.lora_B_t = tensor_cores ? b_t.data_ptr() : nullptr;
+  args.lora_B_t = b_t.defined() ? b_t.data_ptr() : nullptr;
   args.xa = xa_c.data_ptr();
   args.dx = compute_dx ? dx.data_ptr() : nullptr;
   args.dA = dA.data_ptr();
@@ -145,19 +170,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   args.db = compute_db ? db.data_ptr() : nullptr;
   args.gb = gb.data_ptr();
   args.partials = partials.data_ptr();
-  args.rank_operand = tensor_cores ? rank_operand.data_ptr() : nullptr;
+  args.rank_operand = all_tensor_cores ? rank_operand.data_ptr() : nullptr;
   args.M = s.M, args.N = s.N, args.K = s.K, args.r = s.r;
   args.scaling = scaling;
   args.dropout = dropout_spec(dropout_p, seed);
 
-  // gb first (dx and dA read it). dB|db and dA share the partial-sum and rank-operand
-  // workspaces; the stream orders them.
+  // gb before dA (and before dx, unless dx computes gb itself from the g tiles it streams:
+  // tensor cores, r <= 32). dB|db and dA share the partial-sum and rank-operand workspaces;
+  // the stream orders them.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (tensor_cores) {
-    check_launch(cuda::sm80_gb(args, stream), op, "tensor-core gb = grad_y·lora_B");
-    check_launch(cuda::sm80_dB_db(args, stream), op, "tensor-core dB, db");
-    if (compute_dx) check_launch(cuda::sm80_dx(args, stream), op, "tensor-core dx");
-    check_launch(cuda::sm80_dA(args, stream), op, "tensor-core dA");
+  if (all_tensor_cores || tf32) {
+    const bool gb_in_dx = compute_dx && s.K > 0 && cuda::sm80_dx_computes_gb(s.r);  // K = 0: no dx blocks
+    if (!gb_in_dx) check_launch(cuda::sm80_gb(args, stream), op, "tensor-core gb = grad_y·lora_B");
+    if (all_tensor_cores) {
+      check_launch(cuda::sm80_dB_db(args, stream), op, "tensor-core dB, db");
+    } else {
+      check_launch(cuda::simt_dB_db(args, stream), op, "dB, db");
+    }
+    if (compute_dx) {
+      check_launch(cuda::sm80_dx(args, stream), op, gb_in_dx ? "tensor-core dx and gb" : "tensor-core dx");
+    }
+    if (all_tensor_cores) {
+      check_launch(cuda::sm80_dA(args, stream), op, "tensor-core dA");
+    } else {
+      check_launch(cuda::simt_dA(args, stream), op, "dA");
+    }
   } else {
     check_launch(cuda::simt_gb(args, stream), op, "gb = grad_y·lora_B");
     check_launch(cuda::simt_dB_db(args, stream), op, "dB, db");

@@ -1,6 +1,6 @@
-// The sm80 tensor-core mainloop of the fp16/bf16 kernels, on CuTe (CUTLASS 3.x): a
-// multistage cp.async pipeline into swizzled shared memory, ldmatrix into registers,
-// mma.sync m16n8k16 with fp32 accumulators. The same SASS serves sm_86/sm_89, and the
+// The sm80 tensor-core mainloop of the fp16/bf16 kernels (and of fp32 on TF32, below),
+// on CuTe (CUTLASS 3.x): a multistage cp.async pipeline into swizzled shared memory,
+// ldmatrix into registers, mma.sync m16n8k16 (TF32: m16n8k8), fp32 accumulators. The same SASS serves sm_86/sm_89, and the
 // sm_90a build compiles it too (mma.sync and cp.async exist on Hopper).
 //
 // Tiles. A block computes a 128×128 tile of C = A·Bᵀ with 8 warps: the TiledMMA is 2×4
@@ -27,7 +27,7 @@
 // Bounds. Every 16-byte chunk is predicated on its row and its 8 k-columns: chunks
 // outside the operand are zero-filled (cp.async with src-size 0 reads nothing). The
 // vector path needs the contiguous extent and the leading dimension to be multiples of
-// 8 elements and 16-byte aligned bases; otherwise the same tiles are filled with
+// a chunk (8 elements, 4 for fp32) and 16-byte aligned bases; otherwise the same tiles are filled with
 // element loads (slower, same results). Zeros in the k-residue add nothing to C.
 //
 // Not done yet (issue 11), and what each needs:
@@ -51,14 +51,19 @@
 //   (5) a dispatch on the device's compute capability in cuda_ops.cpp (sm90a SASS only
 //   runs on sm_90). Its evidence: a ptxas -v entry per kernel, the GPU parity cases, and a
 //   build-time budget (CuTe's SM90 collectives compile for minutes per instantiation).
-// - TF32 for fp32: a float instantiation with SM80_16x8x8_F32TF32TF32F32_TN. Element-size
-//   dependent constants become per-type (kChunk = 16 bytes / sizeof(T): 4 for fp32; kBK
-//   16 for fp32 so four stages stay 64 KB; swizzles re-derived for 4-element chunks),
-//   ldmatrix (U32x4_LDSM_N) only for K-major operands — dx's MN-major W needs
-//   UniversalCopy<uint32_t> or a transposed copy of W — and cuda_ops.cpp choosing it when
-//   at::globalContext().allowTF32CuBLAS() (torch.backends.cuda.matmul.allow_tf32 or
-//   float32_matmul_precision != "highest"); exact fp32 stays SIMT. Parity: the same-dtype
-//   PyTorch reference must then run with TF32 too.
+//
+// fp32 on TF32 (issue 11 point 3; cuda_ops.cpp picks it when PyTorch allows TF32 matmuls):
+// the same tiles in bytes — a 16-byte chunk is 4 floats (kChunkOf), a k-tile 16 deep
+// (kBKOf: 64-byte rows, so four stages stay 64 KB and the swizzles, re-based on 4-element
+// chunks, keep the same bank pattern) — with SM80_16x8x8_F32TF32TF32F32_TN. cp.async lands
+// plain fp32 in shared memory; ldmatrix (U32x4, K-major rows of 4 floats) fills tfloat32_t
+// fragments and round_operands_to_tf32 rounds each register with cvt.rna.tf32.f32 before
+// the mma: round to nearest (ties away), at most 2^-11 relative error per operand. Raw
+// fp32 bits handed to a .tf32 mma are not rounded by it (at best their low 13 mantissa
+// bits are dropped: up to 2^-10, biased toward zero), which could exceed the 2x of
+// PyTorch's own TF32 matmul error that DESIGN.md §5 allows. Accumulation, xa/gb, s, mask and the final
+// rounding stay fp32. MN-major fp32 operands are not supported (ldmatrix.trans moves 16-bit
+// values only): dx reads a transposed copy of W, and dB|db / dA stay on SIMT for fp32.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -74,49 +79,102 @@ namespace sm80 {
 
 using namespace cute;
 
-constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4, kThreads = 256;
-constexpr int kChunk = 8;  // elements per 16-byte cp.async
+constexpr int kBM = 128, kBN = 128, kStages = 4, kThreads = 256;
 
+// Per element type T (what global and shared memory hold): a 16-byte cp.async chunk is
+// kChunkOf<T> elements, and a k-tile is kBKOf<T> deep, 64 bytes per row, so every stage,
+// swizzle and bank pattern below is the same in bytes for fp16/bf16 (8, 32) and fp32 (4, 16).
+template <class T>
+constexpr int kChunkOf = 16 / static_cast<int>(sizeof(T));
+template <class T>
+constexpr int kBKOf = 64 / static_cast<int>(sizeof(T));
+
+// The MMA of an element type: m16n8k16 for fp16/bf16; for fp32 the TF32 m16n8k8 (fp32 in
+// memory and shared memory, rounded to TF32 in registers: round_operands_to_tf32), its
+// operands typed as CuTe's tfloat32_t. TileK is the TiledMMA's k-extent (one atom).
 template <class T>
 struct MmaOp;
 template <>
 struct MmaOp<cute::half_t> {
   using type = SM80_16x8x16_F32F16F16F32_TN;
+  using value = cute::half_t;
+  using TileK = _16;
 };
 template <>
 struct MmaOp<cute::bfloat16_t> {
   using type = SM80_16x8x16_F32BF16BF16F32_TN;
+  using value = cute::bfloat16_t;
+  using TileK = _16;
+};
+template <>
+struct MmaOp<float> {
+  using type = SM80_16x8x8_F32TF32TF32F32_TN;
+  using value = cute::tfloat32_t;
+  using TileK = _8;
 };
 
 template <class T>
 using TiledMmaFor = decltype(make_tiled_mma(typename MmaOp<T>::type{}, Layout<Shape<_2, _4, _1>>{},
-                                            Tile<_32, _64, _16>{}));
+                                            Tile<_32, _64, typename MmaOp<T>::TileK>{}));
 static_assert(kThreads == 8 * 32, "2x4 MMA atoms of one warp each");
 
-// Shared-memory layouts (rows, k, stages). K-major: rows of 32 k-values (64 bytes) in
-// 8×32 atoms, Swizzle<2,3,3> spreads ldmatrix's 8 row reads over the banks. MN-major:
-// 64 contiguous rows per k in 64×8 atoms, Swizzle<3,3,3>, read with ldmatrix.trans.
-// Both swizzles keep 8-element chunks contiguous and 16-byte aligned (cp.async units).
-template <int kRows, int kDepth>
-using KMajorSmem = decltype(tile_to_shape(composition(Swizzle<2, 3, 3>{}, Layout<Shape<_8, _32>, Stride<_32, _1>>{}),
-                                          Shape<Int<kRows>, Int<kBK>, Int<kDepth>>{}));
-template <int kRows, int kDepth>
-using MNMajorSmem = decltype(tile_to_shape(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_64, _8>, Stride<_1, _64>>{}),
-                                           Shape<Int<kRows>, Int<kBK>, Int<kDepth>>{}));
+// Shared-memory layouts (rows, k, stages). K-major: rows of kBK values (64 bytes) in
+// 8-row atoms; the swizzle XORs a row's four 16-byte chunk indices with row bits 1-2, so
+// ldmatrix's 8 row reads of one chunk column hit 8 distinct bank groups. MN-major: 128
+// bytes of contiguous rows per k in 8-k atoms, the 8 chunk indices XORed with the k index,
+// read with ldmatrix.trans (16-bit types only). Both keep each chunk contiguous and 16-byte
+// aligned (one cp.async each; tests/cuda/sm80_layout_check.cu). The swizzle's base is the
+// chunk: log2(kChunk) element bits.
+template <class T>
+constexpr int kChunkBits = sizeof(T) == 2 ? 3 : 2;
+template <class T, int kRows, int kDepth>
+using KMajorSmem = decltype(tile_to_shape(
+    composition(Swizzle<2, kChunkBits<T>, 3>{}, Layout<Shape<_8, Int<kBKOf<T>>>, Stride<Int<kBKOf<T>>, _1>>{}),
+    Shape<Int<kRows>, Int<kBKOf<T>>, Int<kDepth>>{}));
+template <class T, int kRows, int kDepth>
+using MNMajorSmem = decltype(tile_to_shape(
+    composition(Swizzle<3, kChunkBits<T>, 3>{},
+                Layout<Shape<Int<8 * kChunkOf<T>>, _8>, Stride<_1, Int<8 * kChunkOf<T>>>>{}),
+    Shape<Int<kRows>, Int<kBKOf<T>>, Int<kDepth>>{}));
 
-template <bool kKMajor, int kRows, int kDepth>
+template <class T, bool kKMajor, int kRows, int kDepth>
 struct OperandSmemOf {  // a specialisation, so only the chosen layout is formed
-  using type = KMajorSmem<kRows, kDepth>;
+  using type = KMajorSmem<T, kRows, kDepth>;
 };
-template <int kRows, int kDepth>
-struct OperandSmemOf<false, kRows, kDepth> {
-  using type = MNMajorSmem<kRows, kDepth>;
+template <class T, int kRows, int kDepth>
+struct OperandSmemOf<T, false, kRows, kDepth> {
+  using type = MNMajorSmem<T, kRows, kDepth>;
 };
-template <bool kKMajor, int kRows, int kDepth>
-using OperandSmem = typename OperandSmemOf<kKMajor, kRows, kDepth>::type;
+template <class T, bool kKMajor, int kRows, int kDepth>
+using OperandSmem = typename OperandSmemOf<T, kKMajor, kRows, kDepth>::type;
 
+// ldmatrix from shared memory into MMA fragments: 16-byte rows of a K-major operand (any
+// element width: for TF32 each row is 4 values), transposed 16-bit ones for MN-major.
+// ldmatrix cannot transpose 32-bit elements, so fp32 operands are K-major only.
 template <bool kKMajor, class T>
-using S2RAtom = std::conditional_t<kKMajor, Copy_Atom<SM75_U32x4_LDSM_N, T>, Copy_Atom<SM75_U16x8_LDSM_T, T>>;
+struct S2RAtomOf {
+  static_assert(kKMajor || sizeof(T) == 2, "MN-major operands need 16-bit elements (ldmatrix.trans)");
+  using V = typename MmaOp<T>::value;
+  using type = std::conditional_t<kKMajor, Copy_Atom<SM75_U32x4_LDSM_N, V>, Copy_Atom<SM75_U16x8_LDSM_T, V>>;
+};
+template <bool kKMajor, class T>
+using S2RAtom = typename S2RAtomOf<kKMajor, T>::type;
+
+// fp32 -> TF32 rounding of a register fragment just loaded from shared memory: cvt.rna
+// (to nearest, ties away from zero; Inf and NaN stay), so each operand carries at most
+// half a TF32 ulp (2^-11 relative) of error, instead of the up to one ulp of letting
+// mma.sync ignore the low 13 bits. A no-op for fp16/bf16.
+template <class T, class Fragment>
+__device__ __forceinline__ void round_operands_to_tf32(Fragment&& fragment) {
+  if constexpr (std::is_same_v<T, float>) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(fragment); ++i) {
+      uint32_t bits;
+      asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(__uint_as_float(fragment(i).raw())));
+      fragment(i) = cute::tfloat32_t::bitcast(bits);
+    }
+  }
+}
 
 // A view of one GEMM operand in global memory: element (row, k) at
 // ptr[row * ld + k] (K-major) or ptr[k * ld + row] (MN-major), `rows` × `depth` of them.
@@ -128,16 +186,19 @@ struct Operand {
 };
 
 // True when an operand may be read in aligned 16-byte chunks along its contiguous dimension.
+// Called as vector_loadable<T>(ptr, ...): chunks are 16 bytes of T.
+template <class T>
 inline bool vector_loadable(const void* ptr, int64_t ld, int64_t contiguous_extent) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && ld % kChunk == 0 && contiguous_extent % kChunk == 0;
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && ld % kChunkOf<T> == 0 && contiguous_extent % kChunkOf<T> == 0;
 }
 
-// Calls f(rr, kk) for each 16-byte chunk thread threadIdx.x copies into a kRows × kBK
+// Calls f(rr, kk) for each 16-byte chunk thread threadIdx.x copies into a kRows × kBKOf<T>
 // stage: (rr, kk) is the chunk's first element, the chunk runs along k (K-major) or along
 // rows (MN-major). load_stage and transform_stage share this map, so a thread that waited
 // for its own cp.async groups may rewrite exactly the chunks it copied, before the barrier.
-template <bool kKMajor, int kRows, class F>
+template <class T, bool kKMajor, int kRows, class F>
 __host__ __device__ __forceinline__ void for_each_chunk_of_thread(int thread, F&& f) {
+  constexpr int kBK = kBKOf<T>, kChunk = kChunkOf<T>;
   constexpr int kChunksPerLine = (kKMajor ? kBK : kRows) / kChunk;
   constexpr int kChunks = kRows * kBK / kChunk;
   static_assert(kChunks % kThreads == 0 || kChunks < kThreads, "chunks spread evenly, or one per thread at most");
@@ -152,17 +213,18 @@ __host__ __device__ __forceinline__ void for_each_chunk_of_thread(int thread, F&
   }
 }
 
-template <bool kKMajor, int kRows, class F>
+template <class T, bool kKMajor, int kRows, class F>
 __device__ __forceinline__ void for_each_own_chunk(F&& f) {
-  for_each_chunk_of_thread<kKMajor, kRows>(threadIdx.x, f);
+  for_each_chunk_of_thread<T, kKMajor, kRows>(threadIdx.x, f);
 }
 
-// Fills stage `stage` of `smem` (layout L: rows × kBK × stages) with rows [row0, row0 +
-// kRows) and k-columns [k0, k0 + kBK) of `op`, zero outside it.
+// Fills stage `stage` of `smem` (layout L: rows × kBKOf<T> × stages) with rows [row0, row0 +
+// kRows) and k-columns [k0, k0 + kBKOf<T>) of `op`, zero outside it.
 template <bool kKMajor, int kRows, class T, class L>
 __device__ __forceinline__ void load_stage(T* smem, L layout, int stage, const Operand<T>& op, int64_t row0,
                                            int64_t k0) {
-  for_each_own_chunk<kKMajor, kRows>([&](int rr, int kk) {
+  constexpr int kChunk = kChunkOf<T>;
+  for_each_own_chunk<T, kKMajor, kRows>([&](int rr, int kk) {
     T* dst = smem + layout(rr, kk, stage);
     const int64_t row = row0 + rr, k = k0 + kk;
     const int64_t offset = kKMajor ? row * op.ld + k : k * op.ld + row;
@@ -180,18 +242,25 @@ __device__ __forceinline__ void load_stage(T* smem, L layout, int stage, const O
 }
 
 // Rewrites, in place, the chunks of stage `stage` this thread loaded with load_stage:
-// element (row0 + rr, k0 + kk) becomes T(f(v, row, k)). Call it after cp_async_wait has
-// covered the stage and before the barrier that publishes it (BlockMma::pipeline's
-// `landed` hook): no other thread touches these chunks in between.
+// element (row0 + rr, k0 + kk) becomes T(f(v, row, k)). Call it after cp_async_wait_group
+// has covered the stage and before the barrier that publishes it (BlockMma::pipeline's
+// `landed` hook): no other thread touches these chunks in between. A chunk is one aligned
+// 16-byte unit of shared memory (tests/cuda/sm80_layout_check.cu), so it is read and
+// written back with one 16-byte access each, converted in registers.
 template <bool kKMajor, int kRows, class T, class L, class F>
 __device__ __forceinline__ void transform_stage(T* smem, L layout, int stage, int64_t row0, int64_t k0, F&& f) {
-  for_each_own_chunk<kKMajor, kRows>([&](int rr, int kk) {
-    T* dst = smem + layout(rr, kk, stage);
+  constexpr int kChunk = kChunkOf<T>;
+  static_assert(kChunk * sizeof(T) == sizeof(uint4), "a chunk is one 16-byte unit");
+  for_each_own_chunk<T, kKMajor, kRows>([&](int rr, int kk) {
+    uint4* chunk = reinterpret_cast<uint4*>(smem + layout(rr, kk, stage));
+    uint4 bits = *chunk;
+    T* values = reinterpret_cast<T*>(&bits);
 #pragma unroll
     for (int e = 0; e < kChunk; ++e) {
       const int64_t row = row0 + rr + (kKMajor ? 0 : e), k = k0 + kk + (kKMajor ? e : 0);
-      dst[e] = T(f(static_cast<float>(dst[e]), row, k));
+      values[e] = T(f(static_cast<float>(values[e]), row, k));
     }
+    *chunk = bits;
   });
 }
 
@@ -201,15 +270,19 @@ __device__ __forceinline__ void transform_stage(T* smem, L layout, int stage, in
 struct NoTransform {
   __device__ void operator()(int, int64_t) const {}
 };
+struct NoExtraMma {
+  __device__ void operator()(int) const {}
+};
 
 template <class T, bool kBKMajor, int kRowsA = kBM, int kRowsB = kBN, class MmaT = TiledMmaFor<T>>
 struct BlockMma {
   using Mma = MmaT;
   static constexpr int kTileRowsA = kRowsA, kTileRowsB = kRowsB;
-  using LayoutA = KMajorSmem<kRowsA, kStages>;
-  using LayoutB = OperandSmem<kBKMajor, kRowsB, kStages>;
-  using LayoutLoraA = KMajorSmem<kRowsA, 1>;
-  using LayoutLoraB = OperandSmem<kBKMajor, kRowsB, 1>;
+  static constexpr int kBK = kBKOf<T>;
+  using LayoutA = KMajorSmem<T, kRowsA, kStages>;
+  using LayoutB = OperandSmem<T, kBKMajor, kRowsB, kStages>;
+  using LayoutLoraA = KMajorSmem<T, kRowsA, 1>;
+  using LayoutLoraB = OperandSmem<T, kBKMajor, kRowsB, 1>;
   static constexpr size_t kPipelineBytes = (cosize_v<LayoutA> + cosize_v<LayoutB>) * sizeof(T);
   static constexpr size_t kLoraBytes = (cosize_v<LayoutLoraA> + cosize_v<LayoutLoraB>) * sizeof(T);
 
@@ -220,19 +293,22 @@ struct BlockMma {
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
       if (s < k_tiles) load(s, static_cast<int64_t>(s));
-      cp_async_fence();
+      cp_async_commit_group();
     }
   }
 
   // Builds this thread's views over shared-memory operands (a_s: layout la, rows × kBK ×
   // stages; b_s likewise) — the ldmatrix source partitions and the register fragments
   // they fill — and calls body(mma_stage), where mma_stage(s) runs acc += A·Bᵀ over stage s.
+  // Shared memory is viewed as the MMA's operand type (fp32 bits as tfloat32_t: same size).
   template <class Acc, class LA, class LB, class Body>
   __device__ static void with_views(Acc& acc, const T* a_s, LA la, const T* b_s, LB lb, Body&& body) {
     Mma mma;
     auto thr_mma = mma.get_slice(threadIdx.x);
-    Tensor sA = make_tensor(make_smem_ptr(a_s), la);
-    Tensor sB = make_tensor(make_smem_ptr(b_s), lb);
+    using V = typename MmaOp<T>::value;
+    static_assert(sizeof(V) == sizeof(T), "the MMA reads shared memory as stored");
+    Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<const V*>(a_s)), la);
+    Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<const V*>(b_s)), lb);
     Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));
     Tensor tCrB = thr_mma.partition_fragment_B(sB(_, _, 0));
     auto s2r_a = make_tiled_copy_A(S2RAtom<true, T>{}, mma);
@@ -248,6 +324,8 @@ struct BlockMma {
       for (int kb = 0; kb < size<2>(tCrA); ++kb) {
         copy(s2r_a, tXsA(_, _, kb, stage), tXrA(_, _, kb));
         copy(s2r_b, tXsB(_, _, kb, stage), tXrB(_, _, kb));
+        round_operands_to_tf32<T>(tCrA(_, _, kb));
+        round_operands_to_tf32<T>(tCrB(_, _, kb));
         gemm(mma, tCrA(_, _, kb), tCrB(_, _, kb), acc);
       }
     };
@@ -258,23 +336,26 @@ struct BlockMma {
   // (LayoutA, LayoutB), after prologue(). load(s, tile) issues the cp.async of every
   // operand of that tile into stage s; landed(s, tile) runs when this thread's own copies
   // of the tile are complete, before the barrier that makes the stage visible to all
-  // (transform_stage rewrites them there).
-  template <class Acc, class Load, class Landed = NoTransform>
+  // (transform_stage rewrites them there). extra_mma(s) runs after the block's own MMAs on
+  // stage s, while the stage is still published: a second product over the same A tile
+  // (dx's fused gb = g·B).
+  template <class Acc, class Load, class Landed = NoTransform, class ExtraMma = NoExtraMma>
   __device__ static void pipeline(Acc& acc, int64_t k_tiles, const T* a_s, const T* b_s, Load&& load,
-                                  Landed&& landed = Landed{}) {
+                                  Landed&& landed = Landed{}, ExtraMma&& extra_mma = ExtraMma{}) {
     with_views(acc, a_s, LayoutA{}, b_s, LayoutB{}, [&](auto& mma_stage) {
       for (int64_t kt = 0; kt < k_tiles; ++kt) {
-        cp_async_wait<kStages - 2>();
+        cp_async_wait_group<kStages - 2>();  // with a "memory" clobber: `landed` reads the stage
         const int stage = static_cast<int>(kt % kStages);
         landed(stage, kt);
         __syncthreads();  // tile kt visible to all; every warp is done with tile kt - 1
         const int64_t next = kt + kStages - 1;
         if (next < k_tiles) load(static_cast<int>(next % kStages), next);  // refills tile kt - 1's stage
-        cp_async_fence();
+        cp_async_commit_group();
         mma_stage(stage);
+        extra_mma(stage);
       }
     });
-    cp_async_wait<0>();
+    cp_async_wait_group<0>();
     __syncthreads();  // shared memory is free for what follows
   }
 
@@ -291,10 +372,10 @@ struct BlockMma {
 constexpr int kRankTile = 32;
 template <class T>
 using TallMma = decltype(make_tiled_mma(typename MmaOp<T>::type{}, Layout<Shape<_8, _1, _1>>{},
-                                        Tile<_128, _16, _16>{}));
+                                        Tile<_128, _16, typename MmaOp<T>::TileK>{}));
 template <class T>
 using WideMma = decltype(make_tiled_mma(typename MmaOp<T>::type{}, Layout<Shape<_1, _8, _1>>{},
-                                        Tile<_16, _128, _16>{}));
+                                        Tile<_16, _128, typename MmaOp<T>::TileK>{}));
 template <class T>
 using TallBlock = BlockMma<T, true, kBM, kRankTile, TallMma<T>>;  // C[128 rows, 32 ranks], both K-major
 template <class T>
@@ -315,12 +396,13 @@ __host__ __device__ __forceinline__ TileCoord grouped_tile(int64_t block, int64_
 }
 
 // Rounds the final fp32 tile `acc` to T and writes it through shared memory `staging`
-// (kBM × (kBN + 8) elements) to out[row0 + mm, col0 + nn] (leading dim ld), with
-// 16-byte stores where `vec_out` (ld, cols multiple of 8, aligned out) and the chunk is
+// (kBM × (kBN + kChunkOf<T>) elements) to out[row0 + mm, col0 + nn] (leading dim ld), with
+// 16-byte stores where `vec_out` (ld, cols multiple of kChunkOf<T>, aligned out) and the chunk is
 // inside; element stores at the right edge otherwise.
 template <class T, class Acc, class ThrMma>
 __device__ __forceinline__ void store_tile(const Acc& acc, const ThrMma& thr_mma, T* staging, T* out, int64_t ld,
                                            int64_t row0, int64_t rows, int64_t col0, int64_t cols, bool vec_out) {
+  constexpr int kChunk = kChunkOf<T>;
   constexpr int kLd = kBN + kChunk;  // padded rows: 16-byte aligned, fewer bank conflicts
   Tensor sC = make_tensor(make_smem_ptr(staging), make_layout(Shape<Int<kBM>, Int<kBN>>{}, Stride<Int<kLd>, _1>{}));
   Tensor tCsC = thr_mma.partition_C(sC);
@@ -334,7 +416,7 @@ __device__ __forceinline__ void store_tile(const Acc& acc, const ThrMma& thr_mma
     if (row >= rows || col >= cols) continue;
     const T* src = staging + rr * kLd + cc;
     T* dst = out + row * ld + col;
-    if (vec_out) {  // cols % 8 == 0, so the whole chunk is inside
+    if (vec_out) {  // cols % kChunk == 0, so the whole chunk is inside
       *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
     } else {
       for (int e = 0; e < kChunk && col + e < cols; ++e) dst[e] = src[e];
@@ -342,7 +424,8 @@ __device__ __forceinline__ void store_tile(const Acc& acc, const ThrMma& thr_mma
   }
 }
 
-constexpr size_t staging_bytes(size_t element_bytes) { return kBM * (kBN + kChunk) * element_bytes; }
+template <class T>
+constexpr size_t staging_bytes() { return kBM * (kBN + kChunkOf<T>) * sizeof(T); }
 
 }  // namespace sm80
 }  // namespace cuda

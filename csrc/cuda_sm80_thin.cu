@@ -4,7 +4,8 @@
 //
 //   tall GEMM  C[M, r] = A·Bᵀ over depth D, A [M, D] and B [r, D] both K-major:
 //       xa = x~·lora_Aᵀ (D = K; the forward's pre-pass) and gb = g·lora_B (D = N, B = lora_Bᵀ,
-//       which the op layer transposes once: N·r elements). fp32 out, unscaled.
+//       which the op layer transposes once: N·r elements; only where dx does not compute gb
+//       itself: r > 32 or no dx). fp32 out, unscaled.
 //   wide GEMM  C[r, n] = A·Bᵀ over a slice of M, A = round(xa)ᵀ or round(gb)ᵀ [rows, M]
 //       K-major, B = g or x, element (n, m) at ptr[m·ld + n]: MN-major (ldmatrix.trans):
 //       the split-M partial sums of dB|db (A = [round(xa) | 1]ᵀ: the ones row gives db =
@@ -19,7 +20,12 @@
 // (transform_stage in the pipeline's `landed` hook): one hash per element of x per kernel
 // for r ≤ 32 (one rank tile), none in the K loop of any column block; no extra barrier.
 //
-// Tiles. 256 threads, 8 warps of m16n8k16. Tall: 128 rows × 32 ranks, the warps stacked
+// fp32 (TF32 tensor cores, when PyTorch allows TF32 matmuls): xa and gb only, on the same
+// tiles in bytes (16-deep k-tiles, m16n8k8 TF32 MMAs, operands rounded to TF32 as they leave
+// shared memory); dB|db and dA stay on SIMT in fp32, since their MN-major operand would need
+// a transposing copy that ldmatrix cannot do for 32-bit values.
+//
+// Tiles. 256 threads, 8 warps of m16n8k16 (m16n8k8 for TF32). Tall: 128 rows × 32 ranks, the warps stacked
 // along rows (16 rows each, all 32 ranks: 16 fp32 accumulators per thread). Wide: 32 ranks
 // × 128 columns, the warps side by side (16 columns each, all 32 ranks). 32 ranks serve
 // r ≤ 31 with db, r ≤ 32 without, in one tile — SAM's r = 4..16 — and larger ranks take
@@ -102,6 +108,7 @@ __global__ void __launch_bounds__(kThreads, 2) tall_kernel(TallParams<T> p) {
   using Block = TallBlock<T>;
   const StageBuffers<Block, T> st(smem);
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM, j0 = static_cast<int64_t>(blockIdx.y) * kRankTile;
+  constexpr int kBK = Block::kBK;
   const int64_t k_tiles = ceil_div(p.a.depth, kBK);
 
   auto load = [&](int stage, int64_t kt) {
@@ -133,6 +140,7 @@ template <class T>
 __global__ void __launch_bounds__(kThreads, 2) wide_kernel(WideParams<T> p) {
   extern __shared__ __align__(128) unsigned char smem[];
   using Block = WideBlock<T>;
+  constexpr int kBK = Block::kBK;
   const StageBuffers<Block, T> st(smem);
   const int64_t c0 = static_cast<int64_t>(blockIdx.x / p.rank_tiles) * kBN;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x % p.rank_tiles) * kRankTile;
@@ -188,7 +196,7 @@ cudaError_t wide(const Operand<T>& a, const Operand<T>& b, int64_t M, float* par
   const int64_t splits = reduction_splits(M);
   WideParams<T> p;
   p.a = a, p.b = b;
-  p.rows_per_split = ceil_div(ceil_div(M, splits), kBK) * kBK;
+  p.rows_per_split = ceil_div(ceil_div(M, splits), kBKOf<T>) * kBKOf<T>;
   p.rank_tiles = ceil_div(a.rows, kRankTile);
   p.partials = partials;
   p.split_stride = split_stride, p.rank_stride = rank_stride, p.col_stride = col_stride;
@@ -204,20 +212,22 @@ Operand<T> rank_transpose(const float* src, int64_t M, int64_t r, bool ones_row,
   const int64_t rows = r + (ones_row ? 1 : 0), ld = rank_operand_ld(M);
   rank_transpose_kernel<T><<<reduce_blocks(rows * ld), 256, 0, stream>>>(src, M, r, rows, ld, workspace);
   *err = cudaGetLastError();
-  return {workspace, ld, rows, ld, true};  // cudaMalloc'd, ld % 8 == 0: 16-byte chunks
+  // ld % 8 == 0 by construction; the base is a fresh allocation today, but whether it is
+  // 16-byte aligned is checked, not assumed (an offset workspace takes the element path).
+  return {workspace, ld, rows, ld, vector_loadable<T>(workspace, ld, ld)};
 }
 
 template <class T>
 cudaError_t xa_t(const ForwardArgs& a, cudaStream_t stream) {
-  const Operand<T> x{static_cast<const T*>(a.x), a.ldx, a.M, a.K, vector_loadable(a.x, a.ldx, a.K)};
-  const Operand<T> lora_A{static_cast<const T*>(a.lora_A), a.K, a.r, a.K, vector_loadable(a.lora_A, a.K, a.K)};
+  const Operand<T> x{static_cast<const T*>(a.x), a.ldx, a.M, a.K, vector_loadable<T>(a.x, a.ldx, a.K)};
+  const Operand<T> lora_A{static_cast<const T*>(a.lora_A), a.K, a.r, a.K, vector_loadable<T>(a.lora_A, a.K, a.K)};
   return tall(x, lora_A, static_cast<float*>(a.xa), DropoutOf{a.dropout, a.K}, stream);
 }
 
 template <class T>
 cudaError_t gb_t(const BackwardArgs& a, cudaStream_t stream) {
-  const Operand<T> g{static_cast<const T*>(a.grad_y), a.ldg, a.M, a.N, vector_loadable(a.grad_y, a.ldg, a.N)};
-  const Operand<T> lora_B_t{static_cast<const T*>(a.lora_B_t), a.N, a.r, a.N, vector_loadable(a.lora_B_t, a.N, a.N)};
+  const Operand<T> g{static_cast<const T*>(a.grad_y), a.ldg, a.M, a.N, vector_loadable<T>(a.grad_y, a.ldg, a.N)};
+  const Operand<T> lora_B_t{static_cast<const T*>(a.lora_B_t), a.N, a.r, a.N, vector_loadable<T>(a.lora_B_t, a.N, a.N)};
   return tall(g, lora_B_t, static_cast<float*>(a.gb), DropoutOf{DropoutSpec{}, 0}, stream);
 }
 
@@ -229,7 +239,7 @@ cudaError_t dB_db_t(const BackwardArgs& a, cudaStream_t stream) {
   const Operand<T> xa_t =
       rank_transpose(static_cast<const float*>(a.xa), a.M, a.r, with_db, static_cast<T*>(a.rank_operand), &err, stream);
   if (err != cudaSuccess) return err;
-  const Operand<T> g_t{static_cast<const T*>(a.grad_y), a.ldg, a.N, a.M, vector_loadable(a.grad_y, a.ldg, a.N)};
+  const Operand<T> g_t{static_cast<const T*>(a.grad_y), a.ldg, a.N, a.M, vector_loadable<T>(a.grad_y, a.ldg, a.N)};
   float* partials = static_cast<float*>(a.partials);  // [split][N][cols], the SIMT path's layout
   err = wide(xa_t, g_t, a.M, partials, a.N * cols, 1, cols, DropoutOf{DropoutSpec{}, 0}, stream);
   if (err != cudaSuccess) return err;
@@ -244,7 +254,7 @@ cudaError_t dA_t(const BackwardArgs& a, cudaStream_t stream) {
   const Operand<T> gb_t =
       rank_transpose(static_cast<const float*>(a.gb), a.M, a.r, false, static_cast<T*>(a.rank_operand), &err, stream);
   if (err != cudaSuccess) return err;
-  const Operand<T> x_t{static_cast<const T*>(a.x), a.ldx, a.K, a.M, vector_loadable(a.x, a.ldx, a.K)};
+  const Operand<T> x_t{static_cast<const T*>(a.x), a.ldx, a.K, a.M, vector_loadable<T>(a.x, a.ldx, a.K)};
   float* partials = static_cast<float*>(a.partials);  // [split][r][K]
   err = wide(gb_t, x_t, a.M, partials, a.r * a.K, a.K, 1, DropoutOf{a.dropout, a.K}, stream);
   if (err != cudaSuccess) return err;
@@ -261,14 +271,21 @@ cudaError_t dispatch_half(DType dtype, F&& f) {
   }
 }
 
+// The tall GEMMs also serve fp32 on TF32 (both operands K-major); the wide ones read an
+// MN-major operand through ldmatrix.trans, 16-bit only.
+template <class F>
+cudaError_t dispatch_tall(DType dtype, F&& f) {
+  return dtype == DType::kFloat ? f(float{}) : dispatch_half(dtype, f);
+}
+
 }  // namespace
 
 cudaError_t sm80_xa(const ForwardArgs& a, cudaStream_t stream) {
-  return dispatch_half(a.dtype, [&](auto tag) { return xa_t<decltype(tag)>(a, stream); });
+  return dispatch_tall(a.dtype, [&](auto tag) { return xa_t<decltype(tag)>(a, stream); });
 }
 
 cudaError_t sm80_gb(const BackwardArgs& a, cudaStream_t stream) {
-  return dispatch_half(a.dtype, [&](auto tag) { return gb_t<decltype(tag)>(a, stream); });
+  return dispatch_tall(a.dtype, [&](auto tag) { return gb_t<decltype(tag)>(a, stream); });
 }
 
 cudaError_t sm80_dB_db(const BackwardArgs& a, cudaStream_t stream) {

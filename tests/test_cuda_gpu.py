@@ -53,11 +53,14 @@ def _parity_of(got, inputs, scaling, dropout_p, seed, grad_y, names=OUTPUT_NAMES
 # fp16/bf16, every kernel on the CuTe sm80 mainloop: cuda_sm80.cu's forward_kernel<T> and
 # dx_kernel<T> (every rank: the LoRA stage loops over 32-rank chunks; cp.async path when the
 # contiguous extents are multiples of 8, element loads otherwise; 16-byte stores when N (K
-# for dx) is a multiple of 8); cuda_sm80_thin.cu's tall_kernel<T> (xa with the mask formed
-# in shared memory, gb) and wide_kernel<T> (dB|db, dA with the mask) over 1, 2 or 3 tiles of
+# for dx) is a multiple of 8; dx computes gb itself for r <= 32 — written by the first of
+# its column tiles, read by dA — and reads sm80_gb's for r >= 33); cuda_sm80_thin.cu's
+# tall_kernel<T> (xa with the mask formed in shared memory; gb for r >= 33 or without dx)
+# and wide_kernel<T> (dB|db, dA with the mask) over 1, 2 or 3 tiles of
 # 32 ranks (db adds a rank row: r = 31 fills one tile, r = 32 needs two) and 1 or more
 # split-M slices, rank_transpose_kernel<T> (M not a multiple of 8: zero padding), and the
-# fixed-order reduce kernels. fp32/fp64: every product on SIMT. Each case names what it
+# fixed-order reduce kernels. fp32 (TF32 off)/fp64: every product on SIMT; fp32 on TF32
+# below. Each case names what it
 # reaches; dropout on, so the masked variants run too.
 INSTANTIATION_CASES = {
     # (M, K, N, r, bias): what it reaches in fp16/bf16
@@ -82,6 +85,85 @@ def test_every_instantiation_parity(case, dtype):
         pytest.skip("float64's budget is PyTorch's own error (about 0) plus 1e-12: a reduction over "
                     f"{M} rows in another order can exceed it; test_float64 covers the fp64 kernels")
     check_parity(M, K, N, r, dtype, bias, dropout_p=0.25, device="cuda")
+
+
+# ---- fp32 on TF32 tensor cores ---------------------------------------------------------
+#
+# With torch.backends.cuda.matmul.allow_tf32 (or float32 matmul precision "high"/"medium")
+# fp32 runs forward_kernel<float>, dx_kernel<float, true> (W transposed), and
+# tall_kernel<float> (xa with the mask, gb) on TF32 mma.sync; dB|db and dA stay SIMT. The
+# same-dtype PyTorch reference then runs its matmuls on TF32 too, so DESIGN.md §5's budget
+# is PyTorch's own TF32 error; with TF32 off everything is the exact fp32 SIMT path.
+TF32_CASES = {
+    # (M, K, N, r, bias): what each reaches on TF32
+    "r16-vector-loads-one-lora-chunk-5x2-tiles": (520, 264, 136, 16, True),
+    "r33-element-loads-three-lora-chunks-two-rank-tiles": (390, 70, 90, 33, True),
+    "r32-vector-loads-two-lora-chunks-no-bias": (256, 128, 256, 32, False),
+}
+
+
+@pytest.fixture(params=[True, False], ids=["tf32-on", "tf32-off"])
+def allow_tf32(request):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = request.param
+    yield request.param
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _cublas_runs_tf32(rows, depth, cols):
+    """Whether PyTorch's fp32 matmul of this shape really is TF32 (its error far above
+    fp32's); otherwise PyTorch's error is no TF32 budget and the case proves nothing."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(rows, depth, generator=gen, dtype=torch.float64)
+    b = torch.randn(depth, cols, generator=gen, dtype=torch.float64)
+    exact = a @ b
+    got = a.float().cuda() @ b.float().cuda()
+    return (got.double().cpu() - exact).abs().max().item() > 64 * torch.finfo(torch.float32).eps * depth ** 0.5
+
+
+def _check_float32_with_tf32_allowed(M, K, N, r, bias, require_tf32_reference=True):
+    """The extension's fp32 results with TF32 allowed (the caller set it): every output written
+    (finite under the poison switch) and shaped; each within 2x PyTorch's own error where
+    PyTorch's products behind it ran on TF32 too (y, dx: the [M, K]x[K, N] and [M, N]x[N, K]
+    matmuls, asserted when `require_tf32_reference`; xa, dA, dB, db: the rank-thin ones,
+    which cuBLAS may run without TF32 at small r)."""
+    x, weight, b, lora_A, lora_B = make_inputs(M, K, N, r, torch.float32, device="cuda", bias=bias)
+    grad_y = make_inputs(M, N, 1, 1, torch.float32, device="cuda", seed=1)[0]
+    got = run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.25, 1234, grad_y)
+    shapes = ((M, N), (M, r), (M, K), (r, K), (N, r), (N if bias else 0,))
+    for name, value, shape in zip(OUTPUT_NAMES, got, shapes, strict=True):
+        assert tuple(value.shape) == shape, name
+        assert torch.isfinite(value).all(), f"{name}: NaN/inf (an unwritten element under the poison switch)"
+    large = all(_cublas_runs_tf32(*shape) for shape in ((M, K, N), (M, N, K)))
+    assert large or not require_tf32_reference, (
+        f"cuBLAS ran an fp32 matmul of [{M}, {K}]x[{K}, {N}] or [{M}, {N}]x[{N}, {K}] without TF32 although "
+        "allowed: PyTorch's error is then no TF32 budget; choose a case shape cuBLAS runs on TF32")
+    names = ("y", "dx") if large else ()
+    if large and _cublas_runs_tf32(M, K, r) and _cublas_runs_tf32(M, N, r):
+        names = OUTPUT_NAMES
+    _parity_of(got, (x, weight, b, lora_A, lora_B), SCALING, 0.25, 1234, grad_y, names=names)
+
+
+@pytest.mark.parametrize("case", list(TF32_CASES), ids=str)
+def test_float32_parity_with_tf32_on_and_off(case, allow_tf32):
+    M, K, N, r, bias = TF32_CASES[case]
+    if allow_tf32:
+        _check_float32_with_tf32_allowed(M, K, N, r, bias)
+    else:  # the exact fp32 SIMT path, every output
+        check_parity(M, K, N, r, torch.float32, bias, dropout_p=0.25, device="cuda")
+
+
+@pytest.mark.parametrize("case", list(INSTANTIATION_CASES), ids=str)
+def test_every_instantiation_case_on_tf32(case):
+    """The instantiation cases (element and vector paths, rank tiles, splits) through the TF32
+    kernels (test_every_instantiation_parity[float32] runs them with TF32 off, on SIMT); parity
+    where cuBLAS runs these small shapes on TF32 as well."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        _check_float32_with_tf32_allowed(*INSTANTIATION_CASES[case], require_tf32_reference=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 # ---- strides, alignment, empty and tiny shapes ----------------------------------------
@@ -163,6 +245,19 @@ def test_reductions_over_many_splits_and_column_tiles(dtype):
     """M = 16500 gives dB|db and dA 33 split-M slices (the last one partial) and the tall
     GEMMs 129 row tiles; N = 200 gives the wide dB GEMM two 128-column tiles of g."""
     check_parity(16500, 40, 200, 8, dtype, True, dropout_p=0.1, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_empty_trailing_split_slices_store_zeros(dtype):
+    """M = 32769 hits the 64-split cap, and rounding each slice up to whole k-tiles leaves the
+    last slices empty: tensor cores 544 rows per slice (slices 61-63 start past M), SIMT 528
+    (slice 63). Their partial sums must still be written (zeros) under the poison switch, or
+    the fixed-order reduce adds NaN into dA, dB and db."""
+    M = 32769
+    splits = min(64, -(-M // 512))
+    per_slice_tc, per_slice_simt = -(-(-(-M // splits)) // 32) * 32, -(-(-(-M // splits)) // 16) * 16
+    assert splits == 64 and per_slice_tc * 61 >= M and per_slice_simt * 63 >= M
+    check_parity(M, 24, 40, 4, dtype, True, dropout_p=0.1, device="cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
