@@ -15,8 +15,9 @@ Launches (``kernels/plan.py`` lists them with their bytes; benchmarks/cost_model
 2. :func:`lora_backward_kernel`, grid (row group) × (column block of K), row-group-major
    so that the programs of one row group (which read the same g and x rows) run together.
    A row group is ``rows_per_group`` rows (a multiple of every kept BLOCK_M), chosen by
-   :func:`~.configs.backward_row_groups`: as few groups (sets of partials) as fill the SMs
-   in the fewest rounds. Each program:
+   :func:`~.configs.backward_row_groups` for the dx tile's BLOCK_N (64; 128 without dx,
+   :func:`~.plan.backward_column_block`): as few groups (sets of partials) as fill the SMs
+   in the fewest rounds, at most 2·SMs / column blocks. Each program:
 
    - for each of its group's row blocks: issues the ``x`` tile's load first (DRAM latency hidden
      behind the N loop); ONE loop over N streams the row block's g tiles once and feeds each to
@@ -90,7 +91,7 @@ from .common import (accumulate_product, accumulate_product_and_thin, cast_to, d
                      rank_product)
 from .configs import backward_configs, backward_row_groups, m_bucket, multiprocessors, padded_rank, prune_backward_configs
 from .dropout import dropout_keep, index_below_2_32, seed_as_int32
-from .plan import PLAN_BLOCK_N, backward_fuses_gb, backward_pads_b
+from .plan import backward_column_block, backward_fuses_gb, backward_pads_b
 from .projection import project_rows
 
 
@@ -323,7 +324,8 @@ def lora_backward(
         elif backward_pads_b(R):
             b_operand = _padded_b(lora_B, r_pad)
 
-        groups, rows_per_group = backward_row_groups(M, triton.cdiv(K, PLAN_BLOCK_N), multiprocessors(device))
+        groups, rows_per_group = backward_row_groups(M, triton.cdiv(K, backward_column_block(compute_dx)),
+                                                     multiprocessors(device))
         dx = poison_(torch.empty(M, K, dtype=grad_y.dtype, device=device)) if compute_dx else None
         dA_partial = poison_(torch.empty(groups, r_pad, K, dtype=f32, device=device))
         dB_partial = poison_(torch.empty(groups, N, r_pad, dtype=f32, device=device))

@@ -189,12 +189,18 @@ def forward_columns_per_program(m: int, n: int, block_m: int, block_n: int, r_pa
 def backward_row_groups(m: int, col_blocks: int, sms: int) -> tuple[int, int]:
     """(groups, rows_per_group) of the one-pass backward, whose grid is groups × ``col_blocks`` programs.
 
-    Every group writes one set of dA/dB/db partials, so groups are as few as the SMs allow.
-    ``rows_per_group`` is a multiple of :func:`row_align`; tiles whose BLOCK_M does not divide it
-    are pruned.
+    Every group writes one set of dA/dB/db partials, so groups are as few as the SMs allow, and
+    at most ``2·sms / col_blocks`` (two rounds of programs): a round saved by more groups is not
+    worth partials that grow with every group (issue 10 B4: 67-128 groups at lin2, partials
+    ~50 % of the backward's bytes). ``rows_per_group`` is a multiple of :func:`row_align`;
+    tiles whose BLOCK_M does not divide it are pruned.
     """
     align = row_align()
-    rows_per_group = align * blocks_per_program(max(col_blocks, 1), triton.cdiv(max(m, 1), align), sms)
+    row_blocks = triton.cdiv(max(m, 1), align)
+    col_blocks = max(col_blocks, 1)
+    blocks = blocks_per_program(col_blocks, row_blocks, sms)
+    max_groups = max(1, 2 * sms // col_blocks)
+    rows_per_group = align * max(blocks, triton.cdiv(row_blocks, max_groups))
     return triton.cdiv(m, rows_per_group), rows_per_group
 
 

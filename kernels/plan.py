@@ -51,6 +51,11 @@ def backward_fuses_gb(r_pad: int) -> bool:
     return r_pad <= MAX_FUSED_R_PAD
 
 
+def backward_column_block(compute_dx: bool) -> int:
+    """BLOCK_N (columns of K per program) the backward's row groups are sized for: the dx tile's with dx."""
+    return BACKWARD_DX_BLOCK_N if compute_dx else PLAN_BLOCK_N
+
+
 def backward_pads_b(r: int) -> bool:
     """B is copied to a zero-padded [N, R_PAD] buffer for the fused gb loop (rank-masked loads do not pipeline)."""
     return r != padded_rank(r)
@@ -103,15 +108,14 @@ def backward_plan(M: int, K: int, N: int, r: int, elt: int, dropout_p: float, co
         launches.append(Launch("thin_projection_kernel", g + b, gb, 2 * M * N * r_pad))
     elif backward_pads_b(r):
         launches.append(Launch("_pad_rank_kernel", b, N * r_pad * elt, 0))
-    col_blocks = triton.cdiv(K, PLAN_BLOCK_N)
+    col_blocks = triton.cdiv(K, backward_column_block(compute_dx))
     groups, _ = backward_row_groups(M, col_blocks, sms)
     partials = groups * (r_pad * K + N * r_pad + N * compute_db) * FP32
     rank_operand = N * r_pad * elt if fused_gb else gb
     flops = 2 * M * K * r_pad + 2 * M * N * r_pad  # dA, dB
     if fused_gb:
         # gb, recomputed by every column block of the tile that runs (narrower with dx, see BACKWARD_DX_BLOCK_N)
-        gb_col_blocks = triton.cdiv(K, BACKWARD_DX_BLOCK_N) if compute_dx else col_blocks
-        flops += 2 * M * N * r_pad * max(gb_col_blocks, 1)
+        flops += 2 * M * N * r_pad * max(col_blocks, 1)
     if compute_dx:
         flops += 2 * M * N * K + 2 * M * K * r_pad
     # W and A are loaded only for dx (A for its LoRA term).

@@ -139,3 +139,15 @@ def test_backward_plan_counts_gb_at_the_dx_tile_and_a_only_with_dx():
     assert with_dx.mma_flops - without_dx.mma_flops == (2 * M * N * K + 2 * M * K * 16) + gb_with_dx - gb_without_dx
     w, a = N * K * elt, r * K * elt
     assert with_dx.reads - without_dx.reads == w + a
+
+
+@pytest.mark.parametrize("sms", [108, 132])
+@pytest.mark.parametrize("m", [4096, 8576, 16384])
+def test_backward_row_groups_are_bounded_by_two_rounds(m, sms):
+    # Issue 10 B4: a round saved by more groups is not worth partials that grow with each group.
+    for k in (768, 3072):
+        for block_n in (plan.BACKWARD_DX_BLOCK_N, plan.PLAN_BLOCK_N):
+            col_blocks = triton.cdiv(k, block_n)
+            groups, rows = triton_configs.backward_row_groups(m, col_blocks, sms)
+            assert groups <= max(1, 2 * sms // col_blocks), (m, k, block_n, groups)
+            assert groups * rows >= m > (groups - 1) * rows
