@@ -18,7 +18,8 @@ Sources of the entries:
   CuTe sm80 forward and dx, the CuTe rank-thin xa, gb, dB and dA GEMMs): keep it in step.
 - ``linear``, ``peft``, ``addmm``: the PyTorch ops those layers run, one launch per op.
 
-What it leaves out: L2 misses on re-read operand tiles (assumed hits), launch latency,
+What it leaves out: L2 misses on re-read operand tiles (assumed hits), L2→SM traffic of
+narrow tiles (see the caveat under the prediction table), launch latency,
 wave quantisation, tile padding of M/N/K, and elementwise work inside kernels (the dropout
 hash). Sizes: ``elt`` bytes per element of the input dtype; ``xa`` is fp32 in the fused
 backends and in the input dtype in the unfused ones; bool masks are 1 byte per element.
@@ -40,19 +41,20 @@ from lora_fused.kernels.plan import FP32, Launch, launch_plan  # noqa: E402
 
 @dataclass(frozen=True)
 class GPU:
-    """Dense peaks: MMA TFLOP/s for 16-bit inputs and for TF32, HBM TB/s."""
+    """Dense peaks: MMA TFLOP/s for 16-bit inputs and for TF32, HBM TB/s; SMs (size the Triton plan's grids)."""
 
     name: str
     tflops_16bit: float
     tflops_tf32: float
     hbm_tb_s: float
+    sms: int = 132
 
 
 # Vendor datasheet peaks (dense, no sparsity).
 GPUS = {
-    "H100-SXM": GPU("H100 SXM", 989.4, 494.7, 3.35),
-    "H200": GPU("H200", 989.4, 494.7, 4.8),
-    "A100-SXM": GPU("A100 SXM 80GB", 312.0, 156.0, 2.039),
+    "H100-SXM": GPU("H100 SXM", 989.4, 494.7, 3.35, sms=132),
+    "H200": GPU("H200", 989.4, 494.7, 4.8, sms=132),
+    "A100-SXM": GPU("A100 SXM 80GB", 312.0, 156.0, 2.039, sms=108),
 }
 PROVIDERS = ("linear", "peft", "addmm", "triton", "triton_v1", "cuda")
 MODES = ("forward", "backward", "full")
@@ -217,8 +219,11 @@ def cuda_plan(M, K, N, r, elt, p):
     return {"forward": forward, "backward": backward}
 
 
-def provider_plan(provider: str, M: int, K: int, N: int, r: int, elt: int, p: float) -> dict[str, list[Launch]]:
-    """``{"forward": [...], "backward": [...]}`` launches of ``provider``; bias frozen as in bench_layer (no db)."""
+def provider_plan(provider: str, M: int, K: int, N: int, r: int, elt: int, p: float,
+                  sms: int = 132) -> dict[str, list[Launch]]:
+    """``{"forward": [...], "backward": [...]}`` launches of ``provider``; bias frozen as in bench_layer (no db).
+
+    ``sms``: the GPU's SM count, which sizes the Triton plan's column and row groups as its launchers do."""
     if provider == "linear":
         return linear_plan(M, K, N, elt)
     if provider == "peft":
@@ -226,7 +231,7 @@ def provider_plan(provider: str, M: int, K: int, N: int, r: int, elt: int, p: fl
     if provider == "addmm":
         return addmm_plan(M, K, N, r, elt, p)
     if provider == "triton":
-        return launch_plan(M, K, N, r, elt, p, compute_dx=True, compute_db=False)
+        return launch_plan(M, K, N, r, elt, p, compute_dx=True, compute_db=False, sms=sms)
     if provider == "triton_v1":
         return triton_v1_plan(M, K, N, r, elt, p)
     if provider == "cuda":
@@ -252,7 +257,7 @@ class Estimate:
 
 def estimate(provider: str, M: int, K: int, N: int, r: int, elt: int, p: float, mode: str,
              gpu: GPU | None) -> Estimate:
-    launches = mode_launches(provider_plan(provider, M, K, N, r, elt, p), mode)
+    launches = mode_launches(provider_plan(provider, M, K, N, r, elt, p, gpu.sms if gpu else 132), mode)
     return Estimate(sum(launch.bytes for launch in launches), sum(launch.mma_flops for launch in launches),
                     len(launches), roofline_ms(launches, gpu, elt) if gpu else None)
 
@@ -301,7 +306,12 @@ def predicted_ratios_markdown(gpu: GPU, tokens: int = 4096, elt: int = 2, ranks=
                         cells.append(f"{est.roofline_ms / base:.2f}× ({est.launches})")
                     lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Cells: roofline time ÷ nn.Linear's (launches). `triton` is the plan in the code "
-              "(kernels/plan.py); `triton_v1` the plan it replaced (issue 10)."]
+              "(kernels/plan.py); `triton_v1` the plan it replaced (issue 10).",
+              "", "Caveat (`triton`, full): the model prices DRAM bytes and peak MMA only. The v2 backward's "
+              "dx tiles are 64 columns wide (128×64 on sm90, 32×64 on sm80: wider ones spill), so each row block's "
+              "g is streamed from L2 once per 64 columns of K and W once per row block, unpriced here; and its "
+              "dB loop re-reads g from DRAM once the row groups in flight hold more g than L2 (at ViT-B qkv), "
+              "one |g| the table omits. The `triton` full-mode ratios are lower bounds."]
     return "\n".join(lines)
 
 

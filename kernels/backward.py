@@ -15,26 +15,28 @@ Launches (``kernels/plan.py`` lists them with their bytes; benchmarks/cost_model
 2. :func:`lora_backward_kernel`, grid (row group) × (column block of K), row-group-major
    so that the programs of one row group (which read the same g and x rows) run together.
    A row group is ``rows_per_group`` rows (a multiple of every kept BLOCK_M), chosen by
-   :func:`~.configs.backward_row_groups`: as few groups (sets of partials) as fill the SMs
-   in the fewest rounds. Each program:
+   :func:`~.configs.backward_row_groups` for the dx tile's BLOCK_N (64; 128 without dx,
+   :func:`~.plan.backward_column_block`): as few groups (sets of partials) as fill the SMs
+   in the fewest rounds, at most 2·SMs / column blocks. Each program:
 
-   - for each of its group's row blocks: ``gb = g·B`` over the row block's g tiles (a thin
-     loop, B's tile ``[BLOCK_K, R_PAD]``); rounds gb to the input dtype; hashes the dropout
-     mask of its ``[BLOCK_M, BLOCK_N]`` tile ONCE and uses it twice: loads ``x`` there and
-     accumulates ``dA += round(gb)ᵀ·(x ⊙ mask)`` in registers across the row blocks; seeds the dx
-     accumulator with ``s'·(round(gb)·A) ⊙ mask`` (the reference's rounding order) and runs the
-     plain ``g·W`` loop into it (no rank-sized operand: asynchronous at every rank); stores dx;
+   - for each of its group's row blocks: issues the ``x`` tile's load first (DRAM latency hidden
+     behind the N loop); ONE loop over N streams the row block's g tiles once and feeds each to
+     both ``acc += g·W`` and ``gb += g·B`` (B's tile ``[BLOCK_K, R_PAD]``); rounds gb to the input
+     dtype; hashes the dropout mask of its ``[BLOCK_M, BLOCK_N]`` tile ONCE and uses it twice:
+     ``dA += round(gb)ᵀ·(x ⊙ mask)`` in registers across the row blocks, and the LoRA term
+     ``s'·(round(gb)·A) ⊙ mask`` added to the fp32 dx accumulator after the loop (the reference's
+     rounding order: gb rounded unscaled, s' on the fp32 product, one rounding of dx); stores dx;
    - stores its dA partial ``[R_PAD, BLOCK_N]`` for the group (one per group and column block);
    - then dB/db for the N tiles ``t ≡ pid_k (mod column blocks)`` of width BLOCK_K — so the
      tiles of a group are divided evenly among its programs and every partial is written
      exactly once: ``dBᵀ_t = round(xa)ᵀ·g[:, t]`` and ``db_t = Σ_rows g[:, t]`` over the group's
      rows, stored as the group's partials.
 
-   DRAM traffic: g, x, W, A, B, xa once each (the re-reads of g by the gb, g·W and dB loops
-   of the programs of one row group hit L2, the model's assumption), dx once, and partials
+   DRAM traffic: g, x, W, A, B, xa once each (the re-reads of g by the N loop and the dB loop
+   of the programs of one row group are assumed to hit L2, see "L2" below), dx once, and partials
    of ``groups·(N·R_PAD + R_PAD·K + N)`` fp32. Work beyond the GEMM: gb is recomputed by
    every column block (an extra ``R_PAD/BLOCK_N`` of the dx MMA work), dA and dB once.
-   With ``compute_dx`` off the same kernel skips the A tile, the seed and the g·W loop.
+   With ``compute_dx`` off the same kernel skips W and A: its N loop is the thin gb product.
 3. :func:`_reduce_partials_kernel`: one launch whose 1-D grid covers the elements of dA,
    dB and db in turn; each element sums its groups' partials in group order 0, 1, ... and
    applies s (dB) or s' (dA). No atomics: the same inputs give bit-identical gradients for
@@ -44,25 +46,33 @@ Launches (``kernels/plan.py`` lists them with their bytes; benchmarks/cost_model
 Why this plan rather than dB/db inside the gb loop (each g tile held once, per-row-block
 partials): partials per row block cost ``(N + K)·R_PAD·8`` bytes per BLOCK_M rows written and
 read, ~35 % of the backward's traffic at ViT-B shapes, against ``1/rows_per_group`` of that
-here; a loop with a conditional dB product inside it would also not pipeline. The dB loop's
-re-read of g comes from L2 (the group's programs just read it).
+here; a loop with a conditional dB product inside it would also not pipeline.
+
+L2: the model (plan.py) assumes every re-read of g within a launch hits L2. For the N loop's
+reads by the column blocks of one row block that holds (they run together, row-group-major).
+For the dB loop it does not in general: it runs after the whole row loop, when a group's
+g rows (rows_per_group·N·elt) times the groups in flight exceed L2 — at ViT-B qkv on an H100
+(22 groups of 745 rows × 2304 × 2 B = 3.4 MB each, 75 MB > 50 MB of L2) g is read from DRAM a
+second time, |g| more than the plan counts (~22 µs at qkv). Moving dB into the row loop
+(read-modify-write of the group's partial, issue 10 B7) is the open alternative.
 
 R_PAD > 64 (ranks 65..256): a [BLOCK_M, R_PAD] gb accumulator beside the dx tile does not
 fit, so :func:`~.projection.thin_projection_kernel` computes gb [M, R_PAD] first (g read
 once more) and this kernel loads it (``PRECOMPUTED_GB``); 3 launches.
 
-Registers: the walk over a row group's row blocks costs registers — ptxas on sm90 at
-128×128, 8 warps, r = 16: 255 registers and a 44 B spill, against 190 and none for the
-same kernel without the row loop (suspected: row-invariant operand addresses of W, A and B
-hoisted and kept live across it, beside the dA accumulator). Its config lists (:data:`~.configs._BACKWARD_HOPPER`, ``_AMPERE``)
-keep only tiles ptxas compiles without spills in every variant; with dx that is 64×64 or
-32×64 on sm90 and 64×128 or 32×64 on sm80 (32×16 at R_PAD > 64).
+Registers: the N loop holds the [BLOCK_M, BLOCK_N] dx accumulator, the [BLOCK_M, R_PAD] gb
+accumulator and the address state of the g, W and B tiles, beside the dA accumulator and the
+early x tile. ptxas -v (triton 3.8, r = 16): on sm90 128×64/8w compiles in 200-214 registers
+without spills (R_PAD 64: 255, no spill), 64×128/4w spills 164-348 B and 128×128/8w 324-492 B;
+on sm80 only 32×64/8w is spill-free on both stacks (64×64/4w spills 40-430 B). The config lists
+(:data:`~.configs._BACKWARD_HOPPER`, ``_AMPERE``) keep what compiles without spills in every
+variant (tests/test_triton_gpu_kept_configs.py); wider dx tiles need the address state gone
+(tensor descriptors, issue 10 B2) and a GPU measurement.
 
 Open (sm90, the ptxas 12.9 bundled with triton 3.8): ptxas reports C7514, "wgmma.mma_async instructions
 are serialized due to non wgmma instructions reading accumulator registers", for this kernel
-with and without dx (the forward kernel does not get it). Not from the dB loop nor the dA
-product (removing either keeps it); the gb loop or the dx seed inside the row loop remain.
-tests/test_triton_gpu_kept_configs.py prints it per variant. Speed only; a GPU run decides.
+with and without dx (the forward kernel does not get it). tests/test_triton_gpu_kept_configs.py
+prints it per variant. Speed only; a GPU run decides.
 
 Nothing of size M×N is allocated besides dx; nothing with M rows besides dx and, at
 R_PAD > 64, gb.
@@ -77,12 +87,24 @@ import triton.language as tl
 from lora_fused.debug import poison_
 from lora_fused.dropout import dropout_scale, dropout_threshold
 
-from .common import (accumulate_product, cast_to, device_guard, dot_operand, input_precision, interpreted_bf16,
+from .common import (accumulate_product, accumulate_product_and_thin, cast_to, device_guard, dot_operand, input_precision, interpreted_bf16,
                      rank_product)
 from .configs import backward_configs, backward_row_groups, m_bucket, multiprocessors, padded_rank, prune_backward_configs
 from .dropout import dropout_keep, index_below_2_32, seed_as_int32
-from .plan import PLAN_BLOCK_N, backward_fuses_gb, backward_pads_b
+from .plan import backward_column_block, backward_fuses_gb, backward_pads_b
 from .projection import project_rows
+
+
+@triton.jit
+def _lora_term(acc, gb_rounded, a_ptr, ranks, cols, rank_ok, col_ok, stride_ar, stride_ak, lora_scale, keep,
+               HAS_DROPOUT: tl.constexpr, INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # acc + s'·(round(gb)·A[:, cols]) ⊙ keep, the product in fp32, s' and the mask on it.
+    a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols.to(tl.int64)[None, :] * stride_ak,
+                mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+    lora = tl.dot(gb_rounded, dot_operand(a, INTERPRETED_BF16), input_precision=INPUT_PRECISION) * lora_scale
+    if HAS_DROPOUT:
+        lora = lora * keep.to(tl.float32)
+    return acc + lora
 
 
 @triton.heuristics({"HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0,
@@ -92,10 +114,12 @@ from .projection import project_rows
                     "PRECOMPUTED_GB": lambda args: args["gb_ptr"] is not None})
 @triton.autotune(
     configs=backward_configs(),
-    # Everything that changes the best tile: sizes, rank (R_PAD and R % 16, via R), the rows a program
-    # walks, which products run, the dot precision, and the index width of the dropout hash (and, added by
-    # the autotuner itself, every tensor's dtype).
-    key=["N", "K", "R", "R_PAD", "M_BUCKET", "rows_per_group", "HAS_DROPOUT", "INDEX_BELOW_2_32", "COMPUTE_DX",
+    # Everything that changes the best tile: sizes, rank (R_PAD and R % 16, via R), which products run, the
+    # dot precision, and the index width of the dropout hash (and, added by the autotuner itself, every
+    # tensor's dtype). Not rows_per_group: it takes several values within one M_BUCKET (each would re-tune and
+    # miss the shipped tuned/*.json entries), and on a GPU every BLOCK_M divides it (a multiple of 128), so
+    # neither pruning nor the best tile's ranking hinges on it beyond what M_BUCKET says.
+    key=["N", "K", "R", "R_PAD", "M_BUCKET", "HAS_DROPOUT", "INDEX_BELOW_2_32", "COMPUTE_DX",
          "COMPUTE_DB", "PRECOMPUTED_GB", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_backward_configs},
     cache_results=True,  # best configs persist in the Triton cache directory across processes
@@ -130,36 +154,53 @@ def lora_backward_kernel(
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < row_end
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        # The x tile (DRAM) is issued before the N loop so its latency hides behind it (consumed by dA after).
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=tile_ok, other=0.0)
         g_ptrs = g_ptr + rows[:, None] * stride_gm + steps[None, :] * stride_gn
+        if COMPUTE_DX:
+            w_ptrs = w_ptr + steps.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if PRECOMPUTED_GB:
             gb = tl.load(gb_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=row_ok[:, None], other=0.0)
         else:
             # B is padded to R_PAD columns in memory (or R is R_PAD): no rank mask on its loads.
             b_ptrs = b_ptr + steps.to(tl.int64)[:, None] * stride_bn + ranks[None, :] * stride_br
-            gb = rank_product(g_ptrs, b_ptrs, BLOCK_K * stride_gn, BLOCK_K * stride_bn, N, row_ok, rank_ok,
-                              BLOCK_M, R_PAD, BLOCK_K, False, INTERPRETED_BF16, INPUT_PRECISION)
+            if COMPUTE_DX:
+                # One pass over g: each g tile feeds both g·W and gb = g·B.
+                acc, gb = accumulate_product_and_thin(acc, tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32), g_ptrs,
+                                                      w_ptrs, b_ptrs, BLOCK_K * stride_gn, BLOCK_K * stride_wn,
+                                                      BLOCK_K * stride_bn, N, row_ok, col_ok, BLOCK_K,
+                                                      INTERPRETED_BF16, INPUT_PRECISION)
+                # Padding ranks exactly zero (an inf in g would make them inf·0 = NaN).
+                gb = tl.where(rank_ok[None, :], gb, 0.0)
+            else:
+                gb = rank_product(g_ptrs, b_ptrs, BLOCK_K * stride_gn, BLOCK_K * stride_bn, N, row_ok, rank_ok,
+                                  BLOCK_M, R_PAD, BLOCK_K, False, INTERPRETED_BF16, INPUT_PRECISION)
         gb_rounded = dot_operand(cast_to(gb, input_dtype, INTERPRETED_BF16), INTERPRETED_BF16)
-
         # The mask of this tile, hashed once for both dA and dx; a multiply, as the reference (a dropped inf
         # gives NaN).
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=tile_ok, other=0.0)
+        keep = 1.0
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold, INDEX_BELOW_2_32)
+        if HAS_DROPOUT:
             x = x * keep.to(x.dtype)
         dA = tl.dot(tl.trans(gb_rounded), dot_operand(x, INTERPRETED_BF16), dA, input_precision=INPUT_PRECISION)
+        if PRECOMPUTED_GB and COMPUTE_DX:
+            # The LoRA term seeds the accumulator before the loop: gb [BLOCK_M, R_PAD > 64] is then dead across
+            # it (held past the loop it spills). Same rounding order; only the fp32 summation order differs.
+            acc = _lora_term(acc, gb_rounded, a_ptr, ranks, cols, rank_ok, col_ok, stride_ar, stride_ak, lora_scale,
+                             keep, HAS_DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
+            acc = accumulate_product(acc, g_ptrs, w_ptrs, BLOCK_K * stride_gn, BLOCK_K * stride_wn, N, row_ok,
+                                     col_ok, BLOCK_K, INTERPRETED_BF16, INPUT_PRECISION, True)
+
 
         if COMPUTE_DX:
-            # The LoRA term first, in the reference's rounding order (gb rounded unscaled, s' on the fp32
-            # product); it seeds the base GEMM's accumulator.
-            a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols.to(tl.int64)[None, :] * stride_ak,
-                        mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(gb_rounded, dot_operand(a, INTERPRETED_BF16), input_precision=INPUT_PRECISION) * lora_scale
-            if HAS_DROPOUT:
-                acc = acc * keep.to(tl.float32)
-            w_ptrs = w_ptr + steps.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk
-            acc = accumulate_product(acc, g_ptrs, w_ptrs, BLOCK_K * stride_gn, BLOCK_K * stride_wn, N, row_ok, col_ok,
-                                     BLOCK_K, INTERPRETED_BF16, INPUT_PRECISION, True)
+            if not PRECOMPUTED_GB:
+                # The LoRA term after the base GEMM, in the reference's rounding order (gb rounded unscaled, s' on
+                # the fp32 product, added to the fp32 accumulator; one rounding of dx).
+                acc = _lora_term(acc, gb_rounded, a_ptr, ranks, cols, rank_ok, col_ok, stride_ar, stride_ak,
+                                 lora_scale, keep, HAS_DROPOUT, INTERPRETED_BF16, INPUT_PRECISION)
             tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
                      cast_to(acc, dx_ptr.dtype.element_ty, INTERPRETED_BF16), mask=tile_ok)
 
@@ -283,7 +324,8 @@ def lora_backward(
         elif backward_pads_b(R):
             b_operand = _padded_b(lora_B, r_pad)
 
-        groups, rows_per_group = backward_row_groups(M, triton.cdiv(K, PLAN_BLOCK_N), multiprocessors(device))
+        groups, rows_per_group = backward_row_groups(M, triton.cdiv(K, backward_column_block(compute_dx)),
+                                                     multiprocessors(device))
         dx = poison_(torch.empty(M, K, dtype=grad_y.dtype, device=device)) if compute_dx else None
         dA_partial = poison_(torch.empty(groups, r_pad, K, dtype=f32, device=device))
         dB_partial = poison_(torch.empty(groups, N, r_pad, dtype=f32, device=device))

@@ -59,6 +59,31 @@ def accumulate_product(acc, lhs_ptrs, rhs_ptrs, lhs_step, rhs_step, length, lhs_
 
 
 @triton.jit
+def accumulate_product_and_thin(acc, thin, lhs_ptrs, rhs_ptrs, thin_ptrs, lhs_step, rhs_step, thin_step, length,
+                                lhs_row_ok, rhs_col_ok, BLOCK_K: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
+                                INPUT_PRECISION: tl.constexpr):
+    """``acc += lhs·rhs`` and ``thin += lhs·thin_rhs`` over ``[:length]`` with ONE load of each lhs tile.
+
+    As :func:`accumulate_product` (rhs columns masked by ``rhs_col_ok``), plus a second product
+    of the same lhs tile with a thin ``[BLOCK_K, ·]`` operand padded in memory (only the
+    reduction-tail mask: asynchronous). The backward's dx loop: g is streamed once per row block
+    for both ``g·W`` and ``gb = g·B``.
+    """
+    steps = tl.arange(0, BLOCK_K)
+    for k0 in range(0, length, BLOCK_K):
+        k_ok = (k0 + steps) < length
+        lhs = dot_operand(tl.load(lhs_ptrs, mask=lhs_row_ok[:, None] & k_ok[None, :], other=0.0), INTERPRETED_BF16)
+        rhs = tl.load(rhs_ptrs, mask=k_ok[:, None] & rhs_col_ok[None, :], other=0.0)
+        thin_rhs = tl.load(thin_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(lhs, dot_operand(rhs, INTERPRETED_BF16), acc, input_precision=INPUT_PRECISION)
+        thin = tl.dot(lhs, dot_operand(thin_rhs, INTERPRETED_BF16), thin, input_precision=INPUT_PRECISION)
+        lhs_ptrs += lhs_step
+        rhs_ptrs += rhs_step
+        thin_ptrs += thin_step
+    return acc, thin
+
+
+@triton.jit
 def rank_product(lhs_ptrs, rhs_ptrs, lhs_step, rhs_step, length, lhs_row_ok, rank_ok,
                  BLOCK_M: tl.constexpr, R_PAD: tl.constexpr, BLOCK_K: tl.constexpr, RANK_MASKED: tl.constexpr,
                  INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr):

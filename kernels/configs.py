@@ -91,23 +91,30 @@ _GEMM_HOPPER = [
 ]
 
 
-# The one-pass backward holds more state than a GEMM (three pipelined loops, the dA accumulator across
-# its row loop, gb and A for the LoRA term): these lists keep the tiles that ptxas -v compiles without
-# spills in every variant (ranks 4/16/64/256, ± dropout, ± dx; tests/test_triton_gpu_kept_configs.py),
-# at most 3 stages. Wide tiles serve only the variant without dx (the pruner drops them with dx); the
-# dx variants run 64×64 / 32×64 tiles (128-wide ones spill 36-400 B), 32×16 at R_PAD 256.
+# The one-pass backward holds more state than a GEMM (one N loop feeding g·W and gb = g·B from the same g
+# tile, the dA accumulator across its row loop, gb and A for the LoRA term, the dB loop): these lists keep
+# the tiles that ptxas -v compiles without spills in every variant (ranks 4/16/64/256, ± dropout, ± dx;
+# tests/test_triton_gpu_kept_configs.py), at most 3 stages. Wide tiles serve only the variant without dx
+# (the pruner drops them with dx); the dx variants run 128×64/8w or 64×64 on sm90, 32×64/8w on sm80,
+# 32×16 at R_PAD 256. 128-wide dx tiles spill 112-1100 B with the merged loop (ptxas -v, r = 16),
+# mostly address state of the g, W and B tiles; not kept, since no spill report says where the spill
+# lands (inside the N loop it would cost every step) and no GPU run has measured it (issue 10, B2:
+# tensor descriptors are the way to free those registers).
 _BACKWARD_AMPERE = [
     _tile(128, 256, 32, 8, 3),
     _tile(128, 128, 32, 4, 3),
     _tile(64, 256, 32, 4, 3),
     _tile(64, 128, 32, 4, 3),
-    _tile(32, 64, 32, 2, 3),
-    _tile(32, 16, 64, 8, 3),  # R_PAD 256
+    # dx with fused gb: 64×64/4w spills 40-430 B, 32×64×32 with 2 or 4 warps 28-720 B (triton 3.6 or 3.8), and
+    # with 8 warps ptxas 12.9 caps the variant without dx at 64 registers (8 B spill).
+    _tile(32, 64, 64, 8, 3),
+    _tile(32, 16, 32, 8, 3),  # R_PAD 256 (BLOCK_K 64 spills 12-36 B under triton 3.6 with the x tile issued early)
 ]
 _BACKWARD_HOPPER = [
     _tile(128, 256, 64, 8, 3),
     _tile(128, 128, 64, 4, 3),
     _tile(64, 256, 64, 4, 3),
+    _tile(128, 64, 64, 8, 3),  # dx with fused gb: the widest wgmma tile (M 128) ptxas keeps spill-free
     _tile(64, 64, 64, 4, 3),
     _tile(32, 64, 64, 8, 3),
     _tile(32, 16, 64, 8, 2),  # R_PAD 256 (3 stages spill 20 B under triton 3.6's ptxas)
@@ -182,12 +189,18 @@ def forward_columns_per_program(m: int, n: int, block_m: int, block_n: int, r_pa
 def backward_row_groups(m: int, col_blocks: int, sms: int) -> tuple[int, int]:
     """(groups, rows_per_group) of the one-pass backward, whose grid is groups × ``col_blocks`` programs.
 
-    Every group writes one set of dA/dB/db partials, so groups are as few as the SMs allow.
-    ``rows_per_group`` is a multiple of :func:`row_align`; tiles whose BLOCK_M does not divide it
-    are pruned.
+    Every group writes one set of dA/dB/db partials, so groups are as few as the SMs allow, and
+    at most ``2·sms / col_blocks`` (two rounds of programs): a round saved by more groups is not
+    worth partials that grow with every group (issue 10 B4: 67-128 groups at lin2, partials
+    ~50 % of the backward's bytes). ``rows_per_group`` is a multiple of :func:`row_align`;
+    tiles whose BLOCK_M does not divide it are pruned.
     """
     align = row_align()
-    rows_per_group = align * blocks_per_program(max(col_blocks, 1), triton.cdiv(max(m, 1), align), sms)
+    row_blocks = triton.cdiv(max(m, 1), align)
+    col_blocks = max(col_blocks, 1)
+    blocks = blocks_per_program(col_blocks, row_blocks, sms)
+    max_groups = max(1, 2 * sms // col_blocks)
+    rows_per_group = align * max(blocks, triton.cdiv(row_blocks, max_groups))
     return triton.cdiv(m, rows_per_group), rows_per_group
 
 
@@ -246,9 +259,9 @@ def prune_gemm_configs(configs, named_args, **kwargs):
 def prune_backward_configs(configs, named_args, **kwargs):
     """One-pass backward tiles.
 
-    Shared memory: the widest of its three pipelined loops' stages — g·W ([BM, BK] + [BK, BN]),
-    gb = g·B ([BM, BK] + [BK, R_PAD], fused gb only) and dB ([BM, BK] of g + the fp32
-    [R_PAD, BM] xa tile). Registers: the [BM, BN] dx accumulator (with dropout a second [BM, BN]
+    Shared memory: the wider of its two pipelined loops' stages — the N loop ([BM, BK] of g,
+    [BK, BN] of W with dx, [BK, R_PAD] of B with fused gb: one g tile for both products) and
+    dB ([BM, BK] of g + the fp32 [R_PAD, BM] xa tile). Registers: the [BM, BN] dx accumulator (with dropout a second [BM, BN]
     of hash temporaries), the x tile beside it in the epilogue, gb [BM, R_PAD], the dA accumulator
     [R_PAD, BN] that lives across the row loop and the [R_PAD, BN] tile of A. A tile whose BLOCK_M
     does not divide ``rows_per_group`` is dropped (its row loop would overrun into masked rows).
@@ -264,19 +277,23 @@ def prune_backward_configs(configs, named_args, **kwargs):
 
     def stage_bytes(c):
         m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        loops = [m * k * elt + r_pad * m * 4]
-        if dx:
-            loops.append((m * k + k * n) * elt)
-        if gb_loop:
-            loops.append((m * k + k * r_pad) * elt)
-        return max(loops)
+        # The N loop stages g and, as computed, W and/or B; the dB loop g and the fp32 xa tile.
+        n_loop = (m * k + (k * n if dx else 0) + (k * r_pad if gb_loop else 0)) * elt
+        return max(n_loop, m * k * elt + r_pad * m * 4)
 
     def accumulators(c):
+        # With dx and fused gb, the one N loop holds the dx accumulator, gb and the address state of three
+        # operands: one more [BM, BN] (calibrated on ptxas -v: 64×128/4w spills 164-348 B on sm90 and
+        # 192-256 B on sm80 at r = 16, 128×64/8w compiles without spills on sm90).
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        tile = m * n * ((1 if dx else 0) + (1 if dropout else 0) + elt / 4)
+        tile = m * n * ((1 if dx else 0) + (1 if dx and gb_loop else 0) + (1 if dropout else 0) + elt / 4)
         return tile + m * r_pad + r_pad * n * (1 + elt / 2)
 
     divisible = [c for c in configs if not rows_per_group or rows_per_group % c.kwargs["BLOCK_M"] == 0] or configs
+    if gb_loop:
+        # The R_PAD 256 tile (BLOCK_N 16) is for the precomputed gb: with the fused gb loop and dropout it spills
+        # 28-52 B on sm90 (ptxas -v, r = 4 and 16), and wider tiles fit there anyway.
+        divisible = [c for c in divisible if c.kwargs["BLOCK_N"] >= 32] or divisible
     kept = [c for c in divisible if _fits(c, stage_bytes(c), budget, accumulators(c))]
     return _keep_some(divisible, kept, lambda c: stage_bytes(c) * c.num_stages + accumulators(c), stage_bytes,
                       budget)

@@ -8,10 +8,14 @@ interpreter launches.
 
 Traffic model (DRAM bytes, not L2): every tensor a launch touches is counted once per
 launch, i.e. operand tiles re-read by other programs of the same launch are assumed to
-hit L2 (W, A, B and the row block of x or g a program just read). MMA flops count what
-the kernels issue, padded rank ``R_PAD`` and recomputations included; the xa and gb
-recomputations are counted with the nominal tile ``PLAN_BLOCK_M × PLAN_BLOCK_N`` (the
-autotuned tile may differ). ``sms`` (132 on an H100 SXM) sizes the forward's column groups and
+hit L2 (W, A, B and the row block of x or g a program just read). That is optimistic
+for the backward: its dB loop re-reads a row group's g after the whole row loop, from DRAM
+once the groups in flight hold more g rows than L2 (ViT-B qkv on an H100: one more |g|), and
+L2→SM traffic (g streamed once per 64-wide column block, W once per row block) is not
+priced at all. MMA flops count what the kernels issue, padded rank ``R_PAD`` and
+recomputations included; the forward's xa recomputation is counted with the nominal tile
+``PLAN_BLOCK_M × PLAN_BLOCK_N``, the backward's gb with the dx tile's BLOCK_N
+(:data:`BACKWARD_DX_BLOCK_N`; the autotuned tile may differ). ``sms`` (132 on an H100 SXM) sizes the forward's column groups and
 the backward's row groups, as the launchers do with the device's SM count. The backward's partials (fp32 per row group) are counted written and read.
 """
 
@@ -30,6 +34,10 @@ MAX_FUSED_R_PAD = 64
 # recomputations with it.
 PLAN_BLOCK_M = 128
 PLAN_BLOCK_N = 128
+# The widest dx tile (BLOCK_N columns of K) the backward's config lists keep with fused gb (configs.py:
+# 128×64 on sm90, 32×64 on sm80): every such column block recomputes gb, so the model counts gb's flops at
+# cdiv(K, 64) column blocks when dx is computed (without dx, wide tiles run and PLAN_BLOCK_N stands).
+BACKWARD_DX_BLOCK_N = 64
 FP32 = 4
 
 
@@ -41,6 +49,11 @@ def forward_uses_prepass(n: int, r_pad: int, dropout_p: float) -> bool:
 def backward_fuses_gb(r_pad: int) -> bool:
     """gb = g·B inside the backward kernel (else the thin projection kernel computes it first)."""
     return r_pad <= MAX_FUSED_R_PAD
+
+
+def backward_column_block(compute_dx: bool) -> int:
+    """BLOCK_N (columns of K per program) the backward's row groups are sized for: the dx tile's with dx."""
+    return BACKWARD_DX_BLOCK_N if compute_dx else PLAN_BLOCK_N
 
 
 def backward_pads_b(r: int) -> bool:
@@ -95,16 +108,18 @@ def backward_plan(M: int, K: int, N: int, r: int, elt: int, dropout_p: float, co
         launches.append(Launch("thin_projection_kernel", g + b, gb, 2 * M * N * r_pad))
     elif backward_pads_b(r):
         launches.append(Launch("_pad_rank_kernel", b, N * r_pad * elt, 0))
-    col_blocks = triton.cdiv(K, PLAN_BLOCK_N)
+    col_blocks = triton.cdiv(K, backward_column_block(compute_dx))
     groups, _ = backward_row_groups(M, col_blocks, sms)
     partials = groups * (r_pad * K + N * r_pad + N * compute_db) * FP32
     rank_operand = N * r_pad * elt if fused_gb else gb
     flops = 2 * M * K * r_pad + 2 * M * N * r_pad  # dA, dB
     if fused_gb:
-        flops += 2 * M * N * r_pad * col_blocks  # gb, recomputed by every column block
+        # gb, recomputed by every column block of the tile that runs (narrower with dx, see BACKWARD_DX_BLOCK_N)
+        flops += 2 * M * N * r_pad * max(col_blocks, 1)
     if compute_dx:
         flops += 2 * M * N * K + 2 * M * K * r_pad
-    launches.append(Launch("lora_backward_kernel", g + x + xa + a + rank_operand + w * compute_dx,
+    # W and A are loaded only for dx (A for its LoRA term).
+    launches.append(Launch("lora_backward_kernel", g + x + xa + rank_operand + (w + a) * compute_dx,
                            x * compute_dx + partials, flops))
     outputs = (r * K + N * r + N * compute_db)
     launches.append(Launch("_reduce_partials_kernel", groups * outputs * FP32, outputs * elt, 0))

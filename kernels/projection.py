@@ -5,7 +5,8 @@ column block of a wide GEMM:
 
 - forward pre-pass ``xa = (x ⊙ mask)·Aᵀ / (1-p)`` when dropout is on or R_PAD > 64
   (P = Aᵀ): one read of x, the dropout hash evaluated once per element of x;
-- backward ``gb = g·B`` when dx is not requested or R_PAD > 64 (P = B, no dropout).
+- backward ``gb = g·B`` when R_PAD > 64 (P = B, no dropout): a [BLOCK_M, R_PAD] gb beside the
+  dx tile does not fit the one-pass backward's registers.
 
 Each program owns ``BLOCK_M`` rows and all ``R_PAD`` (zero-padded) rank columns, and
 loops over K; no reduction crosses programs, so results are deterministic. Columns

@@ -16,6 +16,7 @@ import triton
 
 from lora_fused.kernels import configs as triton_configs
 from lora_fused.kernels import ops as triton_ops
+from lora_fused.kernels import plan
 from lora_fused.kernels.plan import launch_plan
 from parity import make_inputs
 
@@ -115,3 +116,38 @@ def test_schedules_fill_the_sms_in_the_fewest_rounds():
     groups, rows = triton_configs.backward_row_groups(64 * align, 6, 132)
     assert rows % align == 0 and groups * rows >= 64 * align > (groups - 1) * rows
     assert triton.cdiv(groups * 6, 132) * (rows // align) == triton.cdiv(64 * 6, 132) and groups < 64
+
+
+def test_triton_plan_takes_the_gpus_sm_count():
+    # lin2 at M = 16384: the row groups (hence the partials' bytes) differ between 108 and 132 SMs.
+    shape = (16384, 3072, 768, 16, 2, 0.0)
+    a100 = cost_model.GPUS["A100-SXM"]
+    on_a100 = plan.launch_plan(*shape, compute_dx=True, compute_db=False, sms=108)
+    assert on_a100 != plan.launch_plan(*shape, compute_dx=True, compute_db=False, sms=132)
+    assert cost_model.provider_plan("triton", *shape, sms=a100.sms) == on_a100
+    est = cost_model.estimate("triton", *shape, "backward", a100)
+    assert est.bytes == sum(launch.bytes for launch in on_a100["backward"])
+    assert [g.sms for g in cost_model.GPUS.values()] == [132, 132, 108]
+
+
+def test_backward_plan_counts_gb_at_the_dx_tile_and_a_only_with_dx():
+    M, K, N, r, elt = 4096, 768, 2304, 16, 2
+    with_dx, without_dx = (plan.backward_plan(M, K, N, r, elt, 0.0, compute_dx=dx, compute_db=False)[0]
+                           for dx in (True, False))
+    gb_with_dx = 2 * M * N * 16 * -(-K // plan.BACKWARD_DX_BLOCK_N)
+    gb_without_dx = 2 * M * N * 16 * -(-K // plan.PLAN_BLOCK_N)
+    assert with_dx.mma_flops - without_dx.mma_flops == (2 * M * N * K + 2 * M * K * 16) + gb_with_dx - gb_without_dx
+    w, a = N * K * elt, r * K * elt
+    assert with_dx.reads - without_dx.reads == w + a
+
+
+@pytest.mark.parametrize("sms", [108, 132])
+@pytest.mark.parametrize("m", [4096, 8576, 16384])
+def test_backward_row_groups_are_bounded_by_two_rounds(m, sms):
+    # Issue 10 B4: a round saved by more groups is not worth partials that grow with each group.
+    for k in (768, 3072):
+        for block_n in (plan.BACKWARD_DX_BLOCK_N, plan.PLAN_BLOCK_N):
+            col_blocks = triton.cdiv(k, block_n)
+            groups, rows = triton_configs.backward_row_groups(m, col_blocks, sms)
+            assert groups <= max(1, 2 * sms // col_blocks), (m, k, block_n, groups)
+            assert groups * rows >= m > (groups - 1) * rows
