@@ -78,6 +78,26 @@ def reference_outputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
     return y, xa, dx, dA, dB, db
 
 
+OP_OUTPUTS = ("y", "xa", "dx", "dA", "dB", "db")
+
+
+def assert_op_parity(got, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, grad_y, *, absent=(),
+                     same_dtype=False) -> None:
+    """One backend's ``(y, xa, dx, dA, dB, db)`` vs the reference op: each within DESIGN.md §5's
+    budget of the float64 reference; the outputs named in ``absent`` must be empty (not requested);
+    ``same_dtype`` also requires each output's dtype to be the same-dtype reference's."""
+    exact = reference_outputs(*(None if t is None else t.double() for t in (x, weight, bias, lora_A, lora_B)),
+                              scaling, dropout_p, seed, grad_y.double())
+    torch_outputs = reference_outputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, grad_y)
+    for name, value, torch_value, exact_value in zip(OP_OUTPUTS, got, torch_outputs, exact, strict=True):
+        if name in absent:
+            assert value.numel() == 0
+            continue
+        if same_dtype:
+            assert value.dtype == torch_value.dtype, (name, value.dtype, torch_value.dtype)
+        assert_parity(name, value, torch_value, exact_value)
+
+
 def in_float64(module: torch.nn.Module) -> torch.nn.Module:
     """A float64 copy of ``module``: the exact function a float32 model approximates."""
     return copy.deepcopy(module).double()
