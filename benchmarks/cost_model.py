@@ -309,9 +309,10 @@ def predicted_ratios_markdown(gpu: GPU, tokens: int = 4096, elt: int = 2, ranks=
               "(kernels/plan.py); `triton_v1` the plan it replaced (issue 10).",
               "", "Caveat (`triton`, full): the model prices DRAM bytes and peak MMA only. The v2 backward's "
               "dx tiles are 64 columns wide (128×64 on sm90, 32×64 on sm80: wider ones spill), so each row block's "
-              "g is streamed from L2 once per 64 columns of K and W once per row block, unpriced here; and its "
-              "dB loop re-reads g from DRAM once the row groups in flight hold more g than L2 (at ViT-B qkv), "
-              "one |g| the table omits. The `triton` full-mode ratios are lower bounds."]
+              "g is streamed from L2 once per 64 columns of K and W once per row block, and its dB/db steps read "
+              "each chunk of g rows back from L2 and read-modify-write fp32 partials there (|g|/2 of L2 traffic "
+              "at r ≤ 128; g itself is read from DRAM once), all unpriced here. The `triton` full-mode ratios "
+              "are lower bounds."]
     return "\n".join(lines)
 
 

@@ -26,35 +26,59 @@ Launches (``kernels/plan.py`` lists them with their bytes; benchmarks/cost_model
      ``dA += round(gb)ᵀ·(x ⊙ mask)`` in registers across the row blocks, and the LoRA term
      ``s'·(round(gb)·A) ⊙ mask`` added to the fp32 dx accumulator after the loop (the reference's
      rounding order: gb rounded unscaled, s' on the fp32 product, one rounding of dx); stores dx;
-   - stores its dA partial ``[R_PAD, BLOCK_N]`` for the group (one per group and column block);
-   - then dB/db for the N tiles ``t ≡ pid_k (mod column blocks)`` of width BLOCK_K — so the
-     tiles of a group are divided evenly among its programs and every partial is written
-     exactly once: ``dBᵀ_t = round(xa)ᵀ·g[:, t]`` and ``db_t = Σ_rows g[:, t]`` over the group's
-     rows, stored as the group's partials.
+   - after the row block that closes a chunk of ``DB_ROWS`` rows (or the group): dB/db for the N
+     tiles ``t ≡ pid_k (mod column blocks)`` of width BLOCK_K — so the tiles of a group are
+     divided evenly among its programs and each (group, tile) partial has one owner —
+     ``dBᵀ_t += round(xa)ᵀ·g[chunk rows, t]`` and ``db_t += Σ g[chunk rows, t]``, a
+     read-modify-write of the group's partial slice (the group's first chunk only stores: the
+     partials are poisoned), then ``tl.debug_barrier()`` (see "dB/db" below);
+   - stores its dA partial ``[R_PAD, BLOCK_N]`` for the group (one per group and column block).
 
-   DRAM traffic: g, x, W, A, B, xa once each (the re-reads of g by the N loop and the dB loop
-   of the programs of one row group are assumed to hit L2, see "L2" below), dx once, and partials
-   of ``groups·(N·R_PAD + R_PAD·K + N)`` fp32. Work beyond the GEMM: gb is recomputed by
-   every column block (an extra ``R_PAD/BLOCK_N`` of the dx MMA work), dA and dB once.
-   With ``compute_dx`` off the same kernel skips W and A: its N loop is the thin gb product.
+   DRAM traffic: g, x, W, A, B, xa once each (g's re-reads by the column blocks of a row block
+   and by the dB steps hit L2, see "dB/db"), dx once, and partials of
+   ``groups·(N·R_PAD + R_PAD·K + N)`` fp32. Work beyond the GEMM: gb is recomputed by every
+   column block (an extra ``R_PAD/BLOCK_N`` of the dx MMA work), dA and dB once. With
+   ``compute_dx`` off the same kernel skips W and A: its N loop is the thin gb product.
 3. :func:`_reduce_partials_kernel`: one launch whose 1-D grid covers the elements of dA,
    dB and db in turn; each element sums its groups' partials in group order 0, 1, ... and
    applies s (dB) or s' (dA). No atomics: the same inputs give bit-identical gradients for
    a given autotuned config and device. A 1-D grid stays below CUDA's 2**31-1 programs on
    axis 0 at any K (the v1 reduction's axis 1 overflowed past K = 4.19M).
 
-Why this plan rather than dB/db inside the gb loop (each g tile held once, per-row-block
-partials): partials per row block cost ``(N + K)·R_PAD·8`` bytes per BLOCK_M rows written and
-read, ~35 % of the backward's traffic at ViT-B shapes, against ``1/rows_per_group`` of that
-here; a loop with a conditional dB product inside it would also not pipeline.
+dB/db (issue 10 B7): g is read from DRAM once. A chunk's dB step reads the chunk's g rows, which
+the programs of the group have just streamed through their N loops, back from L2: at most
+``DB_ROWS`` rows of g per row group in flight since its previous step (``DB_ROWS·N·elt``: 128
+rows × 2304 × 2 B = 0.6 MB at ViT-B qkv, r ≤ 16; the 11-22 groups in flight on an H100 hold
+6.5-13 MB of its 50 MB). The plan before this one ran dB after the whole row loop, when a
+group's 745 rows of g — 75 MB over 22 groups — had left L2: g was read from DRAM twice. The
+price is L2 traffic: each step reads and writes the group's fp32 partial slices, in all
+``4·R_PAD/DB_ROWS`` of |g| (fp16/bf16); :func:`~.configs.backward_db_rows` makes a chunk
+``clamp(8·R_PAD, 128, 1024)`` rows: 1/2 |g| at R_PAD ≤ 128, |g| at 256 — through L2, where
+the old plan read |g| from DRAM. The partial slices (``N·R_PAD·4`` bytes per group, 147 KB at
+qkv, r ≤ 16) stay in L2.
 
-L2: the model (plan.py) assumes every re-read of g within a launch hits L2. For the N loop's
-reads by the column blocks of one row block that holds (they run together, row-group-major).
-For the dB loop it does not in general: it runs after the whole row loop, when a group's
-g rows (rows_per_group·N·elt) times the groups in flight exceed L2 — at ViT-B qkv on an H100
-(22 groups of 745 rows × 2304 × 2 B = 3.4 MB each, 75 MB > 50 MB of L2) g is read from DRAM a
-second time, |g| more than the plan counts (~22 µs at qkv). Moving dB into the row loop
-(read-modify-write of the group's partial, issue 10 B7) is the open alternative.
+Order: a slice has one owner program, which adds its chunks in row order (deterministic). The
+next chunk's load of a slice may run on other threads than the store before it (the compiler
+picks each access's layout) and Triton orders global memory only within a thread, so a
+``tl.debug_barrier()`` (CTA barrier, which makes the block's global writes visible to the
+block) follows each dB step.
+
+Registers and latency: the dB step is a function call (``noinline``), its loop over the chunk's
+row blocks not software-pipelined. Inlined into the row loop it raised the kernel's registers by
+40-80 though it holds one [R_PAD, BLOCK_K] accumulator (ptxas -v: sm80 32×64/8w with dropout
+174 → 255 registers and 12 B spilled, sm90 R_PAD 64 spilling 12-68 B; neither the barrier, the
+partial's load nor the dot alone explained it); as a call ptxas allocates it apart (no stack
+frame, no spill in any kept variant). Pipelined, it spills even as a call (sm90 R_PAD 64: 28-80 B).
+Unpipelined, each owned tile waits once per row block for its L2 loads: at ViT-B qkv on an
+H100 (r ≤ 16, 128×64/8w tiles, one CTA per SM, 3 owned tiles) 3 L2 round trips (a few hundred
+ns each) plus 3 small MMAs and stores per row block, whose N loop takes ≥ 6.3 µs (47 MFLOP at
+one SM's peak): an estimated 5-20 % on the kernel that no other CTA hides, against the ~22 µs
+(20-25 % at M = 16384) of the second DRAM read of g it replaces. A GPU measurement decides; the
+knobs are :func:`~.configs.backward_db_rows` and a prefetch of the next tile's g in the dB step.
+Rejected: the dB product inside the N loop on the g tile the program holds (predicated on
+ownership) puts a conditional read-modify-write in the main loop, which then no longer
+pipelines; dB of the owned tiles in registers across the row loop needs N/col_blocks
+accumulator tiles (a count that varies with the shape) beside the dx tile.
 
 R_PAD > 64 (ranks 65..256): a [BLOCK_M, R_PAD] gb accumulator beside the dx tile does not
 fit, so :func:`~.projection.thin_projection_kernel` computes gb [M, R_PAD] first (g read
@@ -74,6 +98,12 @@ are serialized due to non wgmma instructions reading accumulator registers", for
 with and without dx (the forward kernel does not get it). tests/test_triton_gpu_kept_configs.py
 prints it per variant. Speed only; a GPU run decides.
 
+Dropout: the mask of a [BLOCK_M, BLOCK_N] tile is :func:`~.dropout.dropout_keep` of one first
+index per row (``row·K`` + the tile's first column) plus the in-tile column: the key mix is
+hoisted to two per row and tile (one per launch when every index is below 2**32), the
+per-element work uint32. (The projection passes ``row·K`` and the column instead; each form
+is the one ptxas compiles without spills in every kept variant of its kernel.)
+
 Nothing of size M×N is allocated besides dx; nothing with M rows besides dx and, at
 R_PAD > 64, gb.
 """
@@ -89,7 +119,7 @@ from lora_fused.dropout import dropout_scale, dropout_threshold
 
 from .common import (accumulate_product, accumulate_product_and_thin, cast_to, device_guard, dot_operand, input_precision, interpreted_bf16,
                      rank_product)
-from .configs import backward_configs, backward_row_groups, m_bucket, multiprocessors, padded_rank, prune_backward_configs
+from .configs import backward_configs, backward_db_rows, backward_row_groups, m_bucket, multiprocessors, padded_rank, prune_backward_configs
 from .dropout import dropout_keep, index_below_2_32, seed_as_int32
 from .plan import backward_column_block, backward_fuses_gb, backward_pads_b
 from .projection import project_rows
@@ -107,11 +137,50 @@ def _lora_term(acc, gb_rounded, a_ptr, ranks, cols, rank_ok, col_ok, stride_ar, 
     return acc + lora
 
 
+# Not inlined: inside the row loop it costs the kernel 40-80 registers (spills), as a call none (module docstring).
+@triton.jit(noinline=True)
+def _add_dB_of_rows(g_ptr, xa_ptr, dB_partial_ptr, db_partial_ptr, group, first_tile, tile_step, N, chunk_start,
+                    chunk_end, accumulate, R, stride_gm, stride_gn, stride_xam, stride_xar, input_dtype: tl.constexpr,
+                    R_PAD: tl.constexpr, COMPUTE_DB: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    # For the N tiles first_tile, first_tile + tile_step, ... (width BLOCK_K): the group's partials
+    # dBᵀ[:, t] (+)= round(xa[rows])ᵀ·g[rows, t] and db[t] (+)= Σ_rows g[rows, t] over rows [chunk_start, chunk_end).
+    # ``accumulate`` false (the group's first chunk): the partial is not read (it is poisoned), only stored.
+    ranks = tl.arange(0, R_PAD)
+    steps = tl.arange(0, BLOCK_K)
+    rank_ok = ranks < R
+    for n0 in range(first_tile, N, tile_step):
+        outs = n0 + steps
+        out_ok = outs < N
+        group_outs = group.to(tl.int64) * N + outs
+        dB_ptrs = dB_partial_ptr + group_outs[None, :] * R_PAD + ranks[:, None]
+        dBt = tl.load(dB_ptrs, mask=out_ok[None, :] & accumulate, other=0.0)
+        if COMPUTE_DB:
+            db = tl.load(db_partial_ptr + group_outs, mask=out_ok & accumulate, other=0.0)
+        # Not software-pipelined (num_stages=1): its tiles are L2 hits, a chunk is one row block at sm90's 128-row
+        # tiles and r <= 16, and pipelined it spills (module docstring, "Registers and latency").
+        for m0 in tl.range(chunk_start, chunk_end, BLOCK_M, num_stages=1):
+            rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+            row_ok = rows < chunk_end
+            xa = tl.load(xa_ptr + ranks[:, None] * stride_xar + rows[None, :] * stride_xam,
+                         mask=rank_ok[:, None] & row_ok[None, :], other=0.0)
+            g = tl.load(g_ptr + rows[:, None] * stride_gm + outs[None, :] * stride_gn,
+                        mask=row_ok[:, None] & out_ok[None, :], other=0.0)
+            dBt = tl.dot(dot_operand(cast_to(xa, input_dtype, INTERPRETED_BF16), INTERPRETED_BF16),
+                         dot_operand(g, INTERPRETED_BF16), dBt, input_precision=INPUT_PRECISION)
+            if COMPUTE_DB:
+                db += tl.sum(g.to(tl.float32), axis=0)
+        tl.store(dB_ptrs, dBt, mask=out_ok[None, :])
+        if COMPUTE_DB:
+            tl.store(db_partial_ptr + group_outs, db, mask=out_ok)
+
+
 @triton.heuristics({"HAS_DROPOUT": lambda args: args["dropout_threshold"] > 0,
                     "INDEX_BELOW_2_32": lambda args: index_below_2_32(args["M"], args["K"]),
                     "COMPUTE_DX": lambda args: args["dx_ptr"] is not None,
                     "COMPUTE_DB": lambda args: args["db_partial_ptr"] is not None,
-                    "PRECOMPUTED_GB": lambda args: args["gb_ptr"] is not None})
+                    "PRECOMPUTED_GB": lambda args: args["gb_ptr"] is not None,
+                    "DB_ROWS": lambda args: backward_db_rows(args["R_PAD"])})
 @triton.autotune(
     configs=backward_configs(),
     # Everything that changes the best tile: sizes, rank (R_PAD and R % 16, via R), which products run, the
@@ -132,7 +201,7 @@ def lora_backward_kernel(
     stride_xam, stride_xar, stride_dxm, stride_dxk,
     lora_scale, seed, dropout_threshold,
     R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, INDEX_BELOW_2_32: tl.constexpr, COMPUTE_DX: tl.constexpr,
-    COMPUTE_DB: tl.constexpr, PRECOMPUTED_GB: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, PRECOMPUTED_GB: tl.constexpr, DB_ROWS: tl.constexpr,
     INTERPRETED_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -182,7 +251,8 @@ def lora_backward_kernel(
         # gives NaN).
         keep = 1.0
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows[:, None] * K + cols[None, :], dropout_threshold, INDEX_BELOW_2_32)
+            keep = dropout_keep(seed, rows[:, None] * K + pid_k * BLOCK_N, tl.arange(0, BLOCK_N)[None, :],
+                                dropout_threshold, INDEX_BELOW_2_32)
         if HAS_DROPOUT:
             x = x * keep.to(x.dtype)
         dA = tl.dot(tl.trans(gb_rounded), dot_operand(x, INTERPRETED_BF16), dA, input_precision=INPUT_PRECISION)
@@ -204,31 +274,24 @@ def lora_backward_kernel(
             tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
                      cast_to(acc, dx_ptr.dtype.element_ty, INTERPRETED_BF16), mask=tile_ok)
 
+        # dB/db of this program's N tiles (pid_k, pid_k + col_blocks, ...: each tile of the group owned by exactly
+        # one program) once per chunk of DB_ROWS rows, while the chunk's g rows, just streamed by the N loops of
+        # the group's programs, are in L2: g is read from DRAM once. The group's partial slices are
+        # read-modified-written, in row order (deterministic); the first chunk only stores (they are poisoned).
+        chunk_start = row_start + (m0 - row_start) // DB_ROWS * DB_ROWS
+        block_end = tl.minimum(m0 + BLOCK_M, row_end)
+        if (block_end - chunk_start == DB_ROWS) | (block_end == row_end):
+            _add_dB_of_rows(g_ptr, xa_ptr, dB_partial_ptr, db_partial_ptr, group, pid_k * BLOCK_K,
+                            col_blocks * BLOCK_K, N, chunk_start, block_end, chunk_start > row_start, R,
+                            stride_gm, stride_gn, stride_xam, stride_xar, input_dtype, R_PAD, COMPUTE_DB,
+                            INTERPRETED_BF16, INPUT_PRECISION, BLOCK_M, BLOCK_K)
+            # The next chunk's loads of these slices may run on other threads (another layout) than these
+            # stores: a CTA barrier orders them (global memory is not ordered across threads otherwise).
+            tl.debug_barrier()
+
     # This group's dA partial for these columns: all R_PAD rows (the reduction reads the first R).
     dA_ptrs = dA_partial_ptr + (group.to(tl.int64) * R_PAD + ranks[:, None]) * K + cols[None, :]
     tl.store(dA_ptrs, dA, mask=col_ok[None, :])
-
-    # dB and db for the N tiles pid_k, pid_k + col_blocks, ...: each tile of the group done by exactly one program.
-    for n0 in range(pid_k * BLOCK_K, N, col_blocks * BLOCK_K):
-        outs = n0 + steps
-        out_ok = outs < N
-        dBt = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
-        db = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for m0 in range(row_start, row_end, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-            row_ok = rows < row_end
-            xa = tl.load(xa_ptr + ranks[:, None] * stride_xar + rows[None, :] * stride_xam,
-                         mask=rank_ok[:, None] & row_ok[None, :], other=0.0)
-            g = tl.load(g_ptr + rows[:, None] * stride_gm + outs[None, :] * stride_gn,
-                        mask=row_ok[:, None] & out_ok[None, :], other=0.0)
-            dBt = tl.dot(dot_operand(cast_to(xa, input_dtype, INTERPRETED_BF16), INTERPRETED_BF16),
-                         dot_operand(g, INTERPRETED_BF16), dBt, input_precision=INPUT_PRECISION)
-            if COMPUTE_DB:
-                db += tl.sum(g.to(tl.float32), axis=0)
-        group_outs = group.to(tl.int64) * N + outs
-        tl.store(dB_partial_ptr + group_outs[None, :] * R_PAD + ranks[:, None], dBt, mask=out_ok[None, :])
-        if COMPUTE_DB:
-            tl.store(db_partial_ptr + group_outs, db, mask=out_ok)
 
 
 @triton.jit

@@ -92,14 +92,20 @@ _GEMM_HOPPER = [
 
 
 # The one-pass backward holds more state than a GEMM (one N loop feeding g·W and gb = g·B from the same g
-# tile, the dA accumulator across its row loop, gb and A for the LoRA term, the dB loop): these lists keep
+# tile, the dA accumulator across its row loop, gb and A for the LoRA term, the dB step): these lists keep
 # the tiles that ptxas -v compiles without spills in every variant (ranks 4/16/64/256, ± dropout, ± dx;
 # tests/test_triton_gpu_kept_configs.py), at most 3 stages. Wide tiles serve only the variant without dx
 # (the pruner drops them with dx); the dx variants run 128×64/8w or 64×64 on sm90, 32×64/8w on sm80,
 # 32×16 at R_PAD 256. 128-wide dx tiles spill 112-1100 B with the merged loop (ptxas -v, r = 16),
 # mostly address state of the g, W and B tiles; not kept, since no spill report says where the spill
-# lands (inside the N loop it would cost every step) and no GPU run has measured it (issue 10, B2:
-# tensor descriptors are the way to free those registers).
+# lands (inside the N loop it would cost every step) and no GPU run has measured it (issue 10, B2).
+# Tensor descriptors (issue 10 open item (b), tried 2026-12-02, not adopted): with g, W and padded B read
+# through tl.make_tensor_descriptor in the N loop (TMA on sm90; triton 3.8, bf16, ptxas -v, r = 4 and 16,
+# the loop still pipelined), 64×128/4w compiles in 220-222 registers without spills at p = 0 but spills
+# 184 B with dropout, 128×128/8w spills 24-60 B, 128×256/8w 3-4 KB, and 128×64/8w drops from 203-210 to
+# 182-205 registers. No 128-wide dx tile is spill-free in every variant, so the descriptors would buy only
+# the p = 0 variant's 64×128/4w, at the price of a second load path (TMA needs 16-byte-aligned row
+# strides, a device-side allocator for the descriptors, an interpreter fallback); not kept.
 _BACKWARD_AMPERE = [
     _tile(128, 256, 32, 8, 3),
     _tile(128, 128, 32, 4, 3),
@@ -204,6 +210,26 @@ def backward_row_groups(m: int, col_blocks: int, sms: int) -> tuple[int, int]:
     return triton.cdiv(m, rows_per_group), rows_per_group
 
 
+# Rows per dB/db step of the backward (see backward_db_rows): the interpreter's is two of its 32-row blocks, so the
+# CPU tests run the read-modify-write of the partials over several chunks and a partial last one.
+DB_ROWS_INTERPRETER = 64
+DB_ROWS_MIN, DB_ROWS_MAX = 128, 1024
+
+
+def backward_db_rows(r_pad: int) -> int:
+    """Rows of g per dB/db step of the backward: ``clamp(8·R_PAD, 128, 1024)`` on a GPU (a multiple of every BLOCK_M).
+
+    Each step read-modify-writes a group's fp32 dB partial slices ([N, R_PAD] per group): L2
+    traffic of ``8·R_PAD/DB_ROWS`` bytes per element of g, i.e. ``4·R_PAD/DB_ROWS`` of |g| in
+    fp16/bf16: 1/2 at R_PAD ≤ 128, 1 at R_PAD 256 (kernels/backward.py, "dB/db"). The
+    step reads the chunk's g rows back from L2, so a chunk must not outgrow it: at ViT-B, r ≤ 16,
+    128 rows × N ≤ 3072 × 2 B = 0.8 MB per row group in flight.
+    """
+    if interpreting():
+        return DB_ROWS_INTERPRETER
+    return min(max(8 * r_pad, DB_ROWS_MIN), DB_ROWS_MAX)
+
+
 def _fits(config: triton.Config, shared_bytes: int, budget: int, accumulators: int) -> bool:
     per_thread = accumulators / (config.num_warps * 32)
     return shared_bytes * config.num_stages <= budget and per_thread <= MAX_ACCUMULATORS_PER_THREAD
@@ -259,9 +285,10 @@ def prune_gemm_configs(configs, named_args, **kwargs):
 def prune_backward_configs(configs, named_args, **kwargs):
     """One-pass backward tiles.
 
-    Shared memory: the wider of its two pipelined loops' stages — the N loop ([BM, BK] of g,
-    [BK, BN] of W with dx, [BK, R_PAD] of B with fused gb: one g tile for both products) and
-    dB ([BM, BK] of g + the fp32 [R_PAD, BM] xa tile). Registers: the [BM, BN] dx accumulator (with dropout a second [BM, BN]
+    Shared memory: the wider of its two loops' stages — the N loop ([BM, BK] of g, [BK, BN] of W
+    with dx, [BK, R_PAD] of B with fused gb: one g tile for both products) and the dB step
+    ([BM, BK] of g + the fp32 [R_PAD, BM] xa tile; not pipelined, so counted per stage as an
+    upper bound). Registers: the [BM, BN] dx accumulator (with dropout a second [BM, BN]
     of hash temporaries), the x tile beside it in the epilogue, gb [BM, R_PAD], the dA accumulator
     [R_PAD, BN] that lives across the row loop and the [R_PAD, BN] tile of A. A tile whose BLOCK_M
     does not divide ``rows_per_group`` is dropped (its row loop would overrun into masked rows).
@@ -277,7 +304,7 @@ def prune_backward_configs(configs, named_args, **kwargs):
 
     def stage_bytes(c):
         m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        # The N loop stages g and, as computed, W and/or B; the dB loop g and the fp32 xa tile.
+        # The N loop stages g and, as computed, W and/or B; the dB step g and the fp32 xa tile.
         n_loop = (m * k + (k * n if dx else 0) + (k * r_pad if gb_loop else 0)) * elt
         return max(n_loop, m * k * elt + r_pad * m * 4)
 
@@ -285,8 +312,13 @@ def prune_backward_configs(configs, named_args, **kwargs):
         # With dx and fused gb, the one N loop holds the dx accumulator, gb and the address state of three
         # operands: one more [BM, BN] (calibrated on ptxas -v: 64×128/4w spills 164-348 B on sm90 and
         # 192-256 B on sm80 at r = 16, 128×64/8w compiles without spills on sm90).
+        # Without dx, dropout counts two [BM, BN] of hash temporaries (calibrated: sm80 64×128/4w spills 48-60 B
+        # at r = 4 and 16 around the dB step's call, ptxas -v). This drops, with dropout and without dx, sm80's
+        # 64×128/4w at every rank and sm90's 64×64/4w at R_PAD 64 (which compiled without spills); both still
+        # serve the variants without dropout.
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        tile = m * n * ((1 if dx else 0) + (1 if dx and gb_loop else 0) + (1 if dropout else 0) + elt / 4)
+        hash_tiles = (1 if dx else 2) if dropout else 0
+        tile = m * n * ((1 if dx else 0) + (1 if dx and gb_loop else 0) + hash_tiles + elt / 4)
         return tile + m * r_pad + r_pad * n * (1 + elt / 2)
 
     divisible = [c for c in configs if not rows_per_group or rows_per_group % c.kwargs["BLOCK_M"] == 0] or configs

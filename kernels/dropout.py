@@ -1,7 +1,8 @@
 """The shared dropout hash of :mod:`lora_fused.dropout`, in Triton, bit for bit.
 
 Every kernel that touches the LoRA branch calls :func:`dropout_keep` on the linear
-indices ``row * K + col`` (int64) of the elements it reads, so the mask drawn in the
+indices ``row * K + col`` of the elements it reads (as a first index per tile row plus
+in-row offsets), so the mask drawn in the
 forward pass is regenerated, never stored, in the backward pass. All arithmetic is
 uint32 (wrapping), exactly as the PyTorch specification does it modulo 2**32.
 """
@@ -28,19 +29,29 @@ def _mix32(x):
 
 
 @triton.jit
-def dropout_keep(seed, index, threshold, INDEX_BELOW_2_32: tl.constexpr):
-    """Boolean keep mask for int64 linear ``index`` under a 32-bit ``seed`` (passed as int32).
+def dropout_keep(seed, first_index, offset, threshold, INDEX_BELOW_2_32: tl.constexpr):
+    """Boolean keep mask of the linear indices ``first_index + offset`` under a 32-bit ``seed`` (an int32).
 
-    ``INDEX_BELOW_2_32``: every index of the launch is below 2**32 (the launcher knows: M·K),
-    so the key mix of the index's high word is one value for the whole launch, computed once
-    instead of once per element (a third of the hash's work); otherwise a key per element.
+    ``first_index``: int64, a scalar or a tensor that broadcasts against ``offset`` (a row's
+    ``row·K``, loop-invariant in a loop over the row's columns, say); ``offset``: int32 in
+    ``[0, 2**31)`` (the column). The key mix depends only on the index's high word, and the
+    indices ``first + offset`` with ``offset < 2**32`` have one of two high words, ``hi(first)``
+    and ``hi(first) + 1`` (the latter exactly when the low words' sum wraps). So the two keys
+    are mixed once per value of ``first_index`` (once per launch when every index is below
+    2**32, ``INDEX_BELOW_2_32``: the launcher knows M·K), and each element adds its offset to
+    the low word in uint32 and picks its key by the carry: no per-element mix, no int64 arithmetic.
     """
-    index = index.to(tl.int64)
-    lo = (index & 0xFFFFFFFF).to(tl.uint32)
+    first_index = first_index.to(tl.int64)
+    first_lo = (first_index & 0xFFFFFFFF).to(tl.uint32)
+    lo = first_lo + offset.to(tl.uint32)  # wraps modulo 2**32: the low word of first + offset
+    seed32 = seed.to(tl.uint32)
     if INDEX_BELOW_2_32:
-        key = _mix32(seed.to(tl.uint32))  # high word 0: seed ^ (0 * 0x9E3779B9)
+        key = _mix32(seed32)  # high word 0: seed ^ (0 * 0x9E3779B9)
     else:
-        key = _mix32(seed.to(tl.uint32) ^ ((index >> 32).to(tl.uint32) * 0x9E3779B9))
+        first_hi = (first_index >> 32).to(tl.uint32)
+        key_same = _mix32(seed32 ^ (first_hi * 0x9E3779B9))
+        key_next = _mix32(seed32 ^ ((first_hi + 1) * 0x9E3779B9))
+        key = tl.where(lo < first_lo, key_next, key_same)
     hashed = _mix32(_mix32(lo ^ key) + key)
     return (hashed >> 8) >= threshold.to(tl.uint32)
 
@@ -62,10 +73,10 @@ def seed_as_int32(seed: int) -> int:
 def _keep_mask_kernel(out_ptr, rows, K, row_start, seed, threshold, BLOCK: tl.constexpr,
                       INDEX_BELOW_2_32: tl.constexpr):
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    first = pid.to(tl.int64) * BLOCK
+    offs = first + tl.arange(0, BLOCK)
     in_bounds = offs < rows.to(tl.int64) * K
-    index = row_start.to(tl.int64) * K + offs
-    keep = dropout_keep(seed, index, threshold, INDEX_BELOW_2_32)
+    keep = dropout_keep(seed, row_start.to(tl.int64) * K + first, tl.arange(0, BLOCK), threshold, INDEX_BELOW_2_32)
     tl.store(out_ptr + offs, keep.to(tl.int8), mask=in_bounds)
 
 

@@ -8,11 +8,11 @@ interpreter launches.
 
 Traffic model (DRAM bytes, not L2): every tensor a launch touches is counted once per
 launch, i.e. operand tiles re-read by other programs of the same launch are assumed to
-hit L2 (W, A, B and the row block of x or g a program just read). That is optimistic
-for the backward: its dB loop re-reads a row group's g after the whole row loop, from DRAM
-once the groups in flight hold more g rows than L2 (ViT-B qkv on an H100: one more |g|), and
-L2→SM traffic (g streamed once per 64-wide column block, W once per row block) is not
-priced at all. MMA flops count what the kernels issue, padded rank ``R_PAD`` and
+hit L2 (W, A, B and the row block of x or g a program just read). The backward's dB/db steps
+read back a chunk of at most :func:`~.configs.backward_db_rows` rows of g that the group's
+programs have just streamed (L2 hits: g is read from DRAM once) and read-modify-write the
+group's partial slices in L2 (``4·R_PAD/DB_ROWS`` of |g|, kernels/backward.py "dB/db"), unpriced;
+L2→SM traffic (g streamed once per 64-wide column block, W once per row block) is not priced. MMA flops count what the kernels issue, padded rank ``R_PAD`` and
 recomputations included; the forward's xa recomputation is counted with the nominal tile
 ``PLAN_BLOCK_M × PLAN_BLOCK_N``, the backward's gb with the dx tile's BLOCK_N
 (:data:`BACKWARD_DX_BLOCK_N`; the autotuned tile may differ). ``sms`` (132 on an H100 SXM) sizes the forward's column groups and

@@ -59,7 +59,7 @@ def thin_projection_kernel(
         tile = tl.load(in_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         p = tl.load(p_ptrs, mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows[:, None] * K + (k0 + steps)[None, :], dropout_threshold, INDEX_BELOW_2_32)
+            keep = dropout_keep(seed, rows[:, None] * K, (k0 + steps)[None, :], dropout_threshold, INDEX_BELOW_2_32)
             tile = tile * keep.to(tile.dtype)  # a multiply, as x * keep: a dropped inf gives NaN like the reference
         acc = tl.dot(dot_operand(tile, INTERPRETED_BF16), dot_operand(p, INTERPRETED_BF16), acc,
                      input_precision=INPUT_PRECISION)

@@ -11,13 +11,15 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import lora_fused
 from lora_fused import reference
 from lora_fused.dropout import dropout_threshold, element_hash, keep_mask
 from lora_fused.kernels import configs as triton_configs
 from lora_fused.kernels import ops as triton_ops
-from lora_fused.kernels.dropout import triton_keep_mask
+from lora_fused.kernels.dropout import dropout_keep, seed_as_int32, triton_keep_mask
 from parity import make_inputs
 
 INTERPRETING = triton_configs.interpreting()
@@ -52,12 +54,46 @@ def test_kernel_hash_matches_specification(seed, rows, cols, p):
 
 
 def test_kernel_hash_past_32_bit_indices():
-    # Linear indices beyond 2**32 exercise the high word of the index (int64 arithmetic in the kernel).
+    # Linear indices beyond 2**32 exercise the high word of the index: the mask kernel's 1024-element blocks
+    # (one first index each) include one whose indices cross 2**32, so its elements pick the key by carry.
     cols, row_start = 1000, (2**32) // 1000 - 1
     got = triton_keep_mask(7, 4, cols, 0.3, DEVICE, row_start=row_start).cpu()
     index = torch.arange(row_start * cols, (row_start + 4) * cols, dtype=torch.int64).view(4, cols)
     assert index.max() >= 2**32 > index.min()
     assert torch.equal(got, (element_hash(7, index) >> 8) >= dropout_threshold(0.3))
+
+
+@triton.jit
+def _row_tile_mask_kernel(out_ptr, row_start, col_start, K, seed, threshold, ROWS: tl.constexpr, COLS: tl.constexpr,
+                          INDEX_BELOW_2_32: tl.constexpr):
+    # As the backward and the projection kernels call it: one first index per tile row, in-row offsets.
+    rows = row_start.to(tl.int64) + tl.arange(0, ROWS)
+    offsets = tl.arange(0, COLS)
+    keep = dropout_keep(seed, rows[:, None] * K + col_start, offsets[None, :], threshold, INDEX_BELOW_2_32)
+    tl.store(out_ptr + tl.arange(0, ROWS)[:, None] * COLS + offsets[None, :], keep.to(tl.int8))
+
+
+@pytest.mark.parametrize("row_start,K,col_start", [
+    ((2**32) // 100 - 2, 100, 37),  # the row that crosses 2**32 (and rows above it, all past 2**32)
+    (3 * 2**32 // 77, 77, 5),  # near the next high word, 3
+    (5, 1000, 10),  # every index below 2**32: the one-key path must agree
+])
+@pytest.mark.parametrize("seed", [7, 2**31 - 1])
+def test_hoisted_key_mix_matches_the_specification_per_row(row_start, K, col_start, seed):
+    rows, cols, p = 16, 64, 0.4
+    out = torch.empty(rows, cols, dtype=torch.int8, device=DEVICE)
+    index = (torch.arange(row_start, row_start + rows, dtype=torch.int64)[:, None] * K + col_start
+             + torch.arange(cols, dtype=torch.int64)[None, :])
+    expected = ((element_hash(seed, index) >> 8) >= dropout_threshold(p)).to(DEVICE)
+    below = int(index.max()) < 2**32
+    for one_key in ((False, True) if below else (False,)):
+        out.fill_(-1)
+        _row_tile_mask_kernel[(1,)](out, row_start, col_start, K, seed_as_int32(seed), dropout_threshold(p),
+                                    ROWS=rows, COLS=cols, INDEX_BELOW_2_32=one_key)
+        assert torch.equal(out.bool(), expected), (row_start, K, col_start, one_key)
+    if not below:
+        # The tile holds indices on both sides of a 2**32 boundary (both keys used).
+        assert len(torch.unique(index >> 32)) == 2
 
 
 @pytest.mark.parametrize("p", [0.15, 0.5])

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 import lora_fused
 from lora_fused.kernels import configs as triton_configs
 from lora_fused.kernels import ops as triton_ops
+from lora_fused.kernels import plan as triton_plan
 from parity import assert_op_parity, assert_parity, make_inputs, reference_outputs
 from conftest import requires_cuda
 
@@ -215,25 +217,48 @@ def test_backward_allocates_no_per_column_block_buffers(monkeypatch, compute_dx,
     assert with_rows == sorted(expected), shapes
 
 
-@pytest.mark.parametrize("compute_dx", [True, False])
-def test_backward_row_groups_of_several_row_blocks(compute_dx):
-    # Each program walks several row blocks (dA accumulated across them in registers, dB/db over the whole
-    # group; the last group's rows end mid-block), and the groups' partials are summed by the reduction.
-    groups, rows_per_group = triton_configs.backward_row_groups(150, 1, triton_configs.multiprocessors(
-        torch.device(DEVICE)))
-    block_m = triton_configs.backward_configs()[0].kwargs["BLOCK_M"]
-    assert groups > 1 and rows_per_group > block_m and 150 % rows_per_group, (groups, rows_per_group)
-    x, weight, b, lora_A, lora_B = make_inputs(150, 70, 45, 5, torch.float16, device=DEVICE, seed=3)
-    grad_y = _random_like((150, 45), torch.float16, DEVICE, seed=8)
+# (M, K, N, r, compute_dx, p) for the backward's row groups and dB/db chunks. Under the interpreter (4 "SMs",
+# 32-row blocks, 32-wide tiles, dB chunks of 64 rows) M = 260 makes 2-3 row groups of 96 or 160 rows: each group
+# read-modify-writes its dB/db partials over several chunks, its last chunk (and the last group) partial.
+# N = 140 has 5 N tiles for 3 column blocks (K = 70: a program owns two), N = 45 two (a program owns none).
+ROW_GROUP_CASES = [
+    (260, 70, 140, 4, True, 0.0),
+    (260, 70, 45, 16, True, 0.2),
+    (260, 130, 140, 1, False, 0.0),
+    (260, 70, 140, 17, True, 0.3),
+    (260, 70, 140, 65, True, 0.1),  # gb from the thin projection kernel
+    (260, 70, 45, 5, False, 0.2),
+    (260, 0, 45, 4, True, 0.0),  # K = 0: one column-block program per group does dB/db alone
+    (260, 70, 0, 16, True, 0.2),  # N = 0: no dB tiles, dx and dA zero
+]
+
+
+@pytest.mark.parametrize("M,K,N,r,compute_dx,p", ROW_GROUP_CASES)
+def test_backward_row_groups_and_dB_chunks(M, K, N, r, compute_dx, p):
+    # Each program walks several row blocks (dA accumulated across them in registers, dB/db added to the group's
+    # partials chunk by chunk), and the groups' partials are summed by the reduction; poisoned partials
+    # (tests/conftest.py) make a chunk that reads before the group's first store fail.
+    groups, rows_per_group = triton_configs.backward_row_groups(
+        M, triton.cdiv(K, triton_plan.backward_column_block(compute_dx)),
+        triton_configs.multiprocessors(torch.device(DEVICE)))
+    if INTERPRETING:
+        db_rows = triton_configs.backward_db_rows(triton_configs.padded_rank(r))
+        block_m = triton_configs.backward_configs()[0].kwargs["BLOCK_M"]
+        assert groups > 1 and rows_per_group > db_rows > block_m and M % rows_per_group, (groups, rows_per_group)
+    # K or N = 0: inputs drawn at size 1 and sliced to 0 (make_inputs scales by K**-0.5).
+    x, weight, b, lora_A, lora_B = make_inputs(M, max(K, 1), max(N, 1), r, torch.float16, device=DEVICE, seed=3)
+    x, weight, b, lora_A, lora_B = x[:, :K], weight[:N, :K], b[:N], lora_A[:, :K], lora_B[:N]
+    grad_y = _random_like((M, N), torch.float16, DEVICE, seed=8)
     seed = torch.tensor(4, dtype=torch.int64)
-    _, xa = triton_ops.triton_forward(x, weight, b, lora_A, lora_B, SCALING, 0.2, seed)
-    got = triton_ops.triton_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, 0.2, seed, compute_dx, True)
-    same = reference_outputs(x, weight, b, lora_A, lora_B, SCALING, 0.2, 4, grad_y)
-    exact = reference_outputs(*(_double(t) for t in (x, weight, b, lora_A, lora_B)), SCALING, 0.2, 4, grad_y.double())
+    _, xa = triton_ops.triton_forward(x, weight, b, lora_A, lora_B, SCALING, p, seed)
+    got = triton_ops.triton_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, p, seed, compute_dx, True)
+    same = reference_outputs(x, weight, b, lora_A, lora_B, SCALING, p, 4, grad_y)
+    exact = reference_outputs(*(_double(t) for t in (x, weight, b, lora_A, lora_B)), SCALING, p, 4, grad_y.double())
     for name, value, torch_value, exact_value in zip(OUTPUT_NAMES[2:], got, same[2:], exact[2:], strict=True):
         if name == "dx" and not compute_dx:
             assert value.numel() == 0
             continue
+        assert value.shape == torch_value.shape, (name, value.shape, torch_value.shape)
         assert_parity(name, value, torch_value, exact_value)
 
 
