@@ -99,6 +99,12 @@ def compile_all(arch: int, dtype: str) -> None:
                                  {"R_PAD": 16, **dx_flags, "COMPUTE_DX": True, "COMPUTE_DB": False,
                                   "PRECOMPUTED_GB": True, "DB_ROWS": configs.backward_db_rows(16), **common,
                                   **tile}, 8, 3),
+        # As a launch without db or a precomputed gb passes them: None pointers (constexpr), db_partial_ptr
+        # reaching the dB step's non-inlined call.
+        "backward_none_pointers": (backward.lora_backward_kernel, backward_types,
+                                   {"gb_ptr": None, "db_partial_ptr": None, "R_PAD": 16, **dx_flags,
+                                    "COMPUTE_DX": True, "COMPUTE_DB": False, "PRECOMPUTED_GB": False,
+                                    "DB_ROWS": configs.backward_db_rows(16), **common, **tile}, 8, 3),
         # xa pre-pass (P = Aᵀ, k contiguous) and standalone gb (P = B, rank contiguous).
         "projection_xa": (projection.thin_projection_kernel, projection_types,
                           {"R_PAD": 16, **dx_flags, "stride_pk": 1, "BLOCK_M": 64, "BLOCK_K": 64, **common},
