@@ -12,9 +12,10 @@
 //
 // Dropout: the mask is regenerated from the counter hash (cpu_dropout.h), never saved. Only
 // products that need x~ = x ⊙ keep/(1-p) (xa forward, dA and the mask on the rank-r part of
-// dx backward) run over row blocks of kDropoutBlockRows rows: forward hashes and multiplies
-// each block's x~ in one pass into a per-thread buffer that stays in L2 for its product;
-// backward hashes a block's mask factor once and shares it between dx and dA.
+// dx backward) run over row blocks of kDropoutBlockRows rows: forward hashes
+// and multiplies each block's x~ in one pass into a per-thread buffer; backward hashes a
+// block once and in the same pass writes x~ (for dA's tiles) and adds the masked rank-r
+// term to dx.
 //
 // Rounding order (lora_fused/reference.py): products accumulate in fp32, xa and gb enter the
 // next product rounded to the input dtype unscaled, s multiplies the fp32 accumulator, y and
@@ -52,8 +53,11 @@
 namespace lora_fused {
 namespace {
 
-// 64 rows × K ≤ 1280 fp32 is ≤ 320 KiB per buffer: a block's x~ (and, backward, its factor
-// and rank-r product) stays in the 1 MiB L2 between its hashing and its products.
+// Rows per dropout block: 64 rows × K ≤ 3072 fp32 is ≤ 768 KiB per buffer, so a block's x~
+// stays in the 1 MiB L2 between its hashing and its product. (Blocks sized to keep the
+// backward's two buffers in 512 KiB, 16 rows at K = 3072, measured 3-4 % slower at ViT-B's
+// lin2 with dropout: more partials and calls.) A constant, so the blocks and dA's partial
+// sums do not depend on the thread count.
 constexpr int64_t kDropoutBlockRows = 64;
 // At most this many dA partials with dropout (memory ≤ kMaxPartials·r·K accumulators).
 constexpr int64_t kMaxPartials = 16;
@@ -72,48 +76,29 @@ at::Tensor empty_acc(int64_t rows, int64_t cols, const at::Tensor& like, at::Sca
   return poison_(at::empty({rows, cols}, like.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous)));
 }
 
-// x~ of rows [row0, row0 + rows) into `out` [rows, K] (contiguous): x · keep/(1-p) in one pass.
-void fill_dropped_block(at::Tensor& out, const at::Tensor& x_acc, int64_t row0, int64_t rows, const DropoutSpec& drop) {
-  const at::Tensor x_rows = x_acc.narrow(0, row0, rows);
-  const int64_t K = x_acc.size(1);
-  if (x_rows.stride(1) != 1) {  // strided columns: hash the factor, then multiply
-    if (out.scalar_type() == at::kDouble) {
-      fill_keep_factor(out.data_ptr<double>(), rows, K, row0, drop);
-    } else {
-      fill_keep_factor(out.data_ptr<float>(), rows, K, row0, drop);
-    }
-    out.mul_(x_rows);
-    return;
-  }
-  if (out.scalar_type() == at::kDouble) {
-    fill_dropped_rows(out.data_ptr<double>(), x_rows.data_ptr<double>(), x_rows.stride(0), rows, K, row0, drop);
-  } else {
-    fill_dropped_rows(out.data_ptr<float>(), x_rows.data_ptr<float>(), x_rows.stride(0), rows, K, row0, drop);
-  }
+// x with unit column stride, as the dropout blocks read it: x itself or a contiguous copy.
+at::Tensor with_unit_column_stride(const at::Tensor& x) { return x.stride(1) == 1 ? x : x.contiguous(); }
+
+template <typename scalar_t>
+const scalar_t* row_ptr(const at::Tensor& t, int64_t row) {
+  return t.data_ptr<scalar_t>() + row * t.stride(0);
 }
 
-// keep/(1-p) of rows [row0, row0 + rows) into `out` [rows, K] (contiguous).
-void fill_factor_block(at::Tensor& out, int64_t row0, int64_t rows, const DropoutSpec& drop) {
-  if (out.scalar_type() == at::kDouble) {
-    fill_keep_factor(out.data_ptr<double>(), rows, out.size(1), row0, drop);
-  } else {
-    fill_keep_factor(out.data_ptr<float>(), rows, out.size(1), row0, drop);
-  }
-}
-
-// xa = x~ · Aᵀ block by block (x~ exists one block at a time, in a per-thread buffer).
-void dropped_projection(at::Tensor& xa, const at::Tensor& x_acc, const at::Tensor& a_t, const DropoutSpec& drop) {
-  const int64_t M = x_acc.size(0), K = x_acc.size(1);
+// xa = x~ · Aᵀ block by block (x~ exists one block at a time, in a per-thread buffer),
+// x_rows with unit column stride.
+template <typename scalar_t>
+void dropped_projection(at::Tensor& xa, const at::Tensor& x_rows, const at::Tensor& a_t, const DropoutSpec& drop) {
+  const int64_t M = x_rows.size(0), K = x_rows.size(1), block_rows = kDropoutBlockRows;
   const at::ThreadLocalState caller_state;  // the ATen ops below run on OpenMP threads: below autograd, as here
-  at::parallel_for(0, ceil_div(M, kDropoutBlockRows), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, ceil_div(M, block_rows), 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard state_guard(caller_state);
-    at::Tensor x_dropped = empty_acc(kDropoutBlockRows, K, x_acc, x_acc.scalar_type());
+    at::Tensor x_dropped = empty_acc(block_rows, K, x_rows, x_rows.scalar_type());
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t row0 = b * kDropoutBlockRows, rows = std::min(kDropoutBlockRows, M - row0);
-      at::Tensor block = x_dropped.narrow(0, 0, rows);
-      fill_dropped_block(block, x_acc, row0, rows, drop);
+      const int64_t row0 = b * block_rows, rows = std::min(block_rows, M - row0);
+      fill_dropped_rows(x_dropped.data_ptr<scalar_t>(), row_ptr<scalar_t>(x_rows, row0), x_rows.stride(0), rows, K,
+                        row0, drop);
       at::Tensor xa_blk = xa.narrow(0, row0, rows);
-      thin_product(xa_blk, block, a_t);
+      thin_product(xa_blk, x_dropped.narrow(0, 0, rows), a_t);
     }
   });
 }
@@ -137,8 +122,10 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
   }
   const at::Tensor x_acc = widened(x, acc);
   const at::Tensor a_t = widened(lora_A, acc).t().contiguous();  // [K, r]: the thin operand, r·K elements
-  if (drop.enabled) {
-    dropped_projection(xa, x_acc, a_t, drop);
+  if (drop.enabled && acc == at::kDouble) {
+    dropped_projection<double>(xa, with_unit_column_stride(x_acc), a_t, drop);
+  } else if (drop.enabled) {
+    dropped_projection<float>(xa, with_unit_column_stride(x_acc), a_t, drop);
   } else {
     thin_product(xa, x_acc, a_t);
   }
@@ -157,38 +144,39 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
 }
 
 // With dropout: dA = s·Σ_blocks gbᵀ_blk·x~_blk and, when dx_acc is defined, dx_acc += s·(gb·A) ⊙ factor,
-// each block's mask factor hashed once and shared by the two.
-void dropped_backward_terms(at::Tensor& dA, at::Tensor& dx_acc, const at::Tensor& gb_t, const at::Tensor& x_acc,
-                            const at::Tensor& a_acc, double scaling, const DropoutSpec& drop) {
-  const int64_t M = x_acc.size(0), K = x_acc.size(1), r = a_acc.size(0);
-  const auto acc = x_acc.scalar_type();
-  const int64_t blocks = ceil_div(M, kDropoutBlockRows);
+// each block's mask hashed once for both (dropped_backward_rows), x_rows with unit column stride.
+template <typename scalar_t>
+void dropped_backward_terms(at::Tensor& dA, at::Tensor& dx_acc, const at::Tensor& gb, const at::Tensor& gb_t,
+                            const at::Tensor& x_rows, const at::Tensor& a_acc, double scaling, const DropoutSpec& drop) {
+  const int64_t M = x_rows.size(0), K = x_rows.size(1), r = a_acc.size(0);
+  const int64_t block_rows = kDropoutBlockRows;
+  const auto acc = x_rows.scalar_type();
+  const int64_t blocks = ceil_div(M, block_rows);
   const int64_t blocks_per_group = ceil_div(blocks, kMaxPartials);
   const int64_t groups = ceil_div(blocks, blocks_per_group);  // every group gets at least one block
   // Group 0 accumulates straight into dA; the others into partials added in group order.
-  at::Tensor partials = groups > 1 ? empty_acc((groups - 1) * r, K, x_acc, acc) : at::Tensor();
+  at::Tensor partials = groups > 1 ? empty_acc((groups - 1) * r, K, x_rows, acc) : at::Tensor();
+  const bool with_dx = dx_acc.defined();
   const at::ThreadLocalState caller_state;  // as in dropped_projection
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard state_guard(caller_state);
-    at::Tensor factor = empty_acc(kDropoutBlockRows, K, x_acc, acc);
-    at::Tensor x_dropped = empty_acc(kDropoutBlockRows, K, x_acc, acc);
-    at::Tensor lora_dx = dx_acc.defined() ? empty_acc(kDropoutBlockRows, K, x_acc, acc) : at::Tensor();
+    at::Tensor x_dropped = empty_acc(block_rows, K, x_rows, acc);
+    at::Tensor lora = with_dx ? empty_acc(block_rows, K, x_rows, acc) : at::Tensor();
     for (int64_t grp = begin; grp < end; ++grp) {
       at::Tensor partial = grp == 0 ? dA : partials.narrow(0, (grp - 1) * r, r);
       const int64_t first = grp * blocks_per_group, last = std::min(blocks, first + blocks_per_group);
       for (int64_t b = first; b < last; ++b) {
-        const int64_t row0 = b * kDropoutBlockRows, rows = std::min(kDropoutBlockRows, M - row0);
-        at::Tensor factor_blk = factor.narrow(0, 0, rows);
-        fill_factor_block(factor_blk, row0, rows, drop);
-        at::Tensor x_dropped_blk = x_dropped.narrow(0, 0, rows);
-        at::mul_out(x_dropped_blk, x_acc.narrow(0, row0, rows), factor_blk);
-        const at::Tensor gb_t_blk = gb_t.narrow(1, row0, rows);  // [r, rows]
-        thin_product(partial, gb_t_blk, x_dropped_blk, /*alpha=*/1.0, /*accumulate=*/b > first);
-        if (dx_acc.defined()) {
-          at::Tensor lora_blk = lora_dx.narrow(0, 0, rows);
-          at::mm_out(lora_blk, gb_t_blk.t(), a_acc);
-          dx_acc.narrow(0, row0, rows).addcmul_(lora_blk, factor_blk, scaling);
+        const int64_t row0 = b * block_rows, rows = std::min(block_rows, M - row0);
+        scalar_t* dx_rows = nullptr;
+        if (with_dx) {
+          at::Tensor lora_blk = lora.narrow(0, 0, rows);
+          at::mm_out(lora_blk, gb.narrow(0, row0, rows), a_acc);
+          dx_rows = dx_acc.data_ptr<scalar_t>() + row0 * K;
         }
+        dropped_backward_rows(x_dropped.data_ptr<scalar_t>(), dx_rows, with_dx ? lora.data_ptr<scalar_t>() : nullptr,
+                              row_ptr<scalar_t>(x_rows, row0), x_rows.stride(0), rows, K, row0, drop, scaling);
+        thin_product(partial, gb_t.narrow(1, row0, rows), x_dropped.narrow(0, 0, rows), /*alpha=*/1.0,
+                     /*accumulate=*/b > first);
       }
     }
   });
@@ -238,7 +226,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   at::Tensor dA = native ? poison_(at::empty({s.r, s.K}, lora_A.options().memory_format(at::MemoryFormat::Contiguous)))
                          : empty_acc(s.r, s.K, x, acc);
   if (drop.enabled) {
-    dropped_backward_terms(dA, dx_acc, gb_t, x_acc, a_acc, scaling, drop);
+    if (acc == at::kDouble) {
+      dropped_backward_terms<double>(dA, dx_acc, gb, gb_t, with_unit_column_stride(x_acc), a_acc, scaling, drop);
+    } else {
+      dropped_backward_terms<float>(dA, dx_acc, gb, gb_t, with_unit_column_stride(x_acc), a_acc, scaling, drop);
+    }
   } else {
     thin_product(dA, gb_t, x_acc, scaling);
   }
