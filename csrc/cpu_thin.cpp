@@ -2,9 +2,9 @@
 //
 // Why: the four rank-r products that reduce over a long dimension (xa = x·Aᵀ, gb = g·B,
 // dA = s·gbᵀ·x~, dBᵀ = s·xaᵀ·g) read one large operand (x or g, M×K or M×N) for 2r flops per
-// element. MKL's sgemm packs that operand into its panel format first, a full extra pass,
-// so each of them cost 1.8-2.2x its flop share of the layer (fp32, r = 16, ViT-B shapes, the
-// AMD EPYC of benchmarks/results, per-call timings with rotated inputs). The brgemm kernel
+// element. Through MKL's sgemm each of them cost 1.8-2.2x its flop share of the layer (fp32,
+// r = 16, ViT-B shapes, the AMD EPYC of benchmarks/results, per-call timings with rotated
+// inputs), as if the long operand were packed into panels first, a full extra pass. The brgemm kernel
 // reads A row-major with a leading dimension and B row-major, packing nothing: the long
 // operand streams through once, from where the big GEMM next to it left it in cache, and
 // the four products drop to about their flop share. cpublas::brgemm(M, N, K, lda, ldb, ldc,
