@@ -50,7 +50,8 @@ ROOT = Path(__file__).parent.resolve()
 DEFAULT_ARCHS = "8.0+PTX;9.0a"
 NVCC_KEEP_DIR = ROOT / "build" / "nvcc"  # nvcc intermediates, read by tests/test_cuda_ptxas.py
 CPU_SOURCES = ["csrc/module.cpp", "csrc/checks.cpp", "csrc/cpu_ops.cpp", "csrc/cpu_brgemm.cpp"]
-CUDA_SOURCES = ["csrc/cuda_ops.cpp", "csrc/cuda_simt.cu", "csrc/cuda_sm80.cu", "csrc/cuda_sm80_thin.cu"]
+CUDA_SOURCES = ["csrc/cuda_ops.cpp", "csrc/cuda_simt.cu", "csrc/cuda_sm80.cu", "csrc/cuda_sm80_thin.cu",
+                "csrc/cuda_sm90.cu"]
 
 
 def _env_flag(name: str) -> bool:
@@ -76,6 +77,12 @@ def cuda_arch_flags(spec: str) -> list[str]:
     if not flags:
         raise ValueError(f"no CUDA architecture sm_80 or newer in {spec!r}")
     return flags
+
+
+def builds_sm90a(flags: list[str]) -> bool:
+    """Whether the -gencode flags compile Hopper's arch-specific sm_90a code, which the TMA +
+    wgmma kernel (csrc/cuda_sm90.cu) needs; the extension then uses it on sm_90 devices."""
+    return any("code=sm_90a" in flag for flag in flags)
 
 
 def _cuda_reason_to_skip(torch_module, cuda_home) -> str | None:
@@ -165,7 +172,11 @@ def extensions_and_cmdclass():
         assert cutlass is not None  # _cuda_reason_to_skip checked it
         # CuTe needs relaxed constexpr and cutlass's half/bfloat16 operators, which torch's
         # default -D__CUDA_NO_HALF_OPERATORS__ (and friends) would hide.
-        nvcc_flags = ["-O3", "-lineinfo", "-DLORA_FUSED_WITH_CUDA=1", *cuda_arch_flags(archs),
+        arch_flags = cuda_arch_flags(archs)
+        # LORA_FUSED_SM90A: the sm_90a kernel was compiled, so cuda_ops.cpp may dispatch to it
+        # (and lora_fused._C.built_with_sm90a says so).
+        sm90a = ["-DLORA_FUSED_SM90A=1"] if builds_sm90a(arch_flags) else []
+        nvcc_flags = ["-O3", "-lineinfo", "-DLORA_FUSED_WITH_CUDA=1", *sm90a, *arch_flags,
                       "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                       "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                       "-U__CUDA_NO_HALF2_OPERATORS__", *keep_flags]
@@ -174,7 +185,7 @@ def extensions_and_cmdclass():
             "lora_fused._C",
             CPU_SOURCES + CUDA_SOURCES,
             include_dirs=[str(cutlass)],
-            extra_compile_args={"cxx": cxx_flags + ["-DLORA_FUSED_WITH_CUDA=1"], "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cxx_flags + ["-DLORA_FUSED_WITH_CUDA=1", *sm90a], "nvcc": nvcc_flags},
             extra_link_args=openmp,
         )
     else:
