@@ -231,13 +231,12 @@ def cuda_plan(M, K, N, r, elt, p, hopper=False):
 def _cuda_sm90_plan(M, K, N, r, elt):
     """fp16/bf16 on Hopper: the tall xa GEMM also writes round(xa) (the input dtype, rows padded
     to 8 ranks: TMA's 16-byte row stride), and the sm90 forward reads it with x, W and lora_B
-    (rank tiles of 64, then x·Wᵀ, through one TMA pipeline). Backward: lora_B transposed, the
+    (64-deep rank tiles whose wgmmas past r are skipped, then x·Wᵀ, through one TMA pipeline). Backward: lora_B transposed, the
     tall gb GEMM (reads g once more; writes fp32 gb for dA and round(gb) for dx), dB as on sm80,
     the sm90 dx (g, W, round(gb), lora_A; the mask in its epilogue), dA as on sm80."""
     tiles = -(-r // 32)
     r_tile = tiles * 32
-    rank_tile = 64  # the sm90 kernel's k-tile: r ≤ 64 is one rank tile, zero-filled past r
-    r_sm90 = -(-r // rank_tile) * rank_tile
+    r_sm90 = -(-r // 16) * 16  # the rank tiles' wgmmas (16 deep) past r are skipped
     x, w, y, a, b, xa, gb = M * K * elt, N * K * elt, M * N * elt, r * K * elt, N * r * elt, M * r * FP32, M * r * FP32
     rounded = M * (-(-r // 8) * 8) * elt  # round(xa) / round(gb) workspaces, 16-byte rows
     splits = max(1, min(64, -(-M // 512)))

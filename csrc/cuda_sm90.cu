@@ -29,14 +29,19 @@
 // the two accumulators: it does not fit.
 //
 // Shared memory and pipeline depth. A stage holds one 128×64 tile of each operand: 2 × 16
-// KB. Five stages (160 KB) keep four k-tiles in flight while one is consumed (at K = 768,
-// 12 k-tiles plus 1 rank tile per output tile; Hopper's ~3.3 TB/s HBM needs about 3-4 such
-// 32 KB stages per SM in flight to cover latency at full MMA rate), plus a 64 × 136 staging
-// tile per consumer warpgroup for the epilogue (2 × 17 KB): 194.5 KB + barriers + 1 KB of
-// alignment slack, within sm_90's 227 KB per block (static_assert below). One block per SM.
+// KB. At the dense bf16 peak (989 TFLOP/s over 132 SMs: 7.5 TFLOP/s per SM) one stage's
+// 2·128·128·64 flops take 0.28 µs, so a block consumes 32 KB per 0.28 µs (117 GB/s per SM,
+// from L2 or HBM); covering ~1 µs of load latency needs about 117 KB, 3.6 stages, in flight.
+// Five stages (160 KB) keep four in flight while one is consumed (at K = 768: 12 k-tiles
+// plus one rank tile per output tile). Plus a 64 × 136 staging tile per consumer warpgroup
+// for the epilogue (2 × 17 KB) and the 10 barriers: 196 KB with the 1 KB alignment slack
+// (tests/cuda/sm90_layout_check.cu prints it), within sm_90's 227 KB per block
+// (static_assert below); a sixth stage would not fit. One block per SM.
 // Layouts: K-major operands in GMMA::Layout_K_SW128_Atom, MN-major ones (dx's W and lora_A)
 // in Layout_MN_SW128_Atom tiled K-first (what TMA's 128-byte swizzle writes and wgmma's
-// descriptors read); every stage starts on a 1024-byte boundary (the swizzle's period).
+// descriptors read); every stage starts on a 1024-byte boundary (the swizzle's period). TMA
+// fills a K-major stage with one 64×128 box, an MN-major one with two 64×64 boxes (the
+// 128-byte swizzle spans 64 elements along MN); tests/cuda/sm90_layout_check.cu checks both.
 //
 // Synchronisation. PipelineTmaAsync: a full barrier per stage (the producer arrives once with
 // the stage's transaction bytes, TMA completes them) and an empty barrier per stage (all 256
@@ -95,7 +100,6 @@ constexpr int kThreads = kConsumerThreads + 32;       // + the producer warp
 constexpr int kProducerThread = kConsumerThreads;     // lane 0 of the producer warp issues all TMA
 static_assert(sm80::kBM == kBM && sm80::kBN == kBN, "grouped_tile and the staging rows assume sm80's 128x128 tile");
 
-using TileShape = Shape<Int<kBM>, Int<kBN>, Int<kBK>>;
 using Pipeline = cutlass::PipelineTmaAsync<kStages>;
 
 // Shared-memory layouts of one operand's stages (rows × kBK × kStages). K-major: 64-element
@@ -140,7 +144,7 @@ auto gmem_operand(const T* ptr, int rows, int depth, int64_t ld) {
 template <class T, bool kKMajor>
 auto make_tma(const T* ptr, int rows, int depth, int64_t ld) {
   return make_tma_copy(SM90_TMA_LOAD{}, gmem_operand<T, kKMajor>(ptr, rows, depth, ld),
-                       StageLayout<T, kKMajor>{}(_, _, 0));
+                       StageLayout<T, kKMajor>{}(_, _, Int<0>{}));  // one stage, statically
 }
 template <class T, bool kKMajor>
 using TmaOf = decltype(make_tma<T, kKMajor>(nullptr, 1, 1, 8));
@@ -172,7 +176,7 @@ constexpr size_t smem_bytes() {
 static_assert(smem_bytes<cute::bfloat16_t, false>() <= 227 * 1024, "sm_90 allows 227 KB per block");
 static_assert(smem_bytes<cute::half_t, true>() <= 227 * 1024, "sm_90 allows 227 KB per block");
 
-constexpr uint32_t kStageBytes = (kBM + kBN) * kBK * 2;  // both boxes, zero-filled parts included
+constexpr uint32_t kStageBytes = (kBM + kBN) * kBK * 2;  // both 16-bit boxes, zero-filled parts included
 
 #if defined(LORA_FUSED_SM90A_DEVICE)
 
@@ -229,21 +233,27 @@ __device__ void produce(const Params<T, kBKMajor>& p, SharedStorage<T, kBKMajor>
   pipeline.producer_tail(state);
 }
 
-// The consumers' wgmma loop: acc += the products of `count` consecutive pipeline tiles. One
-// batch stays in flight across calls: after issuing a tile's batch, warpgroup_wait<1> proves
-// the previous batch done, and its stage is released.
+// The consumers' wgmma loop: acc += the products of the pipeline tiles covering `depth`
+// (ceil(depth / 64) consecutive stages). One batch stays in flight across calls: after
+// issuing a tile's batch, warpgroup_wait<1> proves the previous batch done, and its stage is
+// released. The 16-deep k-blocks wholly past `depth` hold TMA's zeros and are skipped: a
+// rank tile of r = 4..16 costs one wgmma per warpgroup instead of four.
 template <class TiledMma, class FragA, class FragB, class Acc>
-__device__ void consume(TiledMma& mma, const FragA& tCrA, const FragB& tCrB, Acc& acc, int count, Pipeline& pipeline,
+__device__ void consume(TiledMma& mma, const FragA& tCrA, const FragB& tCrB, Acc& acc, int depth, Pipeline& pipeline,
                         cutlass::PipelineState<kStages>& read, cutlass::PipelineState<kStages>& release,
                         bool& batch_in_flight) {
+  constexpr int kBlockDepth = kBK / size<2>(FragA{});  // 16: one wgmma's k
+  static_assert(kBlockDepth == 16, "SM90 16-bit GMMA is 16 deep");
+  const int count = ceil_div(depth, kBK);
   for (int t = 0; t < count; ++t) {
     pipeline.consumer_wait(read);
     const int stage = read.index();
+    const int k_blocks = ceil_div(depth - t * kBK, kBlockDepth);  // >= 1; at least 4 on all but the last tile
     warpgroup_fence_operand(acc);
     warpgroup_arrive();
     CUTE_UNROLL
     for (int kb = 0; kb < size<2>(tCrA); ++kb) {
-      cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), acc);
+      if (kb < k_blocks) cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), acc);
     }
     warpgroup_commit_batch();
     warpgroup_wait<1>();
@@ -281,8 +291,8 @@ __device__ void consume_and_store(const Params<T, kBKMajor>& p, SharedStorage<T,
 
   cutlass::PipelineState<kStages> read{}, release{};
   bool batch_in_flight = false;
-  consume(mma, tCrA, tCrB, acc_lora, ceil_div(p.r, kBK), pipeline, read, release, batch_in_flight);
-  consume(mma, tCrA, tCrB, acc_main, ceil_div(p.depth, kBK), pipeline, read, release, batch_in_flight);
+  consume(mma, tCrA, tCrB, acc_lora, p.r, pipeline, read, release, batch_in_flight);
+  consume(mma, tCrA, tCrB, acc_main, p.depth, pipeline, read, release, batch_in_flight);
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc_lora);
   warpgroup_fence_operand(acc_main);

@@ -3,8 +3,9 @@
 // rows × 64 × stages elements and each stage spans exactly the bytes the pipeline's
 // transaction count expects; the two-warpgroup TiledMMA's accumulator partition covers the
 // 128×128 tile once and gives warpgroup w only rows [64w, 64w + 64) (the epilogue stages
-// each warpgroup's rows in its own buffer); 256 consumer threads; shared memory within sm_90's
-// 227 KB. Prints the counts, exits non-zero on a problem.
+// each warpgroup's rows in its own buffer); 256 consumer threads; the TMA copies' boxes fill a
+// stage and the depth tiles number ceil(depth / 64); shared memory within sm_90's 227 KB.
+// Prints the counts, exits non-zero on a problem.
 #include "cuda_sm90.cu"
 
 #include <cstdio>
@@ -56,6 +57,28 @@ int check_partition_c(const char* name) {
   return bad;
 }
 
+// The TMA copy of an operand (a default-constructed descriptor: only its layouts matter
+// here, so no driver call): its boxes fill a stage exactly, and over a rows × depth operand a
+// block's tiles along the depth number ceil(depth / 64) (the producer's loop bound).
+template <class T, bool kKMajor>
+int check_tma_partition(const char* name, int rows, int depth) {
+  TmaOf<T, kKMajor> tma{};
+  Tensor s = make_tensor(make_smem_ptr(static_cast<T*>(nullptr)), StageLayout<T, kKMajor>{});
+  auto slice = tma.get_slice(0);
+  Tensor destination = slice.partition_D(s);  // (TMA, TMA rows, TMA depth, stages)
+  Tensor g = local_tile(tma.get_tma_tensor(make_shape(rows, depth)), Shape<Int<kBM>, Int<kBK>>{}, make_coord(0, _));
+  Tensor source = slice.partition_S(g);  // (TMA, TMA rows, TMA depth, tiles)
+  int bad = size(destination) != cosize_v<StageLayout<T, kKMajor>>;
+  bad += size<3>(destination) != kStages;
+  bad += size<3>(source) != (depth + kBK - 1) / kBK;
+  bad += size<0>(source) * size<1>(source) * size<2>(source) != kBM * kBK;
+  printf("%s (%d x %d): %d elements per stage in %d TMA copies, %d depth tiles: problems %d\n", name, rows, depth,
+         int(size<0>(destination) * size<1>(destination) * size<2>(destination)),
+         int(size<0>(destination)) / int(size(typename TmaOf<T, kKMajor>::ValLayoutSrc{})), int(size<3>(source)),
+         bad);
+  return bad;
+}
+
 int main() {
   int bad = 0;
   using H = cute::half_t;
@@ -71,6 +94,10 @@ int main() {
   const size_t smem = smem_bytes<B, false>();
   bad += smem > 227 * 1024;
   printf("dynamic shared memory %zu bytes of 232448\n", smem);
+  bad += check_tma_partition<H, true>("K-major TMA, x over K", 300, 200);
+  bad += check_tma_partition<H, true>("K-major TMA, round(xa) over r = 17", 300, 17);
+  bad += check_tma_partition<B, false>("MN-major TMA, dx's W over N", 264, 520);
+  bad += check_tma_partition<B, false>("MN-major TMA, lora_A over r = 65", 264, 65);
   // grouped_tile is sm80's, checked by sm80_layout_check.cu
   printf("total problems %d\n", bad);
   return bad != 0;
