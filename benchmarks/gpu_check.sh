@@ -16,7 +16,8 @@
 #   env     nvidia-smi, nvcc, package versions, git revision                      (60 s)
 #   deps    installs missing peft/segment_anything/pytest(-benchmark) from WHEELS  (60 s)
 #   build   the extension for this GPU's architecture only (9.0 -> 9.0a)          (240 s)
-#   smoke   every CUDA kernel instantiation once (tests/test_cuda_gpu.py), then every
+#   smoke   every CUDA kernel instantiation once (tests/test_cuda_gpu.py; on H100/H200 the
+#           sm90 kernel's parity and fallback cases, tests/test_cuda_sm90_gpu.py), then every
 #           backend x dtype x dropout on odd shapes (tests/test_gpu_smoke.py), with
 #           LORA_FUSED_TRITON_AUTOTUNE=0 (one config per kernel: no autotuning)  (120 s)
 #   layer   bench_layer.py on ViT-B's four linears at 1024 px, batch 4, bf16,

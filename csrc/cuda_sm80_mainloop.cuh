@@ -34,8 +34,8 @@
 // on sm_90 devices whenever TMA can load their operands (cuda_ops.cpp); these kernels serve
 // there for misaligned operands (K or a row stride not a multiple of 8 elements, bases off
 // 16 bytes), for fp32 on TF32, and for the rank-thin GEMMs (xa, gb, dB|db, dA), which are
-// bound by reading x or g once. What remains for Hopper (issue 11): a persistent tile
-// scheduler for the sm90 kernel, and TMA/wgmma versions of the thin GEMMs.
+// bound by reading x or g once. What remains for Hopper (issue 11): gb fused into the sm90
+// dx (as the sm80 dx does), and TMA/wgmma versions of the thin GEMMs.
 //
 // fp32 on TF32 (issue 11 point 3; cuda_ops.cpp picks it when PyTorch allows TF32 matmuls):
 // the same tiles in bytes — a 16-byte chunk is 4 floats (kChunkOf), a k-tile 16 deep

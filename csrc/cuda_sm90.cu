@@ -47,12 +47,14 @@
 // the stage's transaction bytes, TMA completes them) and an empty barrier per stage (all 256
 // consumer threads arrive when their wgmmas on the stage are done). Producer: acquire(empty)
 // → TMA both operands onto the full barrier → next stage. Consumers: wait(full) → warpgroup_
-// arrive, 4 wgmma (k = 16 each), commit → warpgroup_wait<1> (the previous batch is done, so
+// arrive, 4 wgmma (k = 16 each; fewer on a rank tile: those past r are skipped), commit →
+// warpgroup_wait<1> (the previous batch is done, so
 // its stage is released, while this one still runs). After the last tile wait<0> and release
 // the last stage. The epilogue writes each warpgroup's rows to its own staging tile, a named
 // barrier of that warpgroup's 128 threads publishes them, and the same threads store them
 // with 16-byte stores; the producer warp takes no part (it ends after producer_tail, which
-// waits until every stage it filled has been released).
+// waits until every stage it filled has been released). Each tile starts with zeroed
+// accumulators and no batch in flight: the previous tile ended with warpgroup_wait<0>.
 //
 // Bounds. TMA zero-fills every element of a box outside the tensor it was described with:
 // rows past M (or Nc) load as zeros and their outputs are not stored; the k-residue past K
@@ -64,11 +66,21 @@
 // cuda_ops.cpp sends other cases (K % 8 ≠ 0, an odd row stride of x or g, K = 0 / N = 0) to
 // the sm80 kernels, and sm90_forward_supported/sm90_dx_supported check it again here.
 //
-// Tile order: sm80's grouped raster (grouped_tile: 8 row tiles per group, column by column),
-// so a wave of 132 blocks reuses its x/g row tiles and W column tiles from L2. Not persistent:
-// one output tile per block, the epilogue of one block overlapping the next block's loads
-// only across blocks (a persistent scheduler with a second accumulator set does not fit the
-// registers of the two-accumulator epilogue).
+// gb is not fused into this dx (sm80's dx computes it from its own g tiles for r ≤ 32): the
+// tall gb GEMM reads g once more (ViT-B qkv at M = 4096: 19 MB, about 6 µs at an H100's
+// 3.35 TB/s), while dx's 14.5 GFLOP take about 15 µs at the dense wgmma peak against at least
+// 29 µs at mma.sync's (half of it), so this path should still come out ahead; fusing gb here
+// would need a third operand per stage (one stage fewer) and round(gb) written to shared
+// memory for the rank wgmmas after the main loop. A GPU measurement is to decide.
+//
+// Tile order: persistent — one block per SM (196 KB of shared memory allow no second), block
+// b taking output tiles b, b + gridDim.x, ... of sm80's grouped raster (grouped_tile: 8 row
+// tiles per group, column by column), so the 132 tiles in flight at a time share their x/g
+// row tiles and W column tiles in L2. Producer and consumers walk the same tiles with one
+// pipeline state each, carried across tiles: the producer runs ahead into the next tile's
+// rank and k-tiles as soon as stages are released, so an SM's epilogue (staging, stores)
+// overlaps its next tile's loads. The staging rows are reused per tile: a second named barrier
+// after the stores keeps the next tile's writes from overtaking them.
 //
 // Only sm_90a has wgmma and TMA: for every other architecture in the build the kernel body is
 // a trap, and cuda_ops.cpp calls these launchers only on a compute-capability-9.0 device of a
@@ -180,32 +192,33 @@ constexpr uint32_t kStageBytes = (kBM + kBN) * kBK * 2;  // both 16-bit boxes, z
 
 #if defined(LORA_FUSED_SM90A_DEVICE)
 
-// The producer: the rank tiles of (L, R), then the k-tiles of (P, Q), each pair into the
-// next free stage, onto that stage's full barrier.
+// The producer: for each output tile of this block (persistent: tiles blockIdx.x,
+// blockIdx.x + gridDim.x, ... in grouped order), the rank tiles of (L, R), then the k-tiles
+// of (P, Q), each pair into the next free stage, onto that stage's full barrier. It runs
+// ahead into the next output tile as soon as stages are released, while the consumers store.
 template <class T, bool kBKMajor>
-__device__ void produce(const Params<T, kBKMajor>& p, SharedStorage<T, kBKMajor>& smem, Pipeline& pipeline,
-                        const TileCoord& tile) {
+__device__ void produce(const Params<T, kBKMajor>& p, SharedStorage<T, kBKMajor>& smem, Pipeline& pipeline) {
   prefetch_tma_descriptor(p.tma_p.get_tma_descriptor());
   prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
   prefetch_tma_descriptor(p.tma_l.get_tma_descriptor());
   prefetch_tma_descriptor(p.tma_r.get_tma_descriptor());
   Tensor sA = make_tensor(make_smem_ptr(smem.a), StageLayout<T, true>{});
   Tensor sB = make_tensor(make_smem_ptr(smem.b), StageLayout<T, kBKMajor>{});
-  const auto m_coord = static_cast<int>(tile.m), n_coord = static_cast<int>(tile.n);
-  // (box rows, box depth, tiles along the depth) of this block's rows / columns.
+  // (box rows, box depth, row tiles, depth tiles) over the whole operands.
   Tensor gP = local_tile(p.tma_p.get_tma_tensor(make_shape(p.M, p.depth)), Shape<Int<kBM>, Int<kBK>>{},
-                         make_coord(m_coord, _));
+                         make_coord(_, _));
   Tensor gQ = local_tile(p.tma_q.get_tma_tensor(make_shape(p.Nc, p.depth)), Shape<Int<kBN>, Int<kBK>>{},
-                         make_coord(n_coord, _));
+                         make_coord(_, _));
   Tensor gL = local_tile(p.tma_l.get_tma_tensor(make_shape(p.M, p.r)), Shape<Int<kBM>, Int<kBK>>{},
-                         make_coord(m_coord, _));
+                         make_coord(_, _));
   Tensor gR = local_tile(p.tma_r.get_tma_tensor(make_shape(p.Nc, p.r)), Shape<Int<kBN>, Int<kBK>>{},
-                         make_coord(n_coord, _));
+                         make_coord(_, _));
   auto tma_p = p.tma_p.get_slice(0);
   auto tma_q = p.tma_q.get_slice(0);
   auto tma_l = p.tma_l.get_slice(0);
   auto tma_r = p.tma_r.get_slice(0);
-  // (TMA, TMA rows, TMA depth, tiles) sources, (TMA, TMA rows, TMA depth, stages) destinations.
+  // (TMA, TMA rows, TMA depth, row tiles, depth tiles) sources, (TMA, TMA rows, TMA depth,
+  // stages) destinations.
   Tensor tPg = tma_p.partition_S(gP);
   Tensor tPs = tma_p.partition_D(sA);
   Tensor tQg = tma_q.partition_S(gQ);
@@ -216,21 +229,26 @@ __device__ void produce(const Params<T, kBKMajor>& p, SharedStorage<T, kBKMajor>
   Tensor tRs = tma_r.partition_D(sB);
 
   const int rank_tiles = ceil_div(p.r, kBK), k_tiles = ceil_div(p.depth, kBK);
+  const int64_t tiles_m = ceil_div(int64_t{p.M}, kBM), tiles_n = ceil_div(int64_t{p.Nc}, kBN);
   auto state = cutlass::make_producer_start_state<Pipeline>();
-  for (int t = 0; t < rank_tiles + k_tiles; ++t) {
-    pipeline.producer_acquire(state);
-    auto* barrier = pipeline.producer_get_barrier(state);
-    const int stage = state.index();
-    if (t < rank_tiles) {
-      copy(p.tma_l.with(*barrier), tLg(_, _, _, t), tLs(_, _, _, stage));
-      copy(p.tma_r.with(*barrier), tRg(_, _, _, t), tRs(_, _, _, stage));
-    } else {
-      copy(p.tma_p.with(*barrier), tPg(_, _, _, t - rank_tiles), tPs(_, _, _, stage));
-      copy(p.tma_q.with(*barrier), tQg(_, _, _, t - rank_tiles), tQs(_, _, _, stage));
+  for (int64_t index = blockIdx.x; index < tiles_m * tiles_n; index += gridDim.x) {
+    const TileCoord tile = grouped_tile(index, tiles_m, tiles_n);
+    const int m = static_cast<int>(tile.m), n = static_cast<int>(tile.n);
+    for (int t = 0; t < rank_tiles + k_tiles; ++t) {
+      pipeline.producer_acquire(state);
+      auto* barrier = pipeline.producer_get_barrier(state);
+      const int stage = state.index();
+      if (t < rank_tiles) {
+        copy(p.tma_l.with(*barrier), tLg(_, _, _, m, t), tLs(_, _, _, stage));
+        copy(p.tma_r.with(*barrier), tRg(_, _, _, n, t), tRs(_, _, _, stage));
+      } else {
+        copy(p.tma_p.with(*barrier), tPg(_, _, _, m, t - rank_tiles), tPs(_, _, _, stage));
+        copy(p.tma_q.with(*barrier), tQg(_, _, _, n, t - rank_tiles), tQs(_, _, _, stage));
+      }
+      ++state;
     }
-    ++state;
   }
-  pipeline.producer_tail(state);
+  pipeline.producer_tail(state);  // every stage filled has been consumed before the block ends
 }
 
 // The consumers' wgmma loop: acc += the products of the pipeline tiles covering `depth`
@@ -267,9 +285,11 @@ __device__ void consume(TiledMma& mma, const FragA& tCrA, const FragB& tCrB, Acc
   }
 }
 
+// The consumers: for each output tile of this block (the producer's order), both products
+// through the pipeline, then the epilogue.
 template <class T, bool kBKMajor>
 __device__ void consume_and_store(const Params<T, kBKMajor>& p, SharedStorage<T, kBKMajor>& smem,
-                                  Pipeline& pipeline, const TileCoord& tile) {
+                                  Pipeline& pipeline) {
   using TiledMma = TiledMmaOf<T, kBKMajor>;
   TiledMma mma;
   const int thread = threadIdx.x, warpgroup = thread / 128;
@@ -280,46 +300,53 @@ __device__ void consume_and_store(const Params<T, kBKMajor>& p, SharedStorage<T,
   Tensor tCrB = wg_mma.make_fragment_B(wg_mma.partition_B(sB));
   Tensor acc_lora = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});
   Tensor acc_main = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});
-  // Zeroed here, before any wgmma, and every wgmma accumulates (ScaleOut::One): a runtime
-  // zeroing flag, or a register defined between warpgroup_arrive and wait, would make ptxas
-  // serialise the wgmmas (C7515).
-  clear(acc_lora);
-  clear(acc_main);
-  warpgroup_fence_operand(acc_lora);  // the zeros are in place before the first wgmma
-  warpgroup_fence_operand(acc_main);
-  mma.accumulate_ = GMMA::ScaleOut::One;
-
-  cutlass::PipelineState<kStages> read{}, release{};
-  bool batch_in_flight = false;
-  consume(mma, tCrA, tCrB, acc_lora, p.r, pipeline, read, release, batch_in_flight);
-  consume(mma, tCrA, tCrB, acc_main, p.depth, pipeline, read, release, batch_in_flight);
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(acc_lora);
-  warpgroup_fence_operand(acc_main);
-  pipeline.consumer_release(release);
-
-  // Epilogue: out = round(acc_main + factor·acc_lora + bias), through this warpgroup's
-  // staging rows, then 16-byte stores of them.
-  const int64_t m0 = tile.m * kBM, c0 = tile.n * kBN;
   Tensor coords = mma.get_slice(thread).partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
   T* staging = smem.staging[warpgroup];
   const int row_base = warpgroup * (kBM / 2);
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc_main); ++i) {
-    const int rr = get<0>(coords(i)), cc = get<1>(coords(i));
-    const int64_t m = m0 + rr, c = c0 + cc;
-    float factor = p.scaling;
-    if (p.drop.enabled) {
-      factor = (m < p.M && c < p.Nc) ? p.scaling * dropout_factor<float>(p.drop, static_cast<uint64_t>(m * p.ld_out + c))
-                                     : 0.f;
+  mma.accumulate_ = GMMA::ScaleOut::One;
+
+  cutlass::PipelineState<kStages> read{}, release{};
+  const int64_t tiles_m = ceil_div(int64_t{p.M}, kBM), tiles_n = ceil_div(int64_t{p.Nc}, kBN);
+  for (int64_t index = blockIdx.x; index < tiles_m * tiles_n; index += gridDim.x) {
+    const TileCoord tile = grouped_tile(index, tiles_m, tiles_n);
+    // Zeroed here, before this tile's first wgmma (the previous tile's are all complete), and
+    // every wgmma accumulates (ScaleOut::One): a runtime zeroing flag, or a register defined
+    // between warpgroup_arrive and wait, would make ptxas serialise the wgmmas (C7515).
+    clear(acc_lora);
+    clear(acc_main);
+    warpgroup_fence_operand(acc_lora);
+    warpgroup_fence_operand(acc_main);
+    bool batch_in_flight = false;
+    consume(mma, tCrA, tCrB, acc_lora, p.r, pipeline, read, release, batch_in_flight);
+    consume(mma, tCrA, tCrB, acc_main, p.depth, pipeline, read, release, batch_in_flight);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_lora);
+    warpgroup_fence_operand(acc_main);
+    pipeline.consumer_release(release);  // the tile's last stage: the producer may refill it
+    ++release;                           // == read: the next tile's first stage
+
+    // Epilogue: out = round(acc_main + factor·acc_lora + bias), through this warpgroup's
+    // staging rows, then 16-byte stores of them.
+    const int64_t m0 = tile.m * kBM, c0 = tile.n * kBN;
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_main); ++i) {
+      const int rr = get<0>(coords(i)), cc = get<1>(coords(i));
+      const int64_t m = m0 + rr, c = c0 + cc;
+      float factor = p.scaling;
+      if (p.drop.enabled) {
+        factor = (m < p.M && c < p.Nc)
+                     ? p.scaling * dropout_factor<float>(p.drop, static_cast<uint64_t>(m * p.ld_out + c))
+                     : 0.f;
+      }
+      float value = acc_main(i) + factor * acc_lora(i);
+      if (p.bias != nullptr && c < p.Nc) value += static_cast<float>(p.bias[c]);
+      staging[(rr - row_base) * kStagingLd<T> + cc] = T(value);
     }
-    float value = acc_main(i) + factor * acc_lora(i);
-    if (p.bias != nullptr && c < p.Nc) value += static_cast<float>(p.bias[c]);
-    staging[(rr - row_base) * kStagingLd<T> + cc] = T(value);
+    cutlass::arch::NamedBarrier::sync(128, warpgroup);  // this warpgroup's rows are staged
+    write_staged_rows<T, kBM / 2>(staging, thread % 128, 128, p.out, p.ld_out, m0 + row_base, p.M, c0, p.Nc,
+                                  p.vec_out);
+    cutlass::arch::NamedBarrier::sync(128, warpgroup);  // staging read out before the next tile's writes
   }
-  cutlass::arch::NamedBarrier::sync(128, warpgroup);  // this warpgroup's rows are staged
-  write_staged_rows<T, kBM / 2>(staging, thread % 128, 128, p.out, p.ld_out, m0 + row_base, p.M, c0, p.Nc,
-                                p.vec_out);
 }
 
 #endif  // LORA_FUSED_SM90A_DEVICE
@@ -340,11 +367,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const __grid_constant
   Pipeline pipeline(smem.pipeline, pipe_params, Shape<_1, _1, _1>{});  // warp 0 initialises the barriers
   __syncthreads();  // barriers initialised before anyone waits on them
 
-  const TileCoord tile = grouped_tile(blockIdx.x, ceil_div(p.M, kBM), ceil_div(p.Nc, kBN));
   if (producer) {
-    if (threadIdx.x == kProducerThread) produce(p, smem, pipeline, tile);
+    if (threadIdx.x == kProducerThread) produce(p, smem, pipeline);
   } else {
-    consume_and_store(p, smem, pipeline, tile);
+    consume_and_store(p, smem, pipeline);
   }
 #else
   __trap();  // compiled for an architecture without wgmma/TMA: never launched (sm90_kernels_built)
@@ -363,10 +389,17 @@ bool tma_operand_ok(const void* ptr, int64_t ld, int64_t rows, int64_t depth) {
          depth < kMaxExtent;
 }
 
+// Persistent: one block per SM (its shared memory allows no more), each walking the output
+// tiles blockIdx.x, blockIdx.x + gridDim.x, ...; fewer blocks when there are fewer tiles.
 template <class T, bool kBKMajor>
 cudaError_t run(const Params<T, kBKMajor>& p, cudaStream_t stream) {
   const int64_t tiles = ceil_div(int64_t{p.M}, kBM) * ceil_div(int64_t{p.Nc}, kBN);
-  return launch<gemm_kernel<T, kBKMajor>>(p, tiles, 1, smem_bytes<T, kBKMajor>(), stream, kThreads);
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = tiles < sms ? tiles : sms;
+  return launch<gemm_kernel<T, kBKMajor>>(p, blocks, 1, smem_bytes<T, kBKMajor>(), stream, kThreads);
 }
 
 template <class T>
