@@ -113,7 +113,9 @@ def test_sm90_parity(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 def test_sm90_sam_vit_b_qkv_shape(dtype):
     """SAM ViT-B's qkv (K = 768, N = 2304) at M = 4096, r = 16, with dropout: many k-tiles,
-    18 column tiles, the grouped raster over 32 x 18 tiles."""
+    18 column tiles, the grouped raster over 32 x 18 = 576 output tiles, which the persistent
+    kernel's blocks (one per SM: 132 on an H100/H200) walk several at a time, forward and dx
+    (dx: 32 x 6 = 192 tiles)."""
     check_parity(4096, 768, 2304, 16, dtype, True, dropout_p=0.1, device="cuda")
 
 
