@@ -21,16 +21,18 @@ Environment knobs:
                                and says why, like a missing toolkit (and
                                tests/test_cuda_ext.py fails where a toolkit is present).
 
-Build time of the extension (measured 2026-12-02, `make build` after `rm
-.venv/.extension-built`; pip rebuilds every source each time, MAX_JOBS=2 on the shared
-2-core machine at a load of about 6): CPU + CUDA for the default "8.0+PTX;9.0a" 6 min 20 s
-wall, 3 min 05 s of CPU time (4 min 45 s wall at a lower load), within the 8-minute budget.
-The CUDA kernels: cuda_sm80.cu (forward, dx: fp16, bf16 and fp32 on TF32),
-cuda_sm80_thin.cu (tall: 3 dtypes incl. TF32; wide, rank transpose, 2 reduces: fp16/bf16),
-cuda_simt.cu (fp32/fp64 only). With the TF32 kernels (forward, dx, tall) `make build` took
-3 min 59 s wall, 2 min 37 s CPU, at a load of about 3.5; 3 min 50 s, 2 min 28 s CPU without
-them, minutes earlier. Each architecture listed adds its share, so a GPU machine builds just
-its own ("9.0a"). With
+Build time of the extension (measured 2026-12-02 with `time make build`; pip rebuilds every
+source each time, so each run is a full build; MAX_JOBS=2 on the shared 2-core machine): CPU + CUDA for the default "8.0+PTX;9.0a" 4 min 15 s wall, 4 min 35 s of CPU time
+(load 2-4.7), with the sm90 TMA + wgmma kernel (cuda_sm90.cu: 4 sm_90a instantiations,
+forward and dx in fp16 and bf16, plus trapping stubs for the other architectures); 9 min 17 s
+wall (6 min 07 s CPU) when another nvcc job shared the two cores. Before the sm90 kernel:
+3 min 59 s wall, 2 min 37 s CPU (load ~3.5). The CUDA kernels: cuda_sm80.cu (forward, dx:
+fp16, bf16 and fp32 on TF32), cuda_sm80_thin.cu (tall: 3 dtypes incl. TF32; wide, rank
+transpose, 2 reduces: fp16/bf16), cuda_sm90.cu (sm_90a only), cuda_simt.cu (fp32/fp64 only).
+Each architecture listed adds its share, so a GPU machine builds just its own ("9.0a"). When
+the list compiles sm_90a SASS, LORA_FUSED_SM90A is defined and the extension dispatches the
+fp16/bf16 forward and dx to the sm90 kernel on compute-capability-9.0 devices
+(lora_fused._C.built_with_sm90a). With
 LORA_FUSED_NVCC_KEEP=1 (set by `make build`) nvcc keeps its intermediates (PTX included,
 ~200 MB) under build/nvcc, which tests/test_cuda_ptxas.py reads to check every kernel's
 ptxas report (no spills, shared memory within limits).
@@ -49,8 +51,9 @@ from setuptools import setup
 ROOT = Path(__file__).parent.resolve()
 DEFAULT_ARCHS = "8.0+PTX;9.0a"
 NVCC_KEEP_DIR = ROOT / "build" / "nvcc"  # nvcc intermediates, read by tests/test_cuda_ptxas.py
-CPU_SOURCES = ["csrc/module.cpp", "csrc/checks.cpp", "csrc/cpu_ops.cpp", "csrc/cpu_brgemm.cpp"]
-CUDA_SOURCES = ["csrc/cuda_ops.cpp", "csrc/cuda_simt.cu", "csrc/cuda_sm80.cu", "csrc/cuda_sm80_thin.cu"]
+CPU_SOURCES = ["csrc/module.cpp", "csrc/checks.cpp", "csrc/cpu_ops.cpp", "csrc/cpu_brgemm.cpp", "csrc/cpu_thin.cpp"]
+CUDA_SOURCES = ["csrc/cuda_ops.cpp", "csrc/cuda_simt.cu", "csrc/cuda_sm80.cu", "csrc/cuda_sm80_thin.cu",
+                "csrc/cuda_sm90.cu"]
 
 
 def _env_flag(name: str) -> bool:
@@ -76,6 +79,12 @@ def cuda_arch_flags(spec: str) -> list[str]:
     if not flags:
         raise ValueError(f"no CUDA architecture sm_80 or newer in {spec!r}")
     return flags
+
+
+def builds_sm90a(flags: list[str]) -> bool:
+    """Whether the -gencode flags compile Hopper's arch-specific sm_90a code, which the TMA +
+    wgmma kernel (csrc/cuda_sm90.cu) needs; the extension then uses it on sm_90 devices."""
+    return any("code=sm_90a" in flag for flag in flags)
 
 
 def _cuda_reason_to_skip(torch_module, cuda_home) -> str | None:
@@ -165,7 +174,11 @@ def extensions_and_cmdclass():
         assert cutlass is not None  # _cuda_reason_to_skip checked it
         # CuTe needs relaxed constexpr and cutlass's half/bfloat16 operators, which torch's
         # default -D__CUDA_NO_HALF_OPERATORS__ (and friends) would hide.
-        nvcc_flags = ["-O3", "-lineinfo", "-DLORA_FUSED_WITH_CUDA=1", *cuda_arch_flags(archs),
+        arch_flags = cuda_arch_flags(archs)
+        # LORA_FUSED_SM90A: the sm_90a kernel was compiled, so cuda_ops.cpp may dispatch to it
+        # (and lora_fused._C.built_with_sm90a says so).
+        sm90a = ["-DLORA_FUSED_SM90A=1"] if builds_sm90a(arch_flags) else []
+        nvcc_flags = ["-O3", "-lineinfo", "-DLORA_FUSED_WITH_CUDA=1", *sm90a, *arch_flags,
                       "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                       "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                       "-U__CUDA_NO_HALF2_OPERATORS__", *keep_flags]
@@ -174,7 +187,7 @@ def extensions_and_cmdclass():
             "lora_fused._C",
             CPU_SOURCES + CUDA_SOURCES,
             include_dirs=[str(cutlass)],
-            extra_compile_args={"cxx": cxx_flags + ["-DLORA_FUSED_WITH_CUDA=1"], "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cxx_flags + ["-DLORA_FUSED_WITH_CUDA=1", *sm90a], "nvcc": nvcc_flags},
             extra_link_args=openmp,
         )
     else:

@@ -15,7 +15,8 @@ Sources of the entries:
 - ``triton_v1``: the Triton kernels before issue 10's rewrite (:func:`triton_v1_plan`), kept
   to compare the two plans; no longer in the code.
 - ``cuda``: :func:`cuda_plan`, a description of the kernels csrc/cuda_ops.cpp launches (the
-  CuTe sm80 forward and dx, the CuTe rank-thin xa, gb, dB and dA GEMMs): keep it in step.
+  CuTe sm80 forward and dx, or on Hopper the sm90 TMA + wgmma forward and dx; the CuTe
+  rank-thin xa, gb, dB and dA GEMMs): keep it in step.
 - ``linear``, ``peft``, ``addmm``: the PyTorch ops those layers run, one launch per op.
 
 What it leaves out: L2 misses on re-read operand tiles (assumed hits), L2→SM traffic of
@@ -41,20 +42,22 @@ from lora_fused.kernels.plan import FP32, Launch, launch_plan  # noqa: E402
 
 @dataclass(frozen=True)
 class GPU:
-    """Dense peaks: MMA TFLOP/s for 16-bit inputs and for TF32, HBM TB/s; SMs (size the Triton plan's grids)."""
+    """Dense peaks: MMA TFLOP/s for 16-bit inputs and for TF32, HBM TB/s; SMs (size the Triton plan's grids);
+    ``hopper``: compute capability 9.0, where the CUDA backend runs its sm90 TMA + wgmma kernel."""
 
     name: str
     tflops_16bit: float
     tflops_tf32: float
     hbm_tb_s: float
     sms: int = 132
+    hopper: bool = True
 
 
 # Vendor datasheet peaks (dense, no sparsity).
 GPUS = {
     "H100-SXM": GPU("H100 SXM", 989.4, 494.7, 3.35, sms=132),
     "H200": GPU("H200", 989.4, 494.7, 4.8, sms=132),
-    "A100-SXM": GPU("A100 SXM 80GB", 312.0, 156.0, 2.039, sms=108),
+    "A100-SXM": GPU("A100 SXM 80GB", 312.0, 156.0, 2.039, sms=108, hopper=False),
 }
 PROVIDERS = ("linear", "peft", "addmm", "triton", "triton_v1", "cuda")
 MODES = ("forward", "backward", "full")
@@ -164,11 +167,15 @@ def triton_v1_plan(M, K, N, r, elt, p, programs=264):
     return {"forward": forward, "backward": backward}
 
 
-def cuda_plan(M, K, N, r, elt, p):
+def cuda_plan(M, K, N, r, elt, p, hopper=False):
     """The C++/CUDA backend's launches (csrc/cuda_ops.cpp) for fp16/bf16, every product on the
     CuTe sm80 mainloop, and for fp32 with TF32 allowed (the model's fp32 peak is TF32's); the
     rank-thin ones (csrc/cuda_sm80_thin.cu) pad the rank to 32-rank tiles and read their wide
     operand once per rank tile.
+
+    ``hopper`` (fp16/bf16 on a compute-capability-9.0 GPU, operands TMA can load: K and N
+    multiples of 8, as at SAM's shapes): forward and dx run on the sm90 TMA + wgmma kernel
+    (csrc/cuda_sm90.cu, :func:`_cuda_sm90_plan`); the thin GEMMs stay the same.
 
     Forward: the tall xa GEMM (reads x, hashes the mask once, writes fp32 xa) and the
     forward GEMM (the rank-r up-projection in one-k-tile chunks: 32 ranks, 16 for fp32, then
@@ -179,6 +186,8 @@ def cuda_plan(M, K, N, r, elt, p):
     (each of its K/128 column tiles repeats that 32-rank product; one writes gb) — for larger
     r the tall gb GEMM reads g once more first —, dA (fp16/bf16: round(gb)ᵀ for the wide GEMM,
     reads x and hashes the mask once; fp32: SIMT) + reduce."""
+    if hopper and elt == 2:
+        return _cuda_sm90_plan(M, K, N, r, elt)
     tiles = -(-r // 32)
     r_tile = tiles * 32
     lora_chunk = 64 // elt  # the forward's and dx's LoRA stage: one k-tile of 64 bytes per row
@@ -219,11 +228,41 @@ def cuda_plan(M, K, N, r, elt, p):
     return {"forward": forward, "backward": backward}
 
 
+def _cuda_sm90_plan(M, K, N, r, elt):
+    """fp16/bf16 on Hopper: the tall xa GEMM also writes round(xa) (the input dtype, rows padded
+    to 8 ranks: TMA's 16-byte row stride), and the sm90 forward reads it with x, W and lora_B
+    (64-deep rank tiles whose wgmmas past r are skipped, then x·Wᵀ, through one TMA pipeline). Backward: lora_B transposed, the
+    tall gb GEMM (reads g once more; writes fp32 gb for dA and round(gb) for dx), dB as on sm80,
+    the sm90 dx (g, W, round(gb), lora_A; the mask in its epilogue), dA as on sm80."""
+    tiles = -(-r // 32)
+    r_tile = tiles * 32
+    r_sm90 = -(-r // 16) * 16  # the rank tiles' wgmmas (16 deep) past r are skipped
+    x, w, y, a, b, xa, gb = M * K * elt, N * K * elt, M * N * elt, r * K * elt, N * r * elt, M * r * FP32, M * r * FP32
+    rounded = M * (-(-r // 8) * 8) * elt  # round(xa) / round(gb) workspaces, 16-byte rows
+    splits = max(1, min(64, -(-M // 512)))
+    rank_operand = r * (-(-M // 8) * 8) * elt
+    dB_partials, dA_partials = splits * N * r * FP32, splits * r * K * FP32
+    forward = [_op("xa + round(xa) (CuTe thin)", x * tiles + a, xa + rounded, 2 * M * K * r_tile),
+               _op("forward (sm90 TMA + wgmma)", x + w + b + N * elt + rounded, y,
+                   2 * M * N * K + 2 * M * N * r_sm90)]
+    backward = [_op("lora_B transpose", b, b),
+                _op("gb + round(gb) (CuTe thin)", y * tiles + b, gb + rounded, 2 * M * N * r_tile),
+                _op("round(xa)ᵀ", xa, rank_operand),
+                _op("dB partials (CuTe thin)", y * tiles + rank_operand, dB_partials, 2 * M * N * r_tile),
+                _op("dB reduce", dB_partials, N * r * elt),
+                _op("dx (sm90 TMA + wgmma)", y + w + rounded + a, x, 2 * M * N * K + 2 * M * K * r_sm90),
+                _op("round(gb)ᵀ", gb, rank_operand),
+                _op("dA partials (CuTe thin)", x * tiles + rank_operand, dA_partials, 2 * M * K * r_tile),
+                _op("dA reduce", dA_partials, r * K * elt)]
+    return {"forward": forward, "backward": backward}
+
+
 def provider_plan(provider: str, M: int, K: int, N: int, r: int, elt: int, p: float,
-                  sms: int = 132) -> dict[str, list[Launch]]:
+                  sms: int = 132, hopper: bool = False) -> dict[str, list[Launch]]:
     """``{"forward": [...], "backward": [...]}`` launches of ``provider``; bias frozen as in bench_layer (no db).
 
-    ``sms``: the GPU's SM count, which sizes the Triton plan's column and row groups as its launchers do."""
+    ``sms``: the GPU's SM count, which sizes the Triton plan's column and row groups as its launchers do;
+    ``hopper``: a compute-capability-9.0 GPU (the CUDA backend's sm90 kernel)."""
     if provider == "linear":
         return linear_plan(M, K, N, elt)
     if provider == "peft":
@@ -235,7 +274,7 @@ def provider_plan(provider: str, M: int, K: int, N: int, r: int, elt: int, p: fl
     if provider == "triton_v1":
         return triton_v1_plan(M, K, N, r, elt, p)
     if provider == "cuda":
-        return cuda_plan(M, K, N, r, elt, p)
+        return cuda_plan(M, K, N, r, elt, p, hopper=hopper)
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
@@ -257,7 +296,8 @@ class Estimate:
 
 def estimate(provider: str, M: int, K: int, N: int, r: int, elt: int, p: float, mode: str,
              gpu: GPU | None) -> Estimate:
-    launches = mode_launches(provider_plan(provider, M, K, N, r, elt, p, gpu.sms if gpu else 132), mode)
+    launches = mode_launches(provider_plan(provider, M, K, N, r, elt, p, gpu.sms if gpu else 132,
+                                           hopper=gpu.hopper if gpu else False), mode)
     return Estimate(sum(launch.bytes for launch in launches), sum(launch.mma_flops for launch in launches),
                     len(launches), roofline_ms(launches, gpu, elt) if gpu else None)
 

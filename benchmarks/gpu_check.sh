@@ -16,7 +16,8 @@
 #   env     nvidia-smi, nvcc, package versions, git revision                      (60 s)
 #   deps    installs missing peft/segment_anything/pytest(-benchmark) from WHEELS  (60 s)
 #   build   the extension for this GPU's architecture only (9.0 -> 9.0a)          (240 s)
-#   smoke   every CUDA kernel instantiation once (tests/test_cuda_gpu.py), then every
+#   smoke   every CUDA kernel instantiation once (tests/test_cuda_gpu.py; on H100/H200 the
+#           sm90 kernel's parity and fallback cases, tests/test_cuda_sm90_gpu.py), then every
 #           backend x dtype x dropout on odd shapes (tests/test_gpu_smoke.py), with
 #           LORA_FUSED_TRITON_AUTOTUNE=0 (one config per kernel: no autotuning)  (120 s)
 #   layer   bench_layer.py on ViT-B's four linears at 1024 px, batch 4, bf16,
@@ -193,7 +194,8 @@ fi
 # No tuned-config dump here: with one config per kernel nothing is tuned, and a record of these
 # choices would pass for tuned ones.
 stage smoke 120 env -u LORA_FUSED_TRITON_TUNED_OUT LORA_FUSED_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_gpu_smoke.py tests/test_cuda_gpu.py \
-    -k "float64_reference or every_instantiation" -q -rfEs -p no:cacheprovider --junitxml="$WORK/smoke.xml"
+    tests/test_cuda_sm90_gpu.py -k "float64_reference or every_instantiation or sm90_parity or fallback_to_sm80" \
+    -q -rfEs -p no:cacheprovider --junitxml="$WORK/smoke.xml"
 
 # -- layer benchmark --------------------------------------------------------------------
 if [ $DRY_RUN -eq 1 ]; then

@@ -44,6 +44,18 @@
 // buffers (gb_r and its transpose, xa_rᵀ). Determinism: every output element is
 // produced by one thread in a fixed order (dA sums M-blocks in order within its K-block, dB
 // takes all of M in one call), independent of the thread count.
+//
+// Why the frozen W is packed on every call, not cached (issue 12; AMD EPYC, bf16, 1 thread,
+// four weights rotated so that W comes from memory as in a model, 2026-12-02): the
+// backward's pack of W costs 2.1-6.0 % of a forward+backward at ViT-B's shapes
+// (0.11-0.59 ms), a read-only pass over W 0.8-2.4 %. A cache keyed on what provably changes
+// with W is not enough: writes through `w.data` (`w.data.copy_(...)`, the idiom of many
+// initialisation and loading routines) and through numpy or DLPack aliases leave
+// `w._version`, data_ptr, shape, strides and dtype as they were. Only a check of the
+// contents on every use is safe: an exact one reads W and the cached copy (about what the
+// pack costs), a checksum reads W once but is no proof (row permutations keep sums; any fixed
+// hash has structured collisions). The most a safe cache could save is thus 1.3-3.7 %, for
+// a second copy of every adapted frozen W in memory; not worth it.
 #include "cpu_brgemm.h"
 
 #include <ATen/Context.h>

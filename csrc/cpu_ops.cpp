@@ -2,27 +2,34 @@
 //
 // Every large product is ONE BLAS call over all M rows (x·Wᵀ forward, g·W backward), so
 // MKL/oneDNN blocks and threads it as it would nn.Linear's; row-block BLAS calls inside
-// at::parallel_for lost 10-20 % to that. The rank-r terms are folded in by accumulation
-// into the same output (addmm with beta = 1: y += s·xa·Bᵀ, dx += s·gb·A), and x and g are
-// passed to BLAS as they are (any strides) — no copies of them in fp32/fp64.
+// at::parallel_for lost 10-20 % to that. The two rank-r terms on large outputs are folded in
+// by accumulation into the same output (addmm with beta = 1 and alpha = s: y += s·xa·Bᵀ,
+// dx += s·gb·A). The four rank-r products that reduce over a long side (xa = x·Aᵀ, gb = g·B,
+// dA = s·gbᵀ·x~, dB = s·gᵀ·xa) run as fp32 brgemm tiles that read x and g in place
+// (cpu_thin.cpp: MKL packs the long operand first, which made them cost twice their flops),
+// s applied to their accumulators as they are stored; dB is stored straight through the
+// transposed view. x and g are passed as they are (any strides): no copies in fp32/fp64.
 //
 // Dropout: the mask is regenerated from the counter hash (cpu_dropout.h), never saved. Only
 // products that need x~ = x ⊙ keep/(1-p) (xa forward, dA and the mask on the rank-r part of
-// dx backward) run over row blocks of kDropoutBlockRows rows, each block's mask factor
-// hashed once and held in a cache-sized buffer; backward shares it between dx and dA.
+// dx backward) run over row blocks of kDropoutBlockRows rows: forward hashes
+// and multiplies each block's x~ in one pass into a per-thread buffer; backward hashes a
+// block once and in the same pass writes x~ (for dA's tiles) and adds the masked rank-r
+// term to dx.
 //
 // Rounding order (lora_fused/reference.py): products accumulate in fp32, xa and gb enter the
 // next product rounded to the input dtype unscaled, s multiplies the fp32 accumulator, y and
 // dx are rounded once at the end.
 //
-// Routes: fp32 and fp64 run the BLAS calls below. bf16 and fp16 run cpu_brgemm.cpp's tiles
-// of oneDNN's bf16×bf16→fp32 micro-kernel where it serves the call (the CPU has the dtype's
-// dot-product instructions, oneDNN is enabled, x / grad_y have unit column stride and the
-// reductions are even: brgemm_serves_*); otherwise the same BLAS calls on fp32 copies
-// widened once per call, the correct but 3-5x slower fallback.
+// Routes: fp32 and fp64 run the calls below (fp64 on ATen's addmm throughout). bf16 and fp16
+// run cpu_brgemm.cpp's tiles of oneDNN's bf16×bf16→fp32 micro-kernel where it serves the call
+// (the CPU has the dtype's dot-product instructions, oneDNN is enabled, x / grad_y have unit
+// column stride and the reductions are even: brgemm_serves_*); otherwise the same calls on
+// fp32 copies widened once per call, the correct but 3-5x slower fallback.
 //
-// Determinism: dA with dropout sums fixed row groups (a function of M only, not of the
-// thread count) and adds the group partials in order.
+// Determinism: the brgemm tiles give every output element to one thread in a fixed order;
+// dA with dropout sums fixed row groups (a function of M only, not of the thread count) and
+// adds the group partials in order.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
@@ -30,6 +37,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/copy.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -40,11 +48,16 @@
 #include "checks.h"
 #include "cpu_brgemm.h"
 #include "cpu_dropout.h"
+#include "cpu_thin.h"
 
 namespace lora_fused {
 namespace {
 
-// 64 rows × K ≤ 1280 fp32 is ≤ 320 KiB per buffer: the factor and x~ of a block stay in L2.
+// Rows per dropout block: 64 rows × K ≤ 3072 fp32 is ≤ 768 KiB per buffer, so a block's x~
+// stays in the 1 MiB L2 between its hashing and its product. (Blocks sized to keep the
+// backward's two buffers in 512 KiB, 16 rows at K = 3072, measured 3-4 % slower at ViT-B's
+// lin2 with dropout: more partials and calls.) A constant, so the blocks and dA's partial
+// sums do not depend on the thread count.
 constexpr int64_t kDropoutBlockRows = 64;
 // At most this many dA partials with dropout (memory ≤ kMaxPartials·r·K accumulators).
 constexpr int64_t kMaxPartials = 16;
@@ -59,30 +72,33 @@ at::Tensor rounded_to(const at::Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype).to(t.scalar_type());
 }
 
-// keep/(1-p) for rows [row0, row0 + rows) of an [M, K] input, in `acc` (a poisoned workspace).
-at::Tensor keep_factor(const DropoutSpec& drop, int64_t row0, int64_t rows, int64_t K, const at::TensorOptions& acc) {
-  at::Tensor factor = poison_(at::empty({rows, K}, acc));
-  if (factor.scalar_type() == at::kDouble) {
-    fill_keep_factor(factor.data_ptr<double>(), rows, K, row0, drop);
-  } else {
-    fill_keep_factor(factor.data_ptr<float>(), rows, K, row0, drop);
-  }
-  return factor;
+at::Tensor empty_acc(int64_t rows, int64_t cols, const at::Tensor& like, at::ScalarType acc) {
+  return poison_(at::empty({rows, cols}, like.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous)));
 }
 
-// xa = x~ · Aᵀ block by block (x~ exists one block at a time).
-void dropped_projection(at::Tensor& xa, const at::Tensor& x_acc, const at::Tensor& a_t, const DropoutSpec& drop) {
-  const int64_t M = x_acc.size(0), K = x_acc.size(1);
-  const auto acc = x_acc.options().memory_format(at::MemoryFormat::Contiguous);
+// x with unit column stride, as the dropout blocks read it: x itself or a contiguous copy.
+at::Tensor with_unit_column_stride(const at::Tensor& x) { return x.stride(1) == 1 ? x : x.contiguous(); }
+
+template <typename scalar_t>
+const scalar_t* row_ptr(const at::Tensor& t, int64_t row) {
+  return t.data_ptr<scalar_t>() + row * t.stride(0);
+}
+
+// xa = x~ · Aᵀ block by block (x~ exists one block at a time, in a per-thread buffer),
+// x_rows with unit column stride.
+template <typename scalar_t>
+void dropped_projection(at::Tensor& xa, const at::Tensor& x_rows, const at::Tensor& a_t, const DropoutSpec& drop) {
+  const int64_t M = x_rows.size(0), K = x_rows.size(1), block_rows = kDropoutBlockRows;
   const at::ThreadLocalState caller_state;  // the ATen ops below run on OpenMP threads: below autograd, as here
-  at::parallel_for(0, ceil_div(M, kDropoutBlockRows), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, ceil_div(M, block_rows), 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard state_guard(caller_state);
+    at::Tensor x_dropped = empty_acc(block_rows, K, x_rows, x_rows.scalar_type());
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t row0 = b * kDropoutBlockRows, rows = std::min(kDropoutBlockRows, M - row0);
-      at::Tensor x_dropped = keep_factor(drop, row0, rows, K, acc);
-      x_dropped.mul_(x_acc.narrow(0, row0, rows));
+      const int64_t row0 = b * block_rows, rows = std::min(block_rows, M - row0);
+      fill_dropped_rows(x_dropped.data_ptr<scalar_t>(), row_ptr<scalar_t>(x_rows, row0), x_rows.stride(0), rows, K,
+                        row0, drop);
       at::Tensor xa_blk = xa.narrow(0, row0, rows);
-      at::mm_out(xa_blk, x_dropped, a_t);
+      thin_product(xa_blk, x_dropped.narrow(0, 0, rows), a_t);
     }
   });
 }
@@ -105,13 +121,16 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
     return {y, xa};
   }
   const at::Tensor x_acc = widened(x, acc);
-  const at::Tensor a_t = widened(lora_A, acc).t();  // [K, r]
-  if (drop.enabled) {
-    dropped_projection(xa, x_acc, a_t, drop);
+  const at::Tensor a_t = widened(lora_A, acc).t().contiguous();  // [K, r]: the thin operand, r·K elements
+  if (drop.enabled && acc == at::kDouble) {
+    dropped_projection<double>(xa, with_unit_column_stride(x_acc), a_t, drop);
+  } else if (drop.enabled) {
+    dropped_projection<float>(xa, with_unit_column_stride(x_acc), a_t, drop);
   } else {
-    at::mm_out(xa, x_acc, a_t);
+    thin_product(xa, x_acc, a_t);
   }
 
+  // y = x·Wᵀ + b in one BLAS call (as nn.Linear), then y += s·round(xa)·Bᵀ accumulated in place.
   at::Tensor y_acc = native ? y : poison_(at::empty({s.M, s.N}, x.options().dtype(acc)));
   const at::Tensor weight_t = widened(weight, acc).t();  // [K, N]
   if (bias.has_value() && bias->defined()) {
@@ -124,41 +143,45 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
   return {y, xa};
 }
 
-// With dropout: dA = s·Σ_blocks gb_blkᵀ·x~_blk and, when dx_acc is defined, dx_acc += s·(gb·A) ⊙ factor,
-// each block's mask factor hashed once and shared by the two.
-at::Tensor dropped_backward_terms(at::Tensor& dx_acc, const at::Tensor& gb, const at::Tensor& x_acc,
-                                  const at::Tensor& a_acc, double scaling, const DropoutSpec& drop) {
-  const int64_t M = x_acc.size(0), K = x_acc.size(1), r = a_acc.size(0);
-  const auto acc = x_acc.options().memory_format(at::MemoryFormat::Contiguous);
-  const int64_t blocks = ceil_div(M, kDropoutBlockRows);
+// With dropout: dA = s·Σ_blocks gbᵀ_blk·x~_blk and, when dx_acc is defined, dx_acc += s·(gb·A) ⊙ factor,
+// each block's mask hashed once for both (dropped_backward_rows), x_rows with unit column stride.
+template <typename scalar_t>
+void dropped_backward_terms(at::Tensor& dA, at::Tensor& dx_acc, const at::Tensor& gb, const at::Tensor& gb_t,
+                            const at::Tensor& x_rows, const at::Tensor& a_acc, double scaling, const DropoutSpec& drop) {
+  const int64_t M = x_rows.size(0), K = x_rows.size(1), r = a_acc.size(0);
+  const int64_t block_rows = kDropoutBlockRows;
+  const auto acc = x_rows.scalar_type();
+  const int64_t blocks = ceil_div(M, block_rows);
   const int64_t blocks_per_group = ceil_div(blocks, kMaxPartials);
   const int64_t groups = ceil_div(blocks, blocks_per_group);  // every group gets at least one block
-  at::Tensor partials = poison_(at::empty({groups, r, K}, acc));
+  // Group 0 accumulates straight into dA; the others into partials added in group order.
+  at::Tensor partials = groups > 1 ? empty_acc((groups - 1) * r, K, x_rows, acc) : at::Tensor();
+  const bool with_dx = dx_acc.defined();
   const at::ThreadLocalState caller_state;  // as in dropped_projection
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard state_guard(caller_state);
+    at::Tensor x_dropped = empty_acc(block_rows, K, x_rows, acc);
+    at::Tensor lora = with_dx ? empty_acc(block_rows, K, x_rows, acc) : at::Tensor();
     for (int64_t grp = begin; grp < end; ++grp) {
-      at::Tensor partial = partials[grp];
+      at::Tensor partial = grp == 0 ? dA : partials.narrow(0, (grp - 1) * r, r);
       const int64_t first = grp * blocks_per_group, last = std::min(blocks, first + blocks_per_group);
       for (int64_t b = first; b < last; ++b) {
-        const int64_t row0 = b * kDropoutBlockRows, rows = std::min(kDropoutBlockRows, M - row0);
-        const at::Tensor factor = keep_factor(drop, row0, rows, K, acc);
-        const at::Tensor gb_blk = gb.narrow(0, row0, rows);
-        const at::Tensor x_dropped = at::mul(x_acc.narrow(0, row0, rows), factor);
-        if (b == first) {
-          at::mm_out(partial, gb_blk.t(), x_dropped);
-        } else {
-          partial.addmm_(gb_blk.t(), x_dropped);
+        const int64_t row0 = b * block_rows, rows = std::min(block_rows, M - row0);
+        scalar_t* dx_rows = nullptr;
+        if (with_dx) {
+          at::Tensor lora_blk = lora.narrow(0, 0, rows);
+          at::mm_out(lora_blk, gb.narrow(0, row0, rows), a_acc);
+          dx_rows = dx_acc.data_ptr<scalar_t>() + row0 * K;
         }
-        if (dx_acc.defined()) {
-          dx_acc.narrow(0, row0, rows).addcmul_(at::mm(gb_blk, a_acc), factor, scaling);
-        }
+        dropped_backward_rows(x_dropped.data_ptr<scalar_t>(), dx_rows, with_dx ? lora.data_ptr<scalar_t>() : nullptr,
+                              row_ptr<scalar_t>(x_rows, row0), x_rows.stride(0), rows, K, row0, drop, scaling);
+        thin_product(partial, gb_t.narrow(1, row0, rows), x_dropped.narrow(0, 0, rows), /*alpha=*/1.0,
+                     /*accumulate=*/b > first);
       }
     }
   });
-  at::Tensor dA = partials[0];
-  for (int64_t grp = 1; grp < groups; ++grp) dA.add_(partials[grp]);
-  return dA.mul_(scaling);
+  for (int64_t grp = 1; grp < groups; ++grp) dA.add_(partials.narrow(0, (grp - 1) * r, r));
+  dA.mul_(scaling);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
@@ -187,7 +210,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   }
   const at::Tensor g_acc = widened(grad_y, acc);
   const at::Tensor a_acc = widened(lora_A, acc);  // [r, K]
-  const at::Tensor gb = rounded_to(at::mm(g_acc, widened(lora_B, acc)), dtype);  // [M, r]
+  const at::Tensor x_acc = widened(x, acc);
+  // gb = g·B, rounded to the input dtype before it enters dx and dA (as gbᵀ, the A operand of dA's tiles).
+  at::Tensor gb = empty_acc(s.M, s.r, grad_y, acc);
+  thin_product(gb, g_acc, widened(lora_B, acc));
+  gb = rounded_to(gb, dtype);
+  const at::Tensor gb_t = gb.t().contiguous();  // [r, M]: M·r elements
 
   at::Tensor dx_acc;
   if (compute_dx) {
@@ -195,14 +223,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
     at::mm_out(dx_acc, g_acc, widened(weight, acc));
     if (!drop.enabled) dx_acc.addmm_(gb, a_acc, /*beta=*/1.0, /*alpha=*/scaling);
   }
-  const at::Tensor x_acc = widened(x, acc);
-  at::Tensor dA = drop.enabled ? dropped_backward_terms(dx_acc, gb, x_acc, a_acc, scaling, drop)
-                               : at::mm(gb.t(), x_acc).mul_(scaling);
+  at::Tensor dA = native ? poison_(at::empty({s.r, s.K}, lora_A.options().memory_format(at::MemoryFormat::Contiguous)))
+                         : empty_acc(s.r, s.K, x, acc);
+  if (drop.enabled) {
+    if (acc == at::kDouble) {
+      dropped_backward_terms<double>(dA, dx_acc, gb, gb_t, with_unit_column_stride(x_acc), a_acc, scaling, drop);
+    } else {
+      dropped_backward_terms<float>(dA, dx_acc, gb, gb_t, with_unit_column_stride(x_acc), a_acc, scaling, drop);
+    }
+  } else {
+    thin_product(dA, gb_t, x_acc, scaling);
+  }
   if (compute_dx && !native) dx.copy_(dx_acc);
 
-  at::Tensor dB = at::mm(g_acc.t(), rounded_to(xa, dtype)).mul_(scaling);
+  // dBᵀ [r, N] = s·round(xa)ᵀ·g, written through the transposed view of dB [N, r].
+  at::Tensor dB = poison_(at::empty({s.N, s.r}, lora_B.options().memory_format(at::MemoryFormat::Contiguous)));
+  at::Tensor dB_acc = native ? dB : empty_acc(s.N, s.r, grad_y, acc);
+  at::Tensor dB_t = dB_acc.t();
+  thin_product(dB_t, rounded_to(xa, dtype).t().contiguous(), g_acc, scaling);
+  if (!native) dB.copy_(dB_acc);
   if (compute_db) db.copy_(at::sum(grad_y, {0}, /*keepdim=*/false, acc));
-  return {dx, dA.to(lora_A.scalar_type()), dB.to(lora_B.scalar_type()), db};
+  return {dx, native ? dA : dA.to(lora_A.scalar_type()), dB, db};
 }
 
 }  // namespace

@@ -30,6 +30,13 @@ struct ForwardArgs {
   const void* lora_B;  // [N, r]
   void* y;             // [M, N]
   void* xa;            // [M, r]
+  // The sm90 kernel's TMA operands (nullptr elsewhere): round(xa) in the input dtype, [M, r]
+  // with row stride rank_ld (written by sm80_xa when not null), and lora_B with a row stride
+  // lora_B_tma_ld that is a multiple of 8 elements (lora_B itself, or a padded copy).
+  void* xa_rounded = nullptr;
+  int64_t rank_ld = 0;
+  const void* lora_B_tma = nullptr;
+  int64_t lora_B_tma_ld = 0;
   int64_t M, N, K, r;
   double scaling;
   DropoutSpec dropout;
@@ -54,6 +61,8 @@ struct BackwardArgs {
   void* gb;         // workspace [M, r]
   void* partials;   // workspace of backward_workspace_elems() accumulator elements
   void* rank_operand;  // fp16/bf16 workspace of (r + 1) × rank_operand_ld(M) elements of the dtype
+  void* gb_rounded = nullptr;  // sm90 dx: round(gb) in the input dtype, [M, r], row stride rank_ld
+  int64_t rank_ld = 0;         // (sm80_gb writes it when not null)
   int64_t M, N, K, r;
   double scaling;
   DropoutSpec dropout;
@@ -74,6 +83,10 @@ inline int64_t backward_workspace_elems(int64_t M, int64_t N, int64_t K, int64_t
   const int64_t db_cols = N * (r + 1), da = r * K;
   return reduction_splits(M) * (db_cols > da ? db_cols : da);
 }
+
+// Row stride of a TMA operand with r columns (16-byte multiples): the rounded xa/gb workspaces
+// and a padded lora_B copy of the sm90 kernel.
+inline int64_t tma_rank_ld(int64_t r) { return ceil_div(r, 8) * 8; }
 
 // Leading dimension of the rank operands round(xa)ᵀ and round(gb)ᵀ [rows, M] the
 // tensor-core dB and dA read: M rounded up to 8 elements (16-byte cp.async chunks).
@@ -98,12 +111,24 @@ cudaError_t sm80_forward(const ForwardArgs& args, cudaStream_t stream);
 cudaError_t sm80_dx(const BackwardArgs& args, cudaStream_t stream);
 inline bool sm80_dx_computes_gb(int64_t r) { return r <= 32; }
 // cuda_sm80_thin.cu, the rank-thin products:
-cudaError_t sm80_xa(const ForwardArgs& args, cudaStream_t stream);     // xa = x~·Aᵀ (fp32 out)
-cudaError_t sm80_gb(const BackwardArgs& args, cudaStream_t stream);    // gb = g·B (fp32 out), reads lora_B_t
+cudaError_t sm80_xa(const ForwardArgs& args, cudaStream_t stream);     // xa = x~·Aᵀ (fp32 out; + xa_rounded)
+cudaError_t sm80_gb(const BackwardArgs& args, cudaStream_t stream);    // gb = g·B (fp32 out; + gb_rounded), reads lora_B_t
 // dB = s·gᵀ·round(xa), db = Σ g; then dA = s·round(gb)ᵀ·x~ (kHalf, kBFloat16). Both use
 // rank_operand and partials, so they run in stream order, dB_db first.
 cudaError_t sm80_dB_db(const BackwardArgs& args, cudaStream_t stream);
 cudaError_t sm80_dA(const BackwardArgs& args, cudaStream_t stream);
+
+// cuda_sm90.cu, the Hopper (sm_90a) TMA + wgmma kernel of the two large GEMMs, kHalf and
+// kBFloat16: only on a compute-capability-9.0 device, in a build that compiled sm_90a
+// (sm90_kernels_built), when the *_supported check holds (TMA: 16-byte aligned operands and
+// row strides, non-empty extents below 2^31); otherwise the sm80 kernels serve.
+bool sm90_kernels_built();
+bool sm90_forward_supported(const ForwardArgs& args);
+bool sm90_dx_supported(const BackwardArgs& args);
+// y = x·Wᵀ + b + s·(round(xa)·Bᵀ): reads xa_rounded (sm80_xa first) and lora_B_tma.
+cudaError_t sm90_forward(const ForwardArgs& args, cudaStream_t stream);
+// dx = g·W + s·(round(gb)·A) ⊙ keep/(1-p): reads gb_rounded (sm80_gb first).
+cudaError_t sm90_dx(const BackwardArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lora_fused

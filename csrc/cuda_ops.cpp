@@ -1,9 +1,11 @@
 // CUDA implementation of the two ops: validation, outputs and workspaces from the caching
 // allocator, the device guard and current stream, and the choice of kernels: fp16/bf16 on
 // tensor cores through the CuTe sm80 mainloop (cuda_sm80.cu for the two large GEMMs,
-// cuda_sm80_thin.cu for the rank-thin products); fp32 on TF32 tensor cores (forward, xa, gb,
-// dx) when PyTorch allows TF32 matmuls at the time of the call, exact fp32 SIMT otherwise;
-// fp64, and fp32's dB|db and dA, on SIMT (cuda_simt.cu).
+// cuda_sm80_thin.cu for the rank-thin products), except that on a compute-capability-9.0
+// device (H100/H200) of a build with sm_90a the two large GEMMs, forward and dx, run on the
+// TMA + wgmma kernel (cuda_sm90.cu) whenever their operands meet TMA's alignment; fp32 on
+// TF32 tensor cores (forward, xa, gb, dx) when PyTorch allows TF32 matmuls at the time of
+// the call, exact fp32 SIMT otherwise; fp64, and fp32's dB|db and dA, on SIMT (cuda_simt.cu).
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -59,6 +61,34 @@ int64_t row_stride(const at::Tensor& t) {
   return t.size(0) <= 1 ? t.size(1) : t.stride(0);
 }
 
+// The sm90 (TMA + wgmma) kernel serves fp16/bf16 on sm_90 devices when the build has its
+// sm_90a code; the operand checks are the launchers' (sm90_*_supported).
+bool sm90_device(const at::Tensor& t) {
+  if (!is_16bit(t.scalar_type()) || !cuda::sm90_kernels_built()) return false;
+  int major = 0, minor = 0;
+  const int device = t.device().index();
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it, or the next launch check would report it
+    return false;              // the sm80 kernels need no such query
+  }
+  return major == 9 && minor == 0;
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// A [rows, r] parameter (lora_B) as a TMA operand: itself when its row stride (r elements) is
+// a multiple of 16 bytes and its base 16-byte aligned, else a copy whose rows are padded to
+// tma_rank_ld(r) elements (the padding is never read: the descriptor's extent is r).
+std::pair<at::Tensor, int64_t> rank_rows_for_tma(const at::Tensor& contiguous) {
+  const int64_t rows = contiguous.size(0), r = contiguous.size(1);
+  if (aligned16(contiguous) && (r * contiguous.element_size()) % 16 == 0) return {contiguous, r};
+  const int64_t ld = cuda::tma_rank_ld(r);
+  at::Tensor padded = at::empty({rows, ld}, contiguous.options());
+  padded.narrow(1, 0, r).copy_(contiguous);
+  return {padded, ld};
+}
+
 void check_grid_limits(const char* op, const Sizes& s, bool tensor_cores, bool simt) {
   if (tensor_cores) {
     TORCH_CHECK(s.r <= kMaxGridY * 32, op, ": rank r = ", s.r, " must be at most ", kMaxGridY * 32, " on CUDA");
@@ -102,12 +132,30 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x, const
   args.scaling = scaling;
   args.dropout = dropout_spec(dropout_p, seed);
 
+  // Hopper: round(xa) also goes to a T-typed workspace with 16-byte rows for the TMA kernel,
+  // which reads lora_B with such rows too (a padded copy when r·2 bytes is not a multiple).
+  at::Tensor xa_rounded, lora_B_tma;
+  bool sm90 = false;
+  if (sm90_device(x)) {
+    args.rank_ld = cuda::tma_rank_ld(s.r);
+    xa_rounded = poison_(at::empty({s.M, args.rank_ld}, x.options()));
+    std::tie(lora_B_tma, args.lora_B_tma_ld) = rank_rows_for_tma(b_c);
+    args.xa_rounded = xa_rounded.data_ptr();
+    args.lora_B_tma = lora_B_tma.data_ptr();
+    sm90 = cuda::sm90_forward_supported(args);
+    if (!sm90) args.xa_rounded = nullptr;  // x or W misaligned for TMA, or K = 0: the sm80 kernel
+  }
+
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // xa first, then the GEMM reads it. The pre-pass hashes each dropout element once per
   // rank tile (tensor cores: 32 ranks, so once for r <= 32; SIMT: 64).
   if (tensor_cores) {
     check_launch(cuda::sm80_xa(args, stream), op, "tensor-core xa = dropout(x)·lora_Aᵀ");
-    check_launch(cuda::sm80_forward(args, stream), op, "tensor-core forward");
+    if (sm90) {
+      check_launch(cuda::sm90_forward(args, stream), op, "sm90 TMA + wgmma forward");
+    } else {
+      check_launch(cuda::sm80_forward(args, stream), op, "tensor-core forward");
+    }
   } else {
     check_launch(cuda::simt_xa(args, stream), op, "xa = dropout(x)·lora_Aᵀ");
     check_launch(cuda::simt_forward(args, stream), op, "forward");
@@ -175,19 +223,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   args.scaling = scaling;
   args.dropout = dropout_spec(dropout_p, seed);
 
+  // Hopper: dx on the TMA kernel, which reads round(gb) from a T-typed workspace with 16-byte
+  // rows that the tall gb GEMM writes beside the fp32 gb (dA's operand).
+  at::Tensor gb_rounded, a_tma;
+  bool sm90_dx = false;
+  if (compute_dx && sm90_device(x)) {
+    args.rank_ld = cuda::tma_rank_ld(s.r);
+    gb_rounded = poison_(at::empty({s.M, args.rank_ld}, x.options()));
+    a_tma = aligned16(a_c) ? a_c : a_c.clone();  // lora_A [r, K] viewed [K, r]: needs an aligned base
+    args.gb_rounded = gb_rounded.data_ptr();
+    args.lora_A = a_tma.data_ptr();
+    sm90_dx = cuda::sm90_dx_supported(args);
+    if (!sm90_dx) args.gb_rounded = nullptr;  // g or W misaligned for TMA (K % 8, ldg % 8), or N = 0
+  }
+
   // gb before dA (and before dx, unless dx computes gb itself from the g tiles it streams:
-  // tensor cores, r <= 32). dB|db and dA share the partial-sum and rank-operand workspaces;
-  // the stream orders them.
+  // sm80 tensor cores, r <= 32). dB|db and dA share the partial-sum and rank-operand
+  // workspaces; the stream orders them.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (all_tensor_cores || tf32) {
-    const bool gb_in_dx = compute_dx && s.K > 0 && cuda::sm80_dx_computes_gb(s.r);  // K = 0: no dx blocks
+    const bool gb_in_dx =
+        compute_dx && !sm90_dx && s.K > 0 && cuda::sm80_dx_computes_gb(s.r);  // K = 0: no dx blocks
     if (!gb_in_dx) check_launch(cuda::sm80_gb(args, stream), op, "tensor-core gb = grad_y·lora_B");
     if (all_tensor_cores) {
       check_launch(cuda::sm80_dB_db(args, stream), op, "tensor-core dB, db");
     } else {
       check_launch(cuda::simt_dB_db(args, stream), op, "dB, db");
     }
-    if (compute_dx) {
+    if (sm90_dx) {
+      check_launch(cuda::sm90_dx(args, stream), op, "sm90 TMA + wgmma dx");
+    } else if (compute_dx) {
       check_launch(cuda::sm80_dx(args, stream), op, gb_in_dx ? "tensor-core dx and gb" : "tensor-core dx");
     }
     if (all_tensor_cores) {

@@ -1,6 +1,8 @@
 // fp16/bf16 (and fp32 on TF32) forward and dx on the CuTe sm80 mainloop
 // (cuda_sm80_mainloop.cuh: tiles, pipeline depth, synchronisation and bounds are argued
-// there). The LoRA terms are composition, not copies of the mainloop:
+// there); on sm_90 devices fp16/bf16 take cuda_sm90.cu's TMA + wgmma kernel instead whenever
+// TMA can load the operands (cuda_ops.cpp), so these serve Hopper only as the fallback. The
+// LoRA terms are composition, not copies of the mainloop:
 //
 // Forward: y = round(acc(x·Wᵀ) + b + s·acc(round(xa)·Bᵀ)). xa comes from the pre-pass
 // (sm80_xa in cuda_sm80_thin.cu, which hashes each dropout element once per 32-rank tile).

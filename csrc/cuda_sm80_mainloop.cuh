@@ -30,27 +30,12 @@
 // a chunk (8 elements, 4 for fp32) and 16-byte aligned bases; otherwise the same tiles are filled with
 // element loads (slower, same results). Zeros in the k-residue add nothing to C.
 //
-// Not done yet (issue 11), and what each needs:
-// - sm90a: these kernels run on Hopper as sm80 code (mma.sync, cp.async: roughly half of
-//   H100's dense bf16 rate). The Hopper kernel is a new collective, not a variant of this
-//   one: (1) operands by TMA — cute::make_tma_copy(SM90_TMA_LOAD{}, gmem tensor, smem
-//   layout of one stage) built on the host into the kernel's params (__grid_constant__),
-//   smem layouts from GMMA::Layout_K_SW128_Atom<T> (MN-major for dx's W:
-//   Layout_MN_SW128_Atom); TMA zero-fills the edges but needs 16-byte-aligned bases and
-//   row strides, so misaligned operands keep this sm80 path; (2) a producer warp
-//   issuing TMA into kStages stages guarded by ClusterTransactionBarrier full/empty
-//   barriers (cutlass::PipelineTmaAsync), two consumer warpgroups of 64×N wgmma each
-//   (make_tiled_mma(SM90_64x128x16_F32BF16BF16_SS<GMMA::Major::K, ...>) on a 128×128 or
-//   128×256 tile), warpgroup_arrive / warpgroup_commit_batch / warpgroup_wait<1> to keep
-//   one wgmma batch in flight, setmaxnreg to move registers from producer to consumers;
-//   (3) persistent tile scheduling over grouped_tile's order; (4) the LoRA terms as today:
-//   the forward's round(xa)·Bᵀ as the first k-tiles of the same wgmma accumulator (xa is
-//   fp32 in memory, so either a T-typed copy written by the xa kernel — a new [M, r]
-//   workspace — or a register-to-smem fill by the consumers before the first TMA stage),
-//   scaled in registers before the main loop, dx's mask applied to that accumulator as now;
-//   (5) a dispatch on the device's compute capability in cuda_ops.cpp (sm90a SASS only
-//   runs on sm_90). Its evidence: a ptxas -v entry per kernel, the GPU parity cases, and a
-//   build-time budget (CuTe's SM90 collectives compile for minutes per instantiation).
+// Hopper: the forward and dx GEMMs of fp16/bf16 run on cuda_sm90.cu's TMA + wgmma kernel
+// on sm_90 devices whenever TMA can load their operands (cuda_ops.cpp); these kernels serve
+// there for misaligned operands (K or a row stride not a multiple of 8 elements, bases off
+// 16 bytes), for fp32 on TF32, and for the rank-thin GEMMs (xa, gb, dB|db, dA), which are
+// bound by reading x or g once. What remains for Hopper (issue 11): gb fused into the sm90
+// dx (as the sm80 dx does), and TMA/wgmma versions of the thin GEMMs.
 //
 // fp32 on TF32 (issue 11 point 3; cuda_ops.cpp picks it when PyTorch allows TF32 matmuls):
 // the same tiles in bytes — a 16-byte chunk is 4 floats (kChunkOf), a k-tile 16 deep
@@ -395,22 +380,22 @@ __host__ __device__ __forceinline__ TileCoord grouped_tile(int64_t block, int64_
   return {first_m + in_group % group_rows, in_group / group_rows};
 }
 
-// Rounds the final fp32 tile `acc` to T and writes it through shared memory `staging`
-// (kBM × (kBN + kChunkOf<T>) elements) to out[row0 + mm, col0 + nn] (leading dim ld), with
-// 16-byte stores where `vec_out` (ld, cols multiple of kChunkOf<T>, aligned out) and the chunk is
-// inside; element stores at the right edge otherwise.
-template <class T, class Acc, class ThrMma>
-__device__ __forceinline__ void store_tile(const Acc& acc, const ThrMma& thr_mma, T* staging, T* out, int64_t ld,
-                                           int64_t row0, int64_t rows, int64_t col0, int64_t cols, bool vec_out) {
-  constexpr int kChunk = kChunkOf<T>;
-  constexpr int kLd = kBN + kChunk;  // padded rows: 16-byte aligned, fewer bank conflicts
-  Tensor sC = make_tensor(make_smem_ptr(staging), make_layout(Shape<Int<kBM>, Int<kBN>>{}, Stride<Int<kLd>, _1>{}));
-  Tensor tCsC = thr_mma.partition_C(sC);
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) tCsC(i) = T(acc(i));
-  __syncthreads();
+// Staged output rows: kBN values of T, padded by one 16-byte chunk (rows stay 16-byte
+// aligned, and consecutive rows start in different banks).
+template <class T>
+constexpr int kStagingLd = kBN + kChunkOf<T>;
+
+// Copies kRows staged rows (staging[rr * kStagingLd<T> + cc], already rounded to T) to
+// out[row0 + rr, col0 + cc] (leading dim ld), clipped to rows × cols: 16-byte stores where
+// `vec_out` (ld, cols multiple of kChunkOf<T>, aligned out), element stores otherwise. Thread
+// `thread` of `threads` takes every threads-th chunk, so a warp writes whole row segments.
+template <class T, int kRows>
+__device__ __forceinline__ void write_staged_rows(const T* staging, int thread, int threads, T* out, int64_t ld,
+                                                  int64_t row0, int64_t rows, int64_t col0, int64_t cols,
+                                                  bool vec_out) {
+  constexpr int kChunk = kChunkOf<T>, kLd = kStagingLd<T>;
   constexpr int kChunksPerRow = kBN / kChunk;
-  for (int c = threadIdx.x; c < kBM * kChunksPerRow; c += kThreads) {
+  for (int c = thread; c < kRows * kChunksPerRow; c += threads) {
     const int rr = c / kChunksPerRow, cc = (c % kChunksPerRow) * kChunk;
     const int64_t row = row0 + rr, col = col0 + cc;
     if (row >= rows || col >= cols) continue;
@@ -424,9 +409,34 @@ __device__ __forceinline__ void store_tile(const Acc& acc, const ThrMma& thr_mma
   }
 }
 
+// Rounds the final fp32 tile `acc` to T and writes it through shared memory `staging`
+// (kBM × kStagingLd<T> elements) to out[row0 + mm, col0 + nn] (write_staged_rows).
+template <class T, class Acc, class ThrMma>
+__device__ __forceinline__ void store_tile(const Acc& acc, const ThrMma& thr_mma, T* staging, T* out, int64_t ld,
+                                           int64_t row0, int64_t rows, int64_t col0, int64_t cols, bool vec_out) {
+  Tensor sC = make_tensor(make_smem_ptr(staging),
+                          make_layout(Shape<Int<kBM>, Int<kBN>>{}, Stride<Int<kStagingLd<T>>, _1>{}));
+  Tensor tCsC = thr_mma.partition_C(sC);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) tCsC(i) = T(acc(i));
+  __syncthreads();
+  write_staged_rows<T, kBM>(staging, threadIdx.x, kThreads, out, ld, row0, rows, col0, cols, vec_out);
+}
+
 template <class T>
-constexpr size_t staging_bytes() { return kBM * (kBN + kChunkOf<T>) * sizeof(T); }
+constexpr size_t staging_bytes() { return kBM * kStagingLd<T> * sizeof(T); }
 
 }  // namespace sm80
+
+// Calls f(T{}) with T the CuTe type of a 16-bit dtype; cudaErrorInvalidValue for others.
+template <class F>
+cudaError_t dispatch_half(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kHalf: return f(cute::half_t{});
+    case DType::kBFloat16: return f(cute::bfloat16_t{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace cuda
 }  // namespace lora_fused

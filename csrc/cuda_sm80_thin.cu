@@ -5,7 +5,9 @@
 //   tall GEMM  C[M, r] = A·Bᵀ over depth D, A [M, D] and B [r, D] both K-major:
 //       xa = x~·lora_Aᵀ (D = K; the forward's pre-pass) and gb = g·lora_B (D = N, B = lora_Bᵀ,
 //       which the op layer transposes once: N·r elements; only where dx does not compute gb
-//       itself: r > 32 or no dx). fp32 out, unscaled.
+//       itself: r > 32 or no dx; always before the sm90 dx). fp32 out, unscaled; for the sm90
+//       kernel (cuda_sm90.cu) also T(out) into a [M, r] workspace with 16-byte rows, the
+//       rounded rank operand its TMA loads (the reference's rounding: unscaled, to T).
 //   wide GEMM  C[r, n] = A·Bᵀ over a slice of M, A = round(xa)ᵀ or round(gb)ᵀ [rows, M]
 //       K-major, B = g or x, element (n, m) at ptr[m·ld + n]: MN-major (ldmatrix.trans):
 //       the split-M partial sums of dB|db (A = [round(xa) | 1]ᵀ: the ones row gives db =
@@ -100,6 +102,8 @@ struct TallParams {
   Operand<T> b;     // [r, depth], K-major: lora_A or lora_Bᵀ
   float* out;       // [M, r]
   DropoutOf drop;   // applied to a (xa) when drop.spec.enabled
+  T* rounded;       // [M, r] with row stride rounded_ld: T(out), for the sm90 kernel's TMA; or nullptr
+  int64_t rounded_ld;
 };
 
 template <class T>
@@ -122,7 +126,10 @@ __global__ void __launch_bounds__(kThreads, 2) tall_kernel(TallParams<T> p) {
   const int64_t M = p.a.rows, r = p.b.rows;
   gemm_tile<Block>(st.a, st.b, k_tiles, load, landed, [&](int rr, int jj, float value) {
     const int64_t m = m0 + rr, j = j0 + jj;
-    if (m < M && j < r) p.out[m * r + j] = value;
+    if (m < M && j < r) {
+      p.out[m * r + j] = value;
+      if (p.rounded != nullptr) p.rounded[m * p.rounded_ld + j] = T(value);
+    }
   });
 }
 
@@ -182,8 +189,9 @@ __global__ void rank_transpose_kernel(const float* src, int64_t M, int64_t r, in
 // ---- launchers ----------------------------------------------------------------------
 
 template <class T>
-cudaError_t tall(const Operand<T>& a, const Operand<T>& b, float* out, DropoutOf drop, cudaStream_t stream) {
-  TallParams<T> p{a, b, out, drop};
+cudaError_t tall(const Operand<T>& a, const Operand<T>& b, float* out, DropoutOf drop, T* rounded, int64_t rounded_ld,
+                 cudaStream_t stream) {
+  TallParams<T> p{a, b, out, drop, rounded, rounded_ld};
   return launch<tall_kernel<T>>(p, ceil_div(a.rows, kBM), ceil_div(b.rows, kRankTile),
                                 pipeline_bytes<TallBlock<T>, T>(), stream, kThreads);
 }
@@ -221,14 +229,16 @@ template <class T>
 cudaError_t xa_t(const ForwardArgs& a, cudaStream_t stream) {
   const Operand<T> x{static_cast<const T*>(a.x), a.ldx, a.M, a.K, vector_loadable<T>(a.x, a.ldx, a.K)};
   const Operand<T> lora_A{static_cast<const T*>(a.lora_A), a.K, a.r, a.K, vector_loadable<T>(a.lora_A, a.K, a.K)};
-  return tall(x, lora_A, static_cast<float*>(a.xa), DropoutOf{a.dropout, a.K}, stream);
+  return tall(x, lora_A, static_cast<float*>(a.xa), DropoutOf{a.dropout, a.K}, static_cast<T*>(a.xa_rounded),
+              a.rank_ld, stream);
 }
 
 template <class T>
 cudaError_t gb_t(const BackwardArgs& a, cudaStream_t stream) {
   const Operand<T> g{static_cast<const T*>(a.grad_y), a.ldg, a.M, a.N, vector_loadable<T>(a.grad_y, a.ldg, a.N)};
   const Operand<T> lora_B_t{static_cast<const T*>(a.lora_B_t), a.N, a.r, a.N, vector_loadable<T>(a.lora_B_t, a.N, a.N)};
-  return tall(g, lora_B_t, static_cast<float*>(a.gb), DropoutOf{DropoutSpec{}, 0}, stream);
+  return tall(g, lora_B_t, static_cast<float*>(a.gb), DropoutOf{DropoutSpec{}, 0}, static_cast<T*>(a.gb_rounded),
+              a.rank_ld, stream);
 }
 
 template <class T>
@@ -260,15 +270,6 @@ cudaError_t dA_t(const BackwardArgs& a, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   return reduce_scaled(static_cast<const float*>(partials), splits, a.r * a.K, static_cast<float>(a.scaling),
                        static_cast<T*>(a.dA), stream);
-}
-
-template <class F>
-cudaError_t dispatch_half(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kHalf: return f(cute::half_t{});
-    case DType::kBFloat16: return f(cute::bfloat16_t{});
-    default: return cudaErrorInvalidValue;
-  }
 }
 
 // The tall GEMMs also serve fp32 on TF32 (both operands K-major); the wide ones read an

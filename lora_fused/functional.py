@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .backends import resolve_backend
 from .dropout import new_seed
-from .ops import autocast_copy
+from .ops import autocast_copy, fused_linear
 
 _MAX_FLOAT = sys.float_info.max
 
@@ -102,5 +102,5 @@ def lora_linear(
     p = float(dropout_p) if training else 0.0
     seed = new_seed() if p > 0.0 else torch.zeros((), dtype=torch.int64)
     op = resolve_backend(backend, x.device, x.dtype, lora_A.shape[0])
-    y, _ = op.forward(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed)
+    y = fused_linear(op.forward, op.backward, x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed)
     return y.reshape(*leading, out_features)

@@ -151,3 +151,21 @@ def test_backward_row_groups_are_bounded_by_two_rounds(m, sms):
             groups, rows = triton_configs.backward_row_groups(m, col_blocks, sms)
             assert groups <= max(1, 2 * sms // col_blocks), (m, k, block_n, groups)
             assert groups * rows >= m > (groups - 1) * rows
+
+
+def test_cuda_plan_runs_the_sm90_kernel_on_hopper_16bit_only():
+    """csrc/cuda_ops.cpp's dispatch: fp16/bf16 forward and dx on the sm90 TMA + wgmma kernel on
+    Hopper (H100/H200 entries), the sm80 kernels on the A100 and for fp32 (TF32) everywhere."""
+
+    def names(gpu, elt):
+        plan = cost_model.provider_plan("cuda", 4096, 768, 2304, 16, elt, 0.1, sms=gpu.sms, hopper=gpu.hopper)
+        return [launch.kernel for launch in plan["forward"] + plan["backward"]]
+
+    for key in ("H100-SXM", "H200"):
+        hopper = names(cost_model.GPUS[key], 2)
+        assert "forward (sm90 TMA + wgmma)" in hopper and "dx (sm90 TMA + wgmma)" in hopper
+        assert "gb + round(gb) (CuTe thin)" in hopper  # the sm90 dx reads round(gb), written first
+        assert not any("sm90" in name for name in names(cost_model.GPUS[key], 4))
+    a100 = names(cost_model.GPUS["A100-SXM"], 2)
+    assert "forward (CuTe sm80)" in a100 and "dx + gb (CuTe sm80)" in a100
+    assert not any("sm90" in name for name in a100)

@@ -154,3 +154,62 @@ def test_a_failing_probe_falls_back_in_a_fresh_process():
     result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and "fallback ok" in result.stdout, result.stderr[-3000:]
+
+
+def _weight_writes(dtype):
+    """Every way a user changes a frozen weight in place: (name, function(layer, new values))."""
+    def in_place_op(layer, new):
+        with torch.no_grad():
+            layer.weight.copy_(new)  # bumps weight._version
+
+    def through_data(layer, new):
+        layer.weight.data.copy_(new)  # a fresh version counter: weight._version stays
+
+    def data_assignment(layer, new):
+        layer.weight.data = new.clone()  # new storage
+
+    def load_state_dict(layer, new):
+        layer.load_state_dict({"weight": new}, strict=False)
+
+    def numpy_alias(layer, new):
+        layer.weight.detach().numpy()[...] = new.numpy()  # no version bump, same data_ptr
+
+    writes = [in_place_op, through_data, data_assignment, load_state_dict]
+    if dtype == torch.float32:
+        writes.append(numpy_alias)
+    return [pytest.param(dtype, write, id=f"{str(dtype)[6:]}-{write.__name__}") for write in writes]
+
+
+@pytest.mark.parametrize("dtype, write", _weight_writes(torch.float32) + _weight_writes(torch.bfloat16))
+def test_output_follows_every_write_to_the_frozen_weight(dtype, write):
+    """Nothing derived from W (the bf16 route's VNNI packing of W) outlives a call: after each
+    kind of write the layer computes with the new W, forward and backward. csrc/cpu_brgemm.cpp
+    says why W is not cached; this keeps any future cache honest."""
+    import lora_fused
+
+    M, K, N, r = 70, 64, 48, 4
+    layer = lora_fused.LoRALinear(K, N, rank=r, alpha=2.0, backend="cuda").to(dtype)
+    x, weight, _, lora_A, lora_B = make_inputs(M, K, N, r, dtype, seed=21)
+    grad_y = make_inputs(M, N, 1, 1, dtype, seed=22)[0]
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.lora_A.copy_(lora_A)
+        layer.lora_B.copy_(lora_B)
+    for step in range(2):
+        x_in = x.clone().requires_grad_()
+        y = layer(x_in)
+        y.backward(grad_y)
+        got = (y.detach(), x_in.grad, layer.lora_A.grad, layer.lora_B.grad)
+        with torch.no_grad():
+            exact = reference_outputs(x.double(), layer.weight.double(), layer.bias.double(),
+                                      layer.lora_A.double(), layer.lora_B.double(), layer.scaling, 0.0, 0,
+                                      grad_y.double())
+            same = reference_outputs(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, 0.0, 0,
+                                     grad_y)
+        for name, value, index in (("y", got[0], 0), ("dx", got[1], 2), ("dA", got[2], 3), ("dB", got[3], 4)):
+            assert_parity(f"{name} after {step} write(s)", value, same[index], exact[index])
+        layer.lora_A.grad = layer.lora_B.grad = None
+        new = make_inputs(M, K, N, r, dtype, seed=23 + step)[1]
+        assert not torch.equal(new, layer.weight)
+        write(layer, new)
+        assert torch.equal(layer.weight, new), "the write did not reach the weight"

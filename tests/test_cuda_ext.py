@@ -302,6 +302,17 @@ def test_cuda_arch_flags_build_one_architecture_or_several():
         flags("hopper")
 
 
+def test_sm90a_kernel_built_exactly_when_sm_90a_is_compiled():
+    """The Hopper TMA + wgmma kernel needs sm_90a SASS: setup.py defines LORA_FUSED_SM90A (and
+    _C.built_with_sm90a) for the arch lists that compile it, not for plain 9.0 or sm80 only."""
+    flags, sm90a = function_of_setup_py("cuda_arch_flags"), function_of_setup_py("builds_sm90a")
+    assert sm90a(flags("8.0+PTX;9.0a")) and sm90a(flags("9.0a"))
+    assert not sm90a(flags("9.0")) and not sm90a(flags("8.0;8.6+PTX"))
+    assert _C.built_with_sm90a in (0, 1)
+    if not _C.built_with_cuda:
+        assert _C.built_with_sm90a == 0
+
+
 def test_cutlass_headers_from_cutlass_path_first(tmp_path, monkeypatch):
     """setup.py takes CUTLASS_PATH/include when it holds cute/tensor.hpp, and ignores one that does not."""
     find = function_of_setup_py("cutlass_include_dir")

@@ -67,13 +67,18 @@ FUNCTION = re.compile(r"Function properties for (\S+)\n\s*(\d+) bytes stack fram
 STATIC_SMEM = re.compile(r"(\d+) bytes smem")
 
 
-def ptxas_report(ptx: Path, arch: str) -> dict[str, dict[str, int]]:
-    """{kernel: {stack, spill_stores, spill_loads, registers, smem}} from `ptxas -v`."""
+def ptxas_output(ptx: Path, arch: str) -> str:
+    """What `ptxas -v` prints (stderr) for one PTX file."""
     result = subprocess.run([_ptxas(), "-v", f"-arch=sm_{arch}", str(ptx), "-o", os.devnull],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, f"ptxas failed on {ptx.name}:\n{result.stderr[-4000:]}"
+    return result.stderr
+
+
+def ptxas_report(ptx: Path, arch: str, output: str | None = None) -> dict[str, dict[str, int]]:
+    """{kernel: {stack, spill_stores, spill_loads, registers, smem}} from `ptxas -v`."""
     report = {}
-    for name, stack, stores, loads, registers, rest in FUNCTION.findall(result.stderr):
+    for name, stack, stores, loads, registers, rest in FUNCTION.findall(output or ptxas_output(ptx, arch)):
         smem = STATIC_SMEM.search(rest)
         report[name] = {"stack": int(stack), "spill_stores": int(stores), "spill_loads": int(loads),
                         "registers": int(registers), "smem": int(smem.group(1)) if smem else 0}
@@ -102,3 +107,59 @@ def test_no_spills_and_shared_memory_within_limits(ptx):
         if facts["spill_stores"] or facts["spill_loads"] or facts["stack"] or facts["smem"] > STATIC_SMEM_LIMIT
     ]
     assert not problems, f"sm_{arch} kernels that spill or overuse shared memory:\n" + "\n".join(problems)
+
+
+# ---- the Hopper kernel (csrc/cuda_sm90.cu) --------------------------------------------
+#
+# gemm_kernel<T, kBKMajor> for T in {half, bfloat16} and W K-major (forward) or MN-major (dx):
+# four instantiations in the sm_90a PTX. 288 threads (two consumer warpgroups and a producer
+# warp) under __launch_bounds__(288, 1) may hold 65536 / 288 -> 224 registers each; the
+# consumers need two 64-value fp32 accumulators (the main product and the LoRA term), so
+# fewer than 128 would mean the accumulators were not kept in registers.
+SM90_KERNEL = re.compile(r"_ZN10lora_fused4cuda4sm9011gemm_kernel\S*")
+SM90_PTX = [p for p in KEPT.get("90a", []) if p.name.startswith("cuda_sm90.")]
+WGMMA_SERIALIZED = "wgmma.mma_async instructions are serialized"
+
+
+def _sm90_entries(ptx: Path) -> dict[str, str]:
+    """{kernel: its PTX body} of the sm90 gemm_kernel instantiations in one PTX file."""
+    text = ptx.read_text()
+    starts = [(m.start(), m.group(1)) for m in re.finditer(r"^\.visible\s+\.entry\s+(\S+?)\(", text, re.MULTILINE)]
+    bodies = {}
+    for index, (start, name) in enumerate(starts):
+        end = starts[index + 1][0] if index + 1 < len(starts) else len(text)
+        if SM90_KERNEL.fullmatch(name):
+            bodies[name] = text[start:end]
+    return bodies
+
+
+@pytest.mark.skipif(not SM90_PTX, reason="the build did not compile sm_90a (LORA_FUSED_CUDA_ARCHS without 9.0a)")
+def test_sm90_kernels_registers_wgmma_and_tma():
+    (ptx,) = SM90_PTX
+    bodies = _sm90_entries(ptx)
+    assert len(bodies) == 4, f"expected gemm_kernel<half|bfloat16, true|false>, found {sorted(bodies)}"
+    for name, body in bodies.items():
+        assert "wgmma.mma_async" in body, f"{name}: no wgmma in its PTX"
+        assert "cp.async.bulk.tensor" in body, f"{name}: no TMA load in its PTX"
+        assert "setmaxnreg" not in body, f"{name}: register budget argued without setmaxnreg"
+    output = ptxas_output(ptx, "90a")
+    report = ptxas_report(ptx, "90a", output)
+    for name in bodies:
+        facts = report[name]
+        assert facts["spill_stores"] == 0 and facts["spill_loads"] == 0 and facts["stack"] == 0, (name, facts)
+        assert 128 <= facts["registers"] <= 224, (name, facts)
+    serialized = [line for line in output.splitlines() if WGMMA_SERIALIZED in line and "sm9011gemm" in line]
+    assert not serialized, "ptxas serialises the sm90 kernel's wgmma (no batch stays in flight):\n" + "\n".join(
+        serialized)
+
+
+@pytest.mark.skipif(not SM90_PTX, reason="the build did not compile sm_90a (LORA_FUSED_CUDA_ARCHS without 9.0a)")
+def test_sm90_kernel_is_a_trap_on_other_architectures():
+    """The other architectures' PTX of cuda_sm90.cu holds the kernel symbol (the host code
+    launches it only on sm_90) but no wgmma: a stub that traps."""
+    for arch, paths in KEPT.items():
+        if arch == "90a":
+            continue
+        for ptx in (p for p in paths if p.name.startswith("cuda_sm90.")):
+            text = ptx.read_text()
+            assert "wgmma" not in text and "trap;" in text, f"{ptx.name}: expected the trapping stub"

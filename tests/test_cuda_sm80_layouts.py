@@ -3,7 +3,8 @@ no GPU here can test by running the kernels: the swizzled shared-memory layouts 
 bijections whose 8-element chunks (one cp.async each) stay contiguous and 16-byte
 aligned, the MMA's accumulator partition covers the block tile once, and the grouped
 raster visits every tile once. tests/cuda/sm80_layout_check.cu includes the kernel header
-itself, compiled by nvcc for the host only (about 10 s of CPU).
+itself, compiled by nvcc for the host only (about 10 s of CPU); tests/cuda/sm90_layout_check.cu
+does the same for the Hopper kernel's layouts (csrc/cuda_sm90.cu).
 """
 
 from __future__ import annotations
@@ -26,20 +27,31 @@ def _nvcc() -> str | None:
     return str(candidate) if candidate.is_file() else shutil.which("nvcc")
 
 
-def test_sm80_layout_assumptions(tmp_path):
+def _compile_and_run(check: str, tmp_path: Path) -> None:
+    """Builds tests/cuda/<check>.cu for the host with nvcc and runs it: no problem reported."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("no nvcc (CUDA toolkit) on this machine")
     cutlass = function_of_setup_py("cutlass_include_dir")()
     if cutlass is None:
         pytest.skip("no CUTLASS/CuTe headers (pip install nvidia-cutlass==4.2.0.0, or CUTLASS_PATH)")
-    program = tmp_path / "sm80_layout_check"
+    program = tmp_path / check
     build = subprocess.run(
         [nvcc, "-std=c++17", "--expt-relaxed-constexpr", f"-I{cutlass}", f"-I{ROOT / 'csrc'}",
-         str(ROOT / "tests" / "cuda" / "sm80_layout_check.cu"), "-o", str(program)],
+         str(ROOT / "tests" / "cuda" / f"{check}.cu"), "-o", str(program)],
         capture_output=True, text=True, check=False,
     )
     assert build.returncode == 0, f"nvcc failed:\n{build.stderr[-4000:]}"
     run = subprocess.run([str(program)], capture_output=True, text=True, check=False)
     assert run.returncode == 0, f"layout problems:\n{run.stdout}{run.stderr}"
     assert "total problems 0" in run.stdout
+
+
+def test_sm80_layout_assumptions(tmp_path):
+    _compile_and_run("sm80_layout_check", tmp_path)
+
+
+def test_sm90_layout_assumptions(tmp_path):
+    """csrc/cuda_sm90.cu's stage layouts, transaction bytes, warpgroup rows of the accumulator
+    partition and shared-memory total (tests/cuda/sm90_layout_check.cu, about 50 s of CPU)."""
+    _compile_and_run("sm90_layout_check", tmp_path)

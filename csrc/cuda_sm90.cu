@@ -1,0 +1,480 @@
+// The Hopper (sm_90a) kernel of the two large fp16/bf16 products, forward and dx: operands
+// by TMA into a multistage shared-memory pipeline (cutlass::PipelineTmaAsync), one producer
+// warp, two consumer warpgroups issuing wgmma (CuTe's SM90 GMMA atoms), one wgmma batch in
+// flight. One kernel template serves both products:
+//
+//   C[M, Nc] = round(acc_main + factor(m, c)·acc_lora + bias)
+//   acc_main = P·Qᵀ over the long reduction, acc_lora = L·Rᵀ over the rank
+//
+//   forward: P = x [M, K], Q = W [N, K] (K-major), L = round(xa) [M, r] (the xa pre-pass
+//            writes this T-typed copy), R = lora_B [N, r]; factor = s; bias.
+//   dx:      P = g [M, N], Q = W viewed [K, N] (MN-major: element (c, n) at W[n·K + c]),
+//            L = round(gb) [M, r] (the tall gb GEMM writes it first), R = lora_A viewed [K, r]
+//            (MN-major); factor = s·keep(m, c)/(1 − p), the mask hashed once per element of dx
+//            from dropout_hash.h, bit-identical to lora_fused/dropout.py; no bias.
+//
+// The LoRA term by composition: the producer streams the rank tiles (L, R) first, then the
+// k-tiles of (P, Q), through the SAME stages and barriers; the consumers accumulate the rank
+// tiles into acc_lora and the k-tiles into acc_main (two accumulators: the dx epilogue needs
+// acc_lora apart from acc_main to apply the mask; the forward uses the same epilogue with a
+// constant factor). That is the reference's rounding order: L enters rounded to T, unscaled;
+// s (and the mask) multiply the fp32 product; one rounding at the end.
+//
+// Tiles. 128×128 output tile, k-tiles 64 deep (128 bytes of fp16/bf16: one SW128 swizzle
+// row). Consumer warpgroup w computes rows [64w, 64w + 64) with SM90_64x128x16 GMMA (F32
+// accumulators; A from shared memory, B from shared memory): 64 fp32 per thread per
+// accumulator, 128 for both, within the 224 registers a 288-thread block may give each
+// thread (__launch_bounds__(288, 1); ptxas -v in tests/test_cuda_ptxas.py: no spills).
+// 128×256 would halve W's re-reads per row tile but needs 256 accumulators per thread for
+// the two accumulators: it does not fit.
+//
+// Shared memory and pipeline depth. A stage holds one 128×64 tile of each operand: 2 × 16
+// KB. At the dense bf16 peak (989 TFLOP/s over 132 SMs: 7.5 TFLOP/s per SM) one stage's
+// 2·128·128·64 flops take 0.28 µs, so a block consumes 32 KB per 0.28 µs (117 GB/s per SM,
+// from L2 or HBM); covering ~1 µs of load latency needs about 117 KB, 3.6 stages, in flight.
+// Five stages (160 KB) keep four in flight while one is consumed (at K = 768: 12 k-tiles
+// plus one rank tile per output tile). Plus a 64 × 136 staging tile per consumer warpgroup
+// for the epilogue (2 × 17 KB) and the 10 barriers: 196 KB with the 1 KB alignment slack
+// (tests/cuda/sm90_layout_check.cu prints it), within sm_90's 227 KB per block
+// (static_assert below); a sixth stage would not fit. One block per SM.
+// Layouts: K-major operands in GMMA::Layout_K_SW128_Atom, MN-major ones (dx's W and lora_A)
+// in Layout_MN_SW128_Atom tiled K-first (what TMA's 128-byte swizzle writes and wgmma's
+// descriptors read); every stage starts on a 1024-byte boundary (the swizzle's period). TMA
+// fills a K-major stage with one 64×128 box, an MN-major one with two 64×64 boxes (the
+// 128-byte swizzle spans 64 elements along MN); tests/cuda/sm90_layout_check.cu checks both.
+//
+// Synchronisation. PipelineTmaAsync: a full barrier per stage (the producer arrives once with
+// the stage's transaction bytes, TMA completes them) and an empty barrier per stage (all 256
+// consumer threads arrive when their wgmmas on the stage are done). Producer: acquire(empty)
+// → TMA both operands onto the full barrier → next stage. Consumers: wait(full) → warpgroup_
+// arrive, 4 wgmma (k = 16 each; fewer on a rank tile: those past r are skipped), commit →
+// warpgroup_wait<1> (the previous batch is done, so
+// its stage is released, while this one still runs). After the last tile wait<0> and release
+// the last stage. The epilogue writes each warpgroup's rows to its own staging tile, a named
+// barrier of that warpgroup's 128 threads publishes them, and the same threads store them
+// with 16-byte stores; the producer warp takes no part (it ends after producer_tail, which
+// waits until every stage it filled has been released). Each tile starts with zeroed
+// accumulators and no batch in flight: the previous tile ended with warpgroup_wait<0>.
+//
+// Bounds. TMA zero-fills every element of a box outside the tensor it was described with:
+// rows past M (or Nc) load as zeros and their outputs are not stored; the k-residue past K
+// (or N) and the rank residue past r are zeros in both operands, so they add nothing — the
+// rank padding of the rounded-xa/gb workspace and of a padded lora_B copy is never read (the
+// descriptors say r columns; only the row stride is padded). The transaction bytes of a stage
+// are the full boxes, zero-filled parts included, so every stage completes. TMA needs 16-
+// byte aligned bases and row strides (multiples of 8 elements) and non-empty dimensions:
+// cuda_ops.cpp sends other cases (K % 8 ≠ 0, an odd row stride of x or g, K = 0 / N = 0) to
+// the sm80 kernels, and sm90_forward_supported/sm90_dx_supported check it again here.
+//
+// gb is not fused into this dx (sm80's dx computes it from its own g tiles for r ≤ 32): the
+// tall gb GEMM reads g once more (ViT-B qkv at M = 4096: 19 MB, about 6 µs at an H100's
+// 3.35 TB/s), while dx's 14.5 GFLOP take about 15 µs at the dense wgmma peak against at least
+// 29 µs at mma.sync's (half of it), so this path should still come out ahead; fusing gb here
+// would need a third operand per stage (one stage fewer) and round(gb) written to shared
+// memory for the rank wgmmas after the main loop. A GPU measurement is to decide.
+//
+// Tile order: persistent — one block per SM (196 KB of shared memory allow no second), block
+// b taking output tiles b, b + gridDim.x, ... of sm80's grouped raster (grouped_tile: 8 row
+// tiles per group, column by column), so the 132 tiles in flight at a time share their x/g
+// row tiles and W column tiles in L2. Producer and consumers walk the same tiles with one
+// pipeline state each, carried across tiles: the producer runs ahead into the next tile's
+// rank and k-tiles as soon as stages are released, so an SM's epilogue (staging, stores)
+// overlaps its next tile's loads. The staging rows are reused per tile: a second named barrier
+// after the stores keeps the next tile's writes from overtaking them.
+//
+// Only sm_90a has wgmma and TMA: for every other architecture in the build the kernel body is
+// a trap, and cuda_ops.cpp calls these launchers only on a compute-capability-9.0 device of a
+// build that includes sm_90a (sm90_kernels_built()).
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "cuda_common.cuh"
+#include "cuda_sm80_mainloop.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LORA_FUSED_SM90A_DEVICE 1
+#endif
+
+namespace lora_fused {
+namespace cuda {
+namespace sm90 {
+
+using namespace cute;
+using sm80::grouped_tile;
+using sm80::kStagingLd;
+using sm80::TileCoord;
+using sm80::write_staged_rows;
+
+constexpr int kBM = 128, kBN = 128, kBK = 64, kStages = 5;
+constexpr int kConsumerThreads = 256;                 // two warpgroups
+constexpr int kThreads = kConsumerThreads + 32;       // + the producer warp
+constexpr int kProducerThread = kConsumerThreads;     // lane 0 of the producer warp issues all TMA
+static_assert(sm80::kBM == kBM && sm80::kBN == kBN, "grouped_tile and the staging rows assume sm80's 128x128 tile");
+
+using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+
+// Shared-memory layouts of one operand's stages (rows × kBK × kStages). K-major: 64-element
+// (128-byte) rows in 8-row swizzle atoms. MN-major: 64 rows contiguous per k in 8-k atoms,
+// tiled along k first (CUTLASS's order for MN-major TMA boxes).
+template <class T, bool kKMajor>
+struct StageLayoutOf {
+  using type = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBM>, Int<kBK>, Int<kStages>>{}));
+};
+template <class T>
+struct StageLayoutOf<T, false> {
+  using type = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<kBN>, Int<kBK>, Int<kStages>>{},
+                                      Step<_2, _1, _3>{}));
+};
+template <class T, bool kKMajor>
+using StageLayout = typename StageLayoutOf<T, kKMajor>::type;
+
+// The wgmma of a warpgroup: 64 rows × 128 columns × 16 deep, fp32 accumulators, both
+// operands from shared memory; two warpgroups stacked along rows make the 128×128 tile.
+template <class T, bool kBKMajor>
+using TiledMmaOf = decltype(make_tiled_mma(
+    SM90::GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kBN>, Int<kBK>>, GMMA::Major::K,
+                               kBKMajor ? GMMA::Major::K : GMMA::Major::MN>(),
+    Layout<Shape<_2, _1, _1>>{}));
+
+// A global operand as TMA sees it: rows × depth, unit stride along depth (K-major) or along
+// rows (MN-major), the other stride in elements.
+template <bool kKMajor>
+using GmemStride = std::conditional_t<kKMajor, Stride<int64_t, _1>, Stride<_1, int64_t>>;
+
+template <class T, bool kKMajor>
+auto gmem_operand(const T* ptr, int rows, int depth, int64_t ld) {
+  GmemStride<kKMajor> stride{};
+  if constexpr (kKMajor) {
+    get<0>(stride) = ld;
+  } else {
+    get<1>(stride) = ld;
+  }
+  return make_tensor(make_gmem_ptr(ptr), make_layout(make_shape(rows, depth), stride));
+}
+
+template <class T, bool kKMajor>
+auto make_tma(const T* ptr, int rows, int depth, int64_t ld) {
+  return make_tma_copy(SM90_TMA_LOAD{}, gmem_operand<T, kKMajor>(ptr, rows, depth, ld),
+                       StageLayout<T, kKMajor>{}(_, _, Int<0>{}));  // one stage, statically
+}
+template <class T, bool kKMajor>
+using TmaOf = decltype(make_tma<T, kKMajor>(nullptr, 1, 1, 8));
+
+template <class T, bool kBKMajor>
+struct Params {
+  TmaOf<T, true> tma_p, tma_l;  // A side: P [M, depth], L [M, r]
+  TmaOf<T, kBKMajor> tma_q, tma_r;  // B side: Q [Nc, depth], R [Nc, r]
+  int M, Nc, depth, r;
+  const T* bias;  // [Nc] or nullptr
+  T* out;         // [M, Nc], leading dimension ld_out
+  int64_t ld_out;
+  float scaling;
+  DropoutSpec drop;  // dx: keep(m, c) of element m·ld_out + c of x; disabled in the forward
+  bool vec_out;
+};
+
+template <class T, bool kBKMajor>
+struct SharedStorage {
+  alignas(1024) T a[cosize_v<StageLayout<T, true>>];
+  alignas(1024) T b[cosize_v<StageLayout<T, kBKMajor>>];
+  alignas(16) T staging[2][kBM / 2 * kStagingLd<T>];
+  alignas(16) typename Pipeline::SharedStorage pipeline;
+};
+template <class T, bool kBKMajor>
+constexpr size_t smem_bytes() {
+  return sizeof(SharedStorage<T, kBKMajor>) + 1024;  // slack to align the dynamic base to 1024
+}
+static_assert(smem_bytes<cute::bfloat16_t, false>() <= 227 * 1024, "sm_90 allows 227 KB per block");
+static_assert(smem_bytes<cute::half_t, true>() <= 227 * 1024, "sm_90 allows 227 KB per block");
+
+constexpr uint32_t kStageBytes = (kBM + kBN) * kBK * 2;  // both 16-bit boxes, zero-filled parts included
+
+#if defined(LORA_FUSED_SM90A_DEVICE)
+
+// The producer: for each output tile of this block (persistent: tiles blockIdx.x,
+// blockIdx.x + gridDim.x, ... in grouped order), the rank tiles of (L, R), then the k-tiles
+// of (P, Q), each pair into the next free stage, onto that stage's full barrier. It runs
+// ahead into the next output tile as soon as stages are released, while the consumers store.
+template <class T, bool kBKMajor>
+__device__ void produce(const Params<T, kBKMajor>& p, SharedStorage<T, kBKMajor>& smem, Pipeline& pipeline) {
+  prefetch_tma_descriptor(p.tma_p.get_tma_descriptor());
+  prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
+  prefetch_tma_descriptor(p.tma_l.get_tma_descriptor());
+  prefetch_tma_descriptor(p.tma_r.get_tma_descriptor());
+  Tensor sA = make_tensor(make_smem_ptr(smem.a), StageLayout<T, true>{});
+  Tensor sB = make_tensor(make_smem_ptr(smem.b), StageLayout<T, kBKMajor>{});
+  // (box rows, box depth, row tiles, depth tiles) over the whole operands.
+  Tensor gP = local_tile(p.tma_p.get_tma_tensor(make_shape(p.M, p.depth)), Shape<Int<kBM>, Int<kBK>>{},
+                         make_coord(_, _));
+  Tensor gQ = local_tile(p.tma_q.get_tma_tensor(make_shape(p.Nc, p.depth)), Shape<Int<kBN>, Int<kBK>>{},
+                         make_coord(_, _));
+  Tensor gL = local_tile(p.tma_l.get_tma_tensor(make_shape(p.M, p.r)), Shape<Int<kBM>, Int<kBK>>{},
+                         make_coord(_, _));
+  Tensor gR = local_tile(p.tma_r.get_tma_tensor(make_shape(p.Nc, p.r)), Shape<Int<kBN>, Int<kBK>>{},
+                         make_coord(_, _));
+  auto tma_p = p.tma_p.get_slice(0);
+  auto tma_q = p.tma_q.get_slice(0);
+  auto tma_l = p.tma_l.get_slice(0);
+  auto tma_r = p.tma_r.get_slice(0);
+  // (TMA, TMA rows, TMA depth, row tiles, depth tiles) sources, (TMA, TMA rows, TMA depth,
+  // stages) destinations.
+  Tensor tPg = tma_p.partition_S(gP);
+  Tensor tPs = tma_p.partition_D(sA);
+  Tensor tQg = tma_q.partition_S(gQ);
+  Tensor tQs = tma_q.partition_D(sB);
+  Tensor tLg = tma_l.partition_S(gL);
+  Tensor tLs = tma_l.partition_D(sA);
+  Tensor tRg = tma_r.partition_S(gR);
+  Tensor tRs = tma_r.partition_D(sB);
+
+  const int rank_tiles = ceil_div(p.r, kBK), k_tiles = ceil_div(p.depth, kBK);
+  const int64_t tiles_m = ceil_div(int64_t{p.M}, kBM), tiles_n = ceil_div(int64_t{p.Nc}, kBN);
+  auto state = cutlass::make_producer_start_state<Pipeline>();
+  for (int64_t index = blockIdx.x; index < tiles_m * tiles_n; index += gridDim.x) {
+    const TileCoord tile = grouped_tile(index, tiles_m, tiles_n);
+    const int m = static_cast<int>(tile.m), n = static_cast<int>(tile.n);
+    for (int t = 0; t < rank_tiles + k_tiles; ++t) {
+      pipeline.producer_acquire(state);
+      auto* barrier = pipeline.producer_get_barrier(state);
+      const int stage = state.index();
+      if (t < rank_tiles) {
+        copy(p.tma_l.with(*barrier), tLg(_, _, _, m, t), tLs(_, _, _, stage));
+        copy(p.tma_r.with(*barrier), tRg(_, _, _, n, t), tRs(_, _, _, stage));
+      } else {
+        copy(p.tma_p.with(*barrier), tPg(_, _, _, m, t - rank_tiles), tPs(_, _, _, stage));
+        copy(p.tma_q.with(*barrier), tQg(_, _, _, n, t - rank_tiles), tQs(_, _, _, stage));
+      }
+      ++state;
+    }
+  }
+  pipeline.producer_tail(state);  // every stage filled has been consumed before the block ends
+}
+
+// The consumers' wgmma loop: acc += the products of the pipeline tiles covering `depth`
+// (ceil(depth / 64) consecutive stages). One batch stays in flight across calls: after
+// issuing a tile's batch, warpgroup_wait<1> proves the previous batch done, and its stage is
+// released. The 16-deep k-blocks wholly past `depth` hold TMA's zeros and are skipped: a
+// rank tile of r = 4..16 costs one wgmma per warpgroup instead of four.
+template <class TiledMma, class FragA, class FragB, class Acc>
+__device__ void consume(TiledMma& mma, const FragA& tCrA, const FragB& tCrB, Acc& acc, int depth, Pipeline& pipeline,
+                        cutlass::PipelineState<kStages>& read, cutlass::PipelineState<kStages>& release,
+                        bool& batch_in_flight) {
+  constexpr int kBlockDepth = kBK / size<2>(FragA{});  // 16: one wgmma's k
+  static_assert(kBlockDepth == 16, "SM90 16-bit GMMA is 16 deep");
+  const int count = ceil_div(depth, kBK);
+  for (int t = 0; t < count; ++t) {
+    pipeline.consumer_wait(read);
+    const int stage = read.index();
+    const int k_blocks = ceil_div(depth - t * kBK, kBlockDepth);  // >= 1; at least 4 on all but the last tile
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tCrA); ++kb) {
+      if (kb < k_blocks) cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), acc);
+    }
+    warpgroup_commit_batch();
+    warpgroup_wait<1>();
+    warpgroup_fence_operand(acc);
+    if (batch_in_flight) {
+      pipeline.consumer_release(release);
+      ++release;
+    }
+    batch_in_flight = true;
+    ++read;
+  }
+}
+
+// The consumers: for each output tile of this block (the producer's order), both products
+// through the pipeline, then the epilogue.
+template <class T, bool kBKMajor>
+__device__ void consume_and_store(const Params<T, kBKMajor>& p, SharedStorage<T, kBKMajor>& smem,
+                                  Pipeline& pipeline) {
+  using TiledMma = TiledMmaOf<T, kBKMajor>;
+  TiledMma mma;
+  const int thread = threadIdx.x, warpgroup = thread / 128;
+  Tensor sA = make_tensor(make_smem_ptr(smem.a), StageLayout<T, true>{});
+  Tensor sB = make_tensor(make_smem_ptr(smem.b), StageLayout<T, kBKMajor>{});
+  auto wg_mma = mma.get_slice(warpgroup * 128);
+  Tensor tCrA = wg_mma.make_fragment_A(wg_mma.partition_A(sA));  // smem descriptors (MMA, M, K, stages)
+  Tensor tCrB = wg_mma.make_fragment_B(wg_mma.partition_B(sB));
+  Tensor acc_lora = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});
+  Tensor acc_main = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});
+  Tensor coords = mma.get_slice(thread).partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+  T* staging = smem.staging[warpgroup];
+  const int row_base = warpgroup * (kBM / 2);
+  mma.accumulate_ = GMMA::ScaleOut::One;
+
+  cutlass::PipelineState<kStages> read{}, release{};
+  const int64_t tiles_m = ceil_div(int64_t{p.M}, kBM), tiles_n = ceil_div(int64_t{p.Nc}, kBN);
+  for (int64_t index = blockIdx.x; index < tiles_m * tiles_n; index += gridDim.x) {
+    const TileCoord tile = grouped_tile(index, tiles_m, tiles_n);
+    // Zeroed here, before this tile's first wgmma (the previous tile's are all complete), and
+    // every wgmma accumulates (ScaleOut::One): a runtime zeroing flag, or a register defined
+    // between warpgroup_arrive and wait, would make ptxas serialise the wgmmas (C7515).
+    clear(acc_lora);
+    clear(acc_main);
+    warpgroup_fence_operand(acc_lora);
+    warpgroup_fence_operand(acc_main);
+    bool batch_in_flight = false;
+    consume(mma, tCrA, tCrB, acc_lora, p.r, pipeline, read, release, batch_in_flight);
+    consume(mma, tCrA, tCrB, acc_main, p.depth, pipeline, read, release, batch_in_flight);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_lora);
+    warpgroup_fence_operand(acc_main);
+    pipeline.consumer_release(release);  // the tile's last stage: the producer may refill it
+    ++release;                           // == read: the next tile's first stage
+
+    // Epilogue: out = round(acc_main + factor·acc_lora + bias), through this warpgroup's
+    // staging rows, then 16-byte stores of them.
+    const int64_t m0 = tile.m * kBM, c0 = tile.n * kBN;
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_main); ++i) {
+      const int rr = get<0>(coords(i)), cc = get<1>(coords(i));
+      const int64_t m = m0 + rr, c = c0 + cc;
+      float factor = p.scaling;
+      if (p.drop.enabled) {
+        factor = (m < p.M && c < p.Nc)
+                     ? p.scaling * dropout_factor<float>(p.drop, static_cast<uint64_t>(m * p.ld_out + c))
+                     : 0.f;
+      }
+      float value = acc_main(i) + factor * acc_lora(i);
+      if (p.bias != nullptr && c < p.Nc) value += static_cast<float>(p.bias[c]);
+      staging[(rr - row_base) * kStagingLd<T> + cc] = T(value);
+    }
+    cutlass::arch::NamedBarrier::sync(128, warpgroup);  // this warpgroup's rows are staged
+    write_staged_rows<T, kBM / 2>(staging, thread % 128, 128, p.out, p.ld_out, m0 + row_base, p.M, c0, p.Nc,
+                                  p.vec_out);
+    cutlass::arch::NamedBarrier::sync(128, warpgroup);  // staging read out before the next tile's writes
+  }
+}
+
+#endif  // LORA_FUSED_SM90A_DEVICE
+
+template <class T, bool kBKMajor>
+__global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const __grid_constant__ Params<T, kBKMajor> p) {
+#if defined(LORA_FUSED_SM90A_DEVICE)
+  extern __shared__ unsigned char smem_raw[];
+  auto* base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  auto& smem = *reinterpret_cast<SharedStorage<T, kBKMajor>*>(base);
+
+  const bool producer = threadIdx.x >= kConsumerThreads;
+  typename Pipeline::Params pipe_params;
+  pipe_params.transaction_bytes = kStageBytes;
+  pipe_params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pipe_params.is_leader = threadIdx.x == kProducerThread;
+  pipe_params.num_consumers = kConsumerThreads;
+  Pipeline pipeline(smem.pipeline, pipe_params, Shape<_1, _1, _1>{});  // warp 0 initialises the barriers
+  __syncthreads();  // barriers initialised before anyone waits on them
+
+  if (producer) {
+    if (threadIdx.x == kProducerThread) produce(p, smem, pipeline);
+  } else {
+    consume_and_store(p, smem, pipeline);
+  }
+#else
+  __trap();  // compiled for an architecture without wgmma/TMA: never launched (sm90_kernels_built)
+#endif
+}
+
+// ---- host side ------------------------------------------------------------------------
+
+// TMA's requirements on an operand: 16-byte aligned base, row stride a multiple of 16 bytes
+// (and below 2^40 bytes), non-empty dimensions below 2^31 (the descriptors' int extents).
+template <class T>
+bool tma_operand_ok(const void* ptr, int64_t ld, int64_t rows, int64_t depth) {
+  constexpr int64_t kMaxExtent = int64_t{1} << 31;
+  return ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (ld * int64_t{sizeof(T)}) % 16 == 0 &&
+         ld * int64_t{sizeof(T)} < (int64_t{1} << 40) && rows >= 1 && depth >= 1 && rows < kMaxExtent &&
+         depth < kMaxExtent;
+}
+
+// Persistent: one block per SM (its shared memory allows no more), each walking the output
+// tiles blockIdx.x, blockIdx.x + gridDim.x, ...; fewer blocks when there are fewer tiles.
+template <class T, bool kBKMajor>
+cudaError_t run(const Params<T, kBKMajor>& p, cudaStream_t stream) {
+  const int64_t tiles = ceil_div(int64_t{p.M}, kBM) * ceil_div(int64_t{p.Nc}, kBN);
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = tiles < sms ? tiles : sms;
+  return launch<gemm_kernel<T, kBKMajor>>(p, blocks, 1, smem_bytes<T, kBKMajor>(), stream, kThreads);
+}
+
+template <class T>
+cudaError_t forward_t(const ForwardArgs& a, cudaStream_t stream) {
+  Params<T, true> p;
+  p.M = static_cast<int>(a.M), p.Nc = static_cast<int>(a.N), p.depth = static_cast<int>(a.K);
+  p.r = static_cast<int>(a.r);
+  p.tma_p = make_tma<T, true>(static_cast<const T*>(a.x), p.M, p.depth, a.ldx);
+  p.tma_q = make_tma<T, true>(static_cast<const T*>(a.weight), p.Nc, p.depth, a.K);
+  p.tma_l = make_tma<T, true>(static_cast<const T*>(a.xa_rounded), p.M, p.r, a.rank_ld);
+  p.tma_r = make_tma<T, true>(static_cast<const T*>(a.lora_B_tma), p.Nc, p.r, a.lora_B_tma_ld);
+  p.bias = static_cast<const T*>(a.bias);
+  p.out = static_cast<T*>(a.y);
+  p.ld_out = a.N;
+  p.scaling = static_cast<float>(a.scaling);
+  p.drop = DropoutSpec{};  // the forward's mask is in xa already
+  p.vec_out = a.N % 8 == 0 && reinterpret_cast<uintptr_t>(a.y) % 16 == 0;
+  return run(p, stream);
+}
+
+template <class T>
+cudaError_t dx_t(const BackwardArgs& a, cudaStream_t stream) {
+  Params<T, false> p;
+  p.M = static_cast<int>(a.M), p.Nc = static_cast<int>(a.K), p.depth = static_cast<int>(a.N);
+  p.r = static_cast<int>(a.r);
+  p.tma_p = make_tma<T, true>(static_cast<const T*>(a.grad_y), p.M, p.depth, a.ldg);
+  p.tma_q = make_tma<T, false>(static_cast<const T*>(a.weight), p.Nc, p.depth, a.K);  // (c, n) at W[n·K + c]
+  p.tma_l = make_tma<T, true>(static_cast<const T*>(a.gb_rounded), p.M, p.r, a.rank_ld);
+  p.tma_r = make_tma<T, false>(static_cast<const T*>(a.lora_A), p.Nc, p.r, a.K);  // (c, j) at A[j·K + c]
+  p.bias = nullptr;
+  p.out = static_cast<T*>(a.dx);
+  p.ld_out = a.K;
+  p.scaling = static_cast<float>(a.scaling);
+  p.drop = a.dropout;  // hash index m·K + c: x's element (m, c)
+  p.vec_out = a.K % 8 == 0 && reinterpret_cast<uintptr_t>(a.dx) % 16 == 0;
+  return run(p, stream);
+}
+
+bool is_half(DType dtype) { return dtype == DType::kHalf || dtype == DType::kBFloat16; }
+
+}  // namespace sm90
+
+bool sm90_kernels_built() {
+#if defined(LORA_FUSED_SM90A)
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool sm90_forward_supported(const ForwardArgs& a) {
+  using T = cute::half_t;  // both 16-bit types have the same TMA requirements
+  return sm90::is_half(a.dtype) && a.r >= 1 && a.K >= 1 && a.M >= 1 && a.N >= 1 &&
+         sm90::tma_operand_ok<T>(a.x, a.ldx, a.M, a.K) && sm90::tma_operand_ok<T>(a.weight, a.K, a.N, a.K) &&
+         sm90::tma_operand_ok<T>(a.xa_rounded, a.rank_ld, a.M, a.r) &&
+         sm90::tma_operand_ok<T>(a.lora_B_tma, a.lora_B_tma_ld, a.N, a.r);
+}
+
+bool sm90_dx_supported(const BackwardArgs& a) {
+  using T = cute::half_t;
+  return sm90::is_half(a.dtype) && a.r >= 1 && a.K >= 1 && a.M >= 1 && a.N >= 1 &&
+         sm90::tma_operand_ok<T>(a.grad_y, a.ldg, a.M, a.N) && sm90::tma_operand_ok<T>(a.weight, a.K, a.K, a.N) &&
+         sm90::tma_operand_ok<T>(a.gb_rounded, a.rank_ld, a.M, a.r) &&
+         sm90::tma_operand_ok<T>(a.lora_A, a.K, a.K, a.r);
+}
+
+cudaError_t sm90_forward(const ForwardArgs& a, cudaStream_t stream) {
+  if (!sm90_kernels_built() || !sm90_forward_supported(a)) return cudaErrorInvalidValue;
+  return dispatch_half(a.dtype, [&](auto tag) { return sm90::forward_t<decltype(tag)>(a, stream); });
+}
+
+cudaError_t sm90_dx(const BackwardArgs& a, cudaStream_t stream) {
+  if (!sm90_kernels_built() || !sm90_dx_supported(a)) return cudaErrorInvalidValue;
+  return dispatch_half(a.dtype, [&](auto tag) { return sm90::dx_t<decltype(tag)>(a, stream); });
+}
+
+}  // namespace cuda
+}  // namespace lora_fused

@@ -1,0 +1,206 @@
+"""GPU tests of the Hopper (sm_90a) TMA + wgmma kernel, csrc/cuda_sm90.cu, and of the dispatch
+that chooses it (csrc/cuda_ops.cpp): on a compute-capability-9.0 device, in a build with
+sm_90a, fp16/bf16 forward runs it when x and W meet TMA's alignment (K % 8 == 0, 16-byte
+aligned bases, x's row stride a multiple of 8), and dx when g and W do (also N % 8 == 0 for
+g's rows); every other case runs the sm80 kernels. Which kernel ran is read from the CUDA
+profiler's kernel names, so a case meant for one path cannot silently test the other.
+
+Parity follows DESIGN.md §5 (tests/parity.py): each output within 2x PyTorch's own
+same-dtype error of a float64 reference. Everything skips without a Hopper GPU and the
+CUDA kernels; nothing here runs on the machines that build this project, which have no GPU
+(tests/test_cuda_ptxas.py holds the compile-level evidence).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from conftest import requires_cuda
+from parity import make_inputs
+from test_cuda_ext import BACKWARD, FORWARD, SCALING, check_parity, requires_cuda_kernels, run_extension
+import test_cuda_gpu
+from test_cuda_gpu import _misaligned, _parity_of
+
+from lora_fused import _C  # noqa: E402  (loaded by test_cuda_ext, which skips this module without it)
+
+
+def _is_hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+requires_hopper = pytest.mark.skipif(not _is_hopper(), reason="needs a compute-capability-9.0 GPU (H100/H200)")
+requires_sm90a_build = pytest.mark.skipif(
+    not getattr(_C, "built_with_sm90a", 0), reason="lora_fused._C was built without sm_90a (LORA_FUSED_CUDA_ARCHS)"
+)
+pytestmark = [pytest.mark.gpu, requires_cuda_kernels, requires_cuda, requires_hopper, requires_sm90a_build]
+
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every output and workspace the extension allocates starts as NaN (csrc/checks.h)."""
+    monkeypatch.setenv("LORA_FUSED_POISON_OUTPUTS", "1")
+
+
+def _sm90_launches(fn) -> dict[str, int]:
+    """{"forward": n, "dx": n}: launches of the sm90 kernel's K-major (forward) and MN-major
+    (dx) instantiations while fn() runs, from the profiler's kernel names."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    counts = {"forward": 0, "dx": 0}
+    for event in prof.events():
+        kind = _sm90_instantiation(event.name)
+        if kind is not None:
+            counts[kind] += 1
+    return counts
+
+
+def _sm90_instantiation(kernel_name: str) -> str | None:
+    """"forward" or "dx" for lora_fused::cuda::sm90::gemm_kernel<T, kBKMajor> (kBKMajor true:
+    the forward's K-major W; false: dx's MN-major W), demangled or not; None for others."""
+    if "lora_fused::cuda::sm90::gemm_kernel<" in kernel_name:
+        return "forward" if ", true>" in kernel_name else "dx"
+    if "4sm9011gemm_kernel" in kernel_name:  # mangled: ...ELb1EE (true) / ...ELb0EE (false)
+        return "forward" if "Lb1E" in kernel_name else "dx"
+    return None
+
+
+def test_kernel_name_parsing():
+    mangled = "_ZN10lora_fused4cuda4sm9011gemm_kernelIN7cutlass10bfloat16_tELb{}EEEvNS1_6ParamsIT_XT0_EEE"
+    assert _sm90_instantiation(mangled.format(1)) == "forward"
+    assert _sm90_instantiation(mangled.format(0)) == "dx"
+    demangled = "void lora_fused::cuda::sm90::gemm_kernel<cutlass::half_t, {}>(lora_fused::cuda::sm90::Params<...>)"
+    assert _sm90_instantiation(demangled.format("true")) == "forward"
+    assert _sm90_instantiation(demangled.format("false")) == "dx"
+    assert _sm90_instantiation("void lora_fused::cuda::(anonymous namespace)::dx_kernel<cutlass::half_t, false>") is None
+
+
+def _launches_for(M, K, N, r, dtype, x_transform=None):
+    x, weight, b, lora_A, lora_B = make_inputs(M, K, N, r, dtype, device="cuda")
+    if x_transform is not None:
+        x = x_transform(x)
+    grad_y = make_inputs(M, N, 1, 1, dtype, device="cuda", seed=1)[0]
+    return _sm90_launches(lambda: run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.1, 3, grad_y))
+
+
+# (M, K, N, r, bias, dropout_p): K and N multiples of 8 (both products on the sm90 kernel),
+# M, N and K not multiples of the 128x128x64 tile, every rank of the brief (one rank tile up
+# to 64, two at 65 and 128), dropout on and off, bias and none.
+SM90_CASES = {
+    "r1-edges-everywhere": (300, 200, 264, 1, True, 0.2),
+    "r4-one-row-tile": (70, 72, 136, 4, False, 0.0),
+    "r16-sam-like-k": (257, 768, 200, 16, True, 0.1),
+    "r16-no-dropout-no-bias": (513, 136, 392, 16, False, 0.0),
+    "r17-odd-rank-padded-lora-b": (129, 264, 72, 17, True, 0.3),
+    "r64-full-rank-tile": (200, 128, 128, 64, True, 0.1),
+    "r65-two-rank-tiles": (130, 520, 136, 65, False, 0.2),
+    "r128-two-full-rank-tiles": (64, 72, 256, 128, True, 0.0),
+    "k8-one-partial-k-tile": (131, 8, 16, 4, True, 0.2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", list(SM90_CASES), ids=str)
+def test_sm90_parity(case, dtype):
+    M, K, N, r, bias, dropout_p = SM90_CASES[case]
+    check_parity(M, K, N, r, dtype, bias, dropout_p=dropout_p, device="cuda")
+    assert _launches_for(M, K, N, r, dtype) == {"forward": 1, "dx": 1}, "both products must run on sm90"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+def test_sm90_sam_vit_b_qkv_shape(dtype):
+    """SAM ViT-B's qkv (K = 768, N = 2304) at M = 4096, r = 16, with dropout: many k-tiles,
+    18 column tiles, the grouped raster over 32 x 18 = 576 output tiles, which the persistent
+    kernel's blocks (one per SM: 132 on an H100/H200) walk several at a time, forward and dx
+    (dx: 32 x 6 = 192 tiles)."""
+    check_parity(4096, 768, 2304, 16, dtype, True, dropout_p=0.1, device="cuda")
+
+
+# The fallback: operands TMA cannot take keep the sm80 kernels (same parity rule).
+FALLBACK_CASES = {
+    # (M, K, N, r, bias): (forward on sm90, dx on sm90)
+    "k-not-multiple-of-8": ((130, 70, 136, 16, True), (0, 0)),
+    "n-not-multiple-of-8-dx-only-falls-back": ((130, 72, 45, 8, True), (1, 0)),
+    "r1-k-odd": ((257, 33, 64, 1, False), (0, 0)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", list(FALLBACK_CASES), ids=str)
+def test_fallback_to_sm80_when_tma_cannot_load(case, dtype):
+    (M, K, N, r, bias), (forward, dx) = FALLBACK_CASES[case]
+    check_parity(M, K, N, r, dtype, bias, dropout_p=0.2, device="cuda")
+    assert _launches_for(M, K, N, r, dtype) == {"forward": forward, "dx": dx}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+def test_misaligned_operands_fall_back(dtype):
+    """x, W, lora_A, lora_B and grad_y off a 16-byte boundary (test_cuda_gpu's case): parity,
+    and neither product may use TMA, whose descriptors need aligned bases."""
+    test_cuda_gpu.test_misaligned_storage_offsets(dtype)
+    x, weight, b, lora_A, lora_B = make_inputs(150, 72, 136, 8, dtype, device="cuda", seed=3)
+    grad_y = make_inputs(150, 136, 1, 1, dtype, device="cuda", seed=4)[0]
+    inputs = [_misaligned(t) for t in (x, weight, lora_A, lora_B, grad_y)]
+    launches = _sm90_launches(lambda: run_extension(*inputs[:2], b, *inputs[2:4], SCALING, 0.1, 77, inputs[4]))
+    assert launches == {"forward": 0, "dx": 0}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+def test_misaligned_lora_parameters_keep_sm90(dtype):
+    """Only lora_A and lora_B off a 16-byte boundary: the op layer copies them for TMA (a
+    padded/aligned parameter copy), so both products stay on sm90 and stay correct."""
+    M, K, N, r = 150, 72, 136, 8
+    x, weight, b, lora_A, lora_B = make_inputs(M, K, N, r, dtype, device="cuda", seed=3)
+    grad_y = make_inputs(M, N, 1, 1, dtype, device="cuda", seed=4)[0]
+    inputs = (x, weight, b, _misaligned(lora_A), _misaligned(lora_B))
+    got = run_extension(*inputs, SCALING, 0.1, 77, grad_y)
+    _parity_of(got, inputs, SCALING, 0.1, 77, grad_y)
+    assert _sm90_launches(lambda: run_extension(*inputs, SCALING, 0.1, 77, grad_y)) == {"forward": 1, "dx": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+def test_strided_x_rows(dtype):
+    """x a column slice with row stride K + 16 (a multiple of 8): TMA takes it (sm90 forward);
+    row stride K + 3 is not 16-byte aligned: the sm80 forward."""
+
+    def sliced(extra):
+        def transform(x):
+            wide = torch.randn(x.shape[0], x.shape[1] + extra, device=x.device, dtype=x.dtype)
+            wide[:, : x.shape[1]] = x
+            return wide[:, : x.shape[1]]
+        return transform
+
+    for extra, forward in ((16, 1), (3, 0)):
+        check_parity(300, 136, 72, 16, dtype, True, dropout_p=0.2, device="cuda", x_transform=sliced(extra))
+        assert _launches_for(300, 136, 72, 16, dtype, x_transform=sliced(extra))["forward"] == forward
+
+
+def test_sm90_is_deterministic():
+    x, weight, b, lora_A, lora_B = make_inputs(1000, 264, 392, 16, torch.bfloat16, device="cuda")
+    grad_y = make_inputs(1000, 392, 1, 1, torch.bfloat16, device="cuda", seed=1)[0]
+    first = run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.1, 3, grad_y)
+    second = run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.1, 3, grad_y)
+    for a, bb in zip(first, second, strict=True):
+        assert torch.equal(a, bb)
+
+
+def test_sm90_fp16_large_scaling_does_not_overflow():
+    """test_cuda_gpu's case (s·xa past fp16's range while y stays in it; K = 64), which on
+    this GPU runs the sm90 forward: s multiplies the fp32 accumulator, never a rounded rank
+    intermediate."""
+    test_cuda_gpu.test_fp16_forward_large_scaling_does_not_overflow()
+    x, weight, _, lora_A, lora_B = make_inputs(64, 64, 48, 4, torch.float16, device="cuda")
+    launches = _sm90_launches(lambda: FORWARD(x, weight, None, lora_A, lora_B, 200.0, 0.0, torch.tensor(0)))
+    assert launches["forward"] == 1, "the overflow case must reach the sm90 forward"
+
+
+def test_sm90_backward_without_dx_launches_no_dx_kernel():
+    x, weight, b, lora_A, lora_B = make_inputs(130, 72, 40, 8, torch.bfloat16, device="cuda")
+    grad_y = make_inputs(130, 40, 1, 1, torch.bfloat16, device="cuda", seed=1)[0]
+    _, xa = FORWARD(x, weight, b, lora_A, lora_B, SCALING, 0.2, torch.tensor(5))
+    launches = _sm90_launches(
+        lambda: BACKWARD(grad_y, x, weight, lora_A, lora_B, xa, SCALING, 0.2, torch.tensor(5), False, True))
+    assert launches == {"forward": 0, "dx": 0}
