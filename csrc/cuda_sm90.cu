@@ -47,8 +47,9 @@
 // the stage's transaction bytes, TMA completes them) and an empty barrier per stage (all 256
 // consumer threads arrive when their wgmmas on the stage are done). Producer: acquire(empty)
 // → TMA both operands onto the full barrier → next stage. Consumers: wait(full) → warpgroup_
-// arrive, 4 wgmma (k = 16 each; fewer on a rank tile: those past r are skipped), commit →
-// warpgroup_wait<1> (the previous batch is done, so
+// arrive, 4 wgmma (k = 16 each; fewer on a rank or depth residue tile: the 16-deep blocks past
+// r or the depth are skipped by branching around the whole batch, one compile-time count per
+// branch, so ptxas keeps each batch in flight), commit → warpgroup_wait<1> (the previous batch is done, so
 // its stage is released, while this one still runs). After the last tile wait<0> and release
 // the last stage. The epilogue writes each warpgroup's rows to its own staging tile, a named
 // barrier of that warpgroup's 128 threads publishes them, and the same threads store them
@@ -268,13 +269,29 @@ __device__ void consume(TiledMma& mma, const FragA& tCrA, const FragB& tCrB, Acc
     const int stage = read.index();
     const int k_blocks = ceil_div(depth - t * kBK, kBlockDepth);  // >= 1; at least 4 on all but the last tile
     warpgroup_fence_operand(acc);
-    warpgroup_arrive();
-    CUTE_UNROLL
-    for (int kb = 0; kb < size<2>(tCrA); ++kb) {
-      if (kb < k_blocks) cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), acc);
+    // The branch goes AROUND arrive → wgmmas → commit → wait, each branch with a compile-time
+    // count: a wgmma under its own `if` inside the batch makes ptxas unable to count the
+    // batch's scoreboard groups (C7519): it fences every wgmma and appends a dummy one, so
+    // wait<1> drains the whole batch each k-step (tests/test_cuda_ptxas.py rejects that).
+    auto batch = [&](auto blocks) {
+      warpgroup_arrive();
+      CUTE_UNROLL
+      for (int kb = 0; kb < decltype(blocks)::value; ++kb) {
+        cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), acc);
+      }
+      warpgroup_commit_batch();
+      warpgroup_wait<1>();
+    };
+    static_assert(decltype(size<2>(tCrA))::value == 4, "a 64-deep stage is four 16-deep wgmmas");
+    if (k_blocks >= 4) {
+      batch(Int<4>{});
+    } else if (k_blocks == 1) {
+      batch(Int<1>{});
+    } else if (k_blocks == 2) {
+      batch(Int<2>{});
+    } else {
+      batch(Int<3>{});
     }
-    warpgroup_commit_batch();
-    warpgroup_wait<1>();
     warpgroup_fence_operand(acc);
     if (batch_in_flight) {
       pipeline.consumer_release(release);
