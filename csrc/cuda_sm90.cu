@@ -63,9 +63,13 @@
 // rank padding of the rounded-xa/gb workspace and of a padded lora_B copy is never read (the
 // descriptors say r columns; only the row stride is padded). The transaction bytes of a stage
 // are the full boxes, zero-filled parts included, so every stage completes. TMA needs 16-
-// byte aligned bases and row strides (multiples of 8 elements) and non-empty dimensions:
-// cuda_ops.cpp sends other cases (K % 8 ≠ 0, an odd row stride of x or g, K = 0 / N = 0) to
-// the sm80 kernels, and sm90_forward_supported/sm90_dx_supported check it again here.
+// byte aligned bases and row strides (multiples of 8 elements), non-empty dimensions and
+// lines that do not overlap (cuda_tma_operand.h): cuda_ops.cpp sends other cases (K % 8 ≠ 0,
+// an odd row stride of x or g, an expanded x or g with row stride 0, overlapping as_strided
+// rows, K = 0 / N = 0) to the sm80 kernels. sm90_forward_supported/sm90_dx_supported also
+// ask the driver to encode each descriptor before CuTe does, because CuTe answers a failed
+// encode with assert(false), which would abort the process: an input the driver rejects
+// takes the sm80 kernels instead.
 //
 // gb is not fused into this dx (sm80's dx computes it from its own g tiles for r ≤ 32): the
 // tall gb GEMM reads g once more (ViT-B qkv at M = 4096: 19 MB, about 6 µs at an H100's
@@ -90,8 +94,14 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include <cuda.h>
+
+#include <atomic>
+#include <type_traits>
+
 #include "cuda_common.cuh"
 #include "cuda_sm80_mainloop.cuh"
+#include "cuda_tma_operand.h"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LORA_FUSED_SM90A_DEVICE 1
@@ -396,14 +406,104 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const __grid_constant
 
 // ---- host side ------------------------------------------------------------------------
 
-// TMA's requirements on an operand: 16-byte aligned base, row stride a multiple of 16 bytes
-// (and below 2^40 bytes), non-empty dimensions below 2^31 (the descriptors' int extents).
+// The four operands of each product as TMA describes them (the order of Params: P, Q, L, R).
+// One list serves the dispatch check and the descriptors, so they cannot disagree.
+struct Operands {
+  TmaOperand p, q, l, r;
+};
+
+Operands forward_operands(const ForwardArgs& a) {
+  return {{a.x, a.M, a.K, a.ldx, true, 2},
+          {a.weight, a.N, a.K, a.K, true, 2},
+          {a.xa_rounded, a.M, a.r, a.rank_ld, true, 2},
+          {a.lora_B_tma, a.N, a.r, a.lora_B_tma_ld, true, 2}};
+}
+
+Operands dx_operands(const BackwardArgs& a) {
+  return {{a.grad_y, a.M, a.N, a.ldg, true, 2},
+          {a.weight, a.K, a.N, a.K, false, 2},   // W viewed [K, N]: (c, n) at W[n·K + c]
+          {a.gb_rounded, a.M, a.r, a.rank_ld, true, 2},
+          {a.lora_A, a.K, a.r, a.K, false, 2}};  // lora_A viewed [K, r]: (c, j) at A[j·K + c]
+}
+
+// cuTensorMapEncodeTiled from the driver, looked up once per process (nullptr without a
+// driver: then nothing is encodable and every call takes the sm80 kernels).
+using EncodeTiled = decltype(&cuTensorMapEncodeTiled);
+EncodeTiled encode_tiled() {
+  static const EncodeTiled fn = [] {
+    void* pfn = nullptr;
+    cudaDriverEntryPointQueryResult status{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t err =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &pfn, 12000, cudaEnableDefault, &status);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &pfn, cudaEnableDefault, &status);
+#endif
+    if (err != cudaSuccess || status != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();  // not this call's launch error
+      return EncodeTiled{nullptr};
+    }
+    return reinterpret_cast<EncodeTiled>(pfn);
+  }();
+  return fn;
+}
+
+// Whether the driver accepts the descriptor make_tma will ask CuTe for, with the same
+// arguments CuTe passes (copy_traits_sm90_tma.hpp: rank 2, the unit-stride extent first,
+// box 64 × 128 K-major or 64 × 64 MN-major, 128-byte swizzle, L2 promotion 128B, no OOB
+// fill). CuTe itself answers a failed encode with assert(false), i.e. abort() of the whole
+// process: this check runs first, so a failure means "use the sm80 kernels" instead. The
+// driver's encode is a pure host function, deterministic in its arguments.
 template <class T>
-bool tma_operand_ok(const void* ptr, int64_t ld, int64_t rows, int64_t depth) {
-  constexpr int64_t kMaxExtent = int64_t{1} << 31;
-  return ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (ld * int64_t{sizeof(T)}) % 16 == 0 &&
-         ld * int64_t{sizeof(T)} < (int64_t{1} << 40) && rows >= 1 && depth >= 1 && rows < kMaxExtent &&
-         depth < kMaxExtent;
+bool tma_encodable(const TmaOperand& o) {
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr) return false;
+  const CUtensorMapDataType format =
+      std::is_same_v<T, cute::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(o.k_major ? o.depth : o.rows),
+                              static_cast<cuuint64_t>(o.k_major ? o.rows : o.depth)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(o.ld) * sizeof(T)};
+  const cuuint32_t box[2] = {kBK, o.k_major ? uint32_t{kBM} : uint32_t{kBK}};
+  const cuuint32_t element_strides[2] = {1, 1};
+  CUtensorMap map;
+  const CUresult result = encode(&map, format, 2, const_cast<void*>(o.ptr), dims, strides, box, element_strides,
+                                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                 CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return result == CUDA_SUCCESS;
+}
+
+// The documented constraints (cuda_tma_operand.h) for all four operands; with `encode`, also
+// the driver's own answer for each.
+template <class T>
+bool operands_ok(const Operands& o, bool encode) {
+  for (const TmaOperand* operand : {&o.p, &o.q, &o.l, &o.r}) {
+    if (!tma_operand_ok(*operand)) return false;
+  }
+  if (!encode) return true;
+  for (const TmaOperand* operand : {&o.p, &o.q, &o.l, &o.r}) {
+    if (!tma_encodable<T>(*operand)) return false;
+  }
+  return true;
+}
+
+template <class T, bool kKMajor>
+auto make_tma(const TmaOperand& o) {
+  return make_tma<T, kKMajor>(static_cast<const T*>(o.ptr), static_cast<int>(o.rows), static_cast<int>(o.depth),
+                              o.ld);
+}
+
+// The SM count of a device, queried once per device (a per-call attribute query is host
+// overhead on small calls).
+cudaError_t sm_count(int* sms) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < kMaxDevices && (*sms = cached[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+  err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess && device < kMaxDevices) cached[device].store(*sms, std::memory_order_relaxed);
+  return err;
 }
 
 // Persistent: one block per SM (its shared memory allows no more), each walking the output
@@ -411,9 +511,8 @@ bool tma_operand_ok(const void* ptr, int64_t ld, int64_t rows, int64_t depth) {
 template <class T, bool kBKMajor>
 cudaError_t run(const Params<T, kBKMajor>& p, cudaStream_t stream) {
   const int64_t tiles = ceil_div(int64_t{p.M}, kBM) * ceil_div(int64_t{p.Nc}, kBN);
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  int sms = 0;
+  const cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
   const int64_t blocks = tiles < sms ? tiles : sms;
   return launch<gemm_kernel<T, kBKMajor>>(p, blocks, 1, smem_bytes<T, kBKMajor>(), stream, kThreads);
@@ -421,13 +520,14 @@ cudaError_t run(const Params<T, kBKMajor>& p, cudaStream_t stream) {
 
 template <class T>
 cudaError_t forward_t(const ForwardArgs& a, cudaStream_t stream) {
+  const Operands o = forward_operands(a);
   Params<T, true> p;
   p.M = static_cast<int>(a.M), p.Nc = static_cast<int>(a.N), p.depth = static_cast<int>(a.K);
   p.r = static_cast<int>(a.r);
-  p.tma_p = make_tma<T, true>(static_cast<const T*>(a.x), p.M, p.depth, a.ldx);
-  p.tma_q = make_tma<T, true>(static_cast<const T*>(a.weight), p.Nc, p.depth, a.K);
-  p.tma_l = make_tma<T, true>(static_cast<const T*>(a.xa_rounded), p.M, p.r, a.rank_ld);
-  p.tma_r = make_tma<T, true>(static_cast<const T*>(a.lora_B_tma), p.Nc, p.r, a.lora_B_tma_ld);
+  p.tma_p = make_tma<T, true>(o.p);
+  p.tma_q = make_tma<T, true>(o.q);
+  p.tma_l = make_tma<T, true>(o.l);
+  p.tma_r = make_tma<T, true>(o.r);
   p.bias = static_cast<const T*>(a.bias);
   p.out = static_cast<T*>(a.y);
   p.ld_out = a.N;
@@ -439,13 +539,14 @@ cudaError_t forward_t(const ForwardArgs& a, cudaStream_t stream) {
 
 template <class T>
 cudaError_t dx_t(const BackwardArgs& a, cudaStream_t stream) {
+  const Operands o = dx_operands(a);
   Params<T, false> p;
   p.M = static_cast<int>(a.M), p.Nc = static_cast<int>(a.K), p.depth = static_cast<int>(a.N);
   p.r = static_cast<int>(a.r);
-  p.tma_p = make_tma<T, true>(static_cast<const T*>(a.grad_y), p.M, p.depth, a.ldg);
-  p.tma_q = make_tma<T, false>(static_cast<const T*>(a.weight), p.Nc, p.depth, a.K);  // (c, n) at W[n·K + c]
-  p.tma_l = make_tma<T, true>(static_cast<const T*>(a.gb_rounded), p.M, p.r, a.rank_ld);
-  p.tma_r = make_tma<T, false>(static_cast<const T*>(a.lora_A), p.Nc, p.r, a.K);  // (c, j) at A[j·K + c]
+  p.tma_p = make_tma<T, true>(o.p);
+  p.tma_q = make_tma<T, false>(o.q);
+  p.tma_l = make_tma<T, true>(o.l);
+  p.tma_r = make_tma<T, false>(o.r);
   p.bias = nullptr;
   p.out = static_cast<T*>(a.dx);
   p.ld_out = a.K;
@@ -457,6 +558,12 @@ cudaError_t dx_t(const BackwardArgs& a, cudaStream_t stream) {
 
 bool is_half(DType dtype) { return dtype == DType::kHalf || dtype == DType::kBFloat16; }
 
+template <class Args>
+bool supported(const Args& a, const Operands& o, bool encode) {
+  if (!is_half(a.dtype) || a.M < 1 || a.N < 1 || a.K < 1 || a.r < 1) return false;
+  return a.dtype == DType::kBFloat16 ? operands_ok<cute::bfloat16_t>(o, encode) : operands_ok<cute::half_t>(o, encode);
+}
+
 }  // namespace sm90
 
 bool sm90_kernels_built() {
@@ -467,29 +574,20 @@ bool sm90_kernels_built() {
 #endif
 }
 
-bool sm90_forward_supported(const ForwardArgs& a) {
-  using T = cute::half_t;  // both 16-bit types have the same TMA requirements
-  return sm90::is_half(a.dtype) && a.r >= 1 && a.K >= 1 && a.M >= 1 && a.N >= 1 &&
-         sm90::tma_operand_ok<T>(a.x, a.ldx, a.M, a.K) && sm90::tma_operand_ok<T>(a.weight, a.K, a.N, a.K) &&
-         sm90::tma_operand_ok<T>(a.xa_rounded, a.rank_ld, a.M, a.r) &&
-         sm90::tma_operand_ok<T>(a.lora_B_tma, a.lora_B_tma_ld, a.N, a.r);
-}
+// The dispatch check: the documented constraints, then the driver's encode of each descriptor
+// (so no input that passes can make CuTe's encode fail and abort).
+bool sm90_forward_supported(const ForwardArgs& a) { return sm90::supported(a, sm90::forward_operands(a), true); }
 
-bool sm90_dx_supported(const BackwardArgs& a) {
-  using T = cute::half_t;
-  return sm90::is_half(a.dtype) && a.r >= 1 && a.K >= 1 && a.M >= 1 && a.N >= 1 &&
-         sm90::tma_operand_ok<T>(a.grad_y, a.ldg, a.M, a.N) && sm90::tma_operand_ok<T>(a.weight, a.K, a.K, a.N) &&
-         sm90::tma_operand_ok<T>(a.gb_rounded, a.rank_ld, a.M, a.r) &&
-         sm90::tma_operand_ok<T>(a.lora_A, a.K, a.K, a.r);
-}
+bool sm90_dx_supported(const BackwardArgs& a) { return sm90::supported(a, sm90::dx_operands(a), true); }
 
 cudaError_t sm90_forward(const ForwardArgs& a, cudaStream_t stream) {
-  if (!sm90_kernels_built() || !sm90_forward_supported(a)) return cudaErrorInvalidValue;
+  // cuda_ops.cpp called sm90_forward_supported (with the driver's encode check) first.
+  if (!sm90_kernels_built() || !sm90::supported(a, sm90::forward_operands(a), false)) return cudaErrorInvalidValue;
   return dispatch_half(a.dtype, [&](auto tag) { return sm90::forward_t<decltype(tag)>(a, stream); });
 }
 
 cudaError_t sm90_dx(const BackwardArgs& a, cudaStream_t stream) {
-  if (!sm90_kernels_built() || !sm90_dx_supported(a)) return cudaErrorInvalidValue;
+  if (!sm90_kernels_built() || !sm90::supported(a, sm90::dx_operands(a), false)) return cudaErrorInvalidValue;
   return dispatch_half(a.dtype, [&](auto tag) { return sm90::dx_t<decltype(tag)>(a, stream); });
 }
 
