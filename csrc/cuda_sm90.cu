@@ -23,8 +23,10 @@
 // Tiles. 128×128 output tile, k-tiles 64 deep (128 bytes of fp16/bf16: one SW128 swizzle
 // row). Consumer warpgroup w computes rows [64w, 64w + 64) with SM90_64x128x16 GMMA (F32
 // accumulators; A from shared memory, B from shared memory): 64 fp32 per thread per
-// accumulator, 128 for both, within the 224 registers a 288-thread block may give each
-// thread (__launch_bounds__(288, 1); ptxas -v in tests/test_cuda_ptxas.py: no spills).
+// accumulator, 128 for both. ptxas gives a 288-thread block at most 168 registers per thread
+// (observed: it spills at 168 rather than use more; 65536 / 384, i.e. the 9 warps allocated
+// as 3 warpgroups), and the kernel uses 165-168 (tests/test_cuda_ptxas.py: no spills): it is
+// at the cap, so any epilogue change must be re-read in ptxas -v.
 // 128×256 would halve W's re-reads per row tile but needs 256 accumulators per thread for
 // the two accumulators: it does not fit.
 //
@@ -97,6 +99,7 @@
 #include <cuda.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <type_traits>
 
 #include "cuda_common.cuh"
@@ -181,7 +184,9 @@ struct Params {
   T* out;         // [M, Nc], leading dimension ld_out
   int64_t ld_out;
   float scaling;
-  DropoutSpec drop;  // dx: keep(m, c) of element m·ld_out + c of x; disabled in the forward
+  DropoutSpec drop;   // dx: keep(m, c) of element m·ld_out + c of x; disabled in the forward
+  float kept_factor;  // dx: s·(1/(1 − p)) in fp32, the factor of a kept element (host-computed)
+  bool small_index;   // dx: every hash index m·ld_out + c below 2^32 (32-bit index math)
   bool vec_out;
 };
 
@@ -312,6 +317,55 @@ __device__ void consume(TiledMma& mma, const FragA& tCrA, const FragB& tCrB, Acc
   }
 }
 
+// The dropout factor of dx element (m, c): s/(1 − p) if x's element m·ld_out + c was kept,
+// else 0 (the hash of dropout_hash.h, bit for bit). With every index below 2^32 the index is
+// formed in 32 bits, so the compiler sees its high word is 0 and hoists the hash key
+// mix32(seed) out of the tile. Rows and columns past the edge hash harmlessly: not stored.
+template <class T>
+__device__ __forceinline__ float dx_factor(const Params<T, false>& p, int64_t m, int64_t c) {
+  const uint64_t index = p.small_index
+                             ? uint64_t{static_cast<uint32_t>(m) * static_cast<uint32_t>(p.ld_out) +
+                                        static_cast<uint32_t>(c)}
+                             : static_cast<uint64_t>(m * p.ld_out + c);
+  return keep_element(p.drop.seed, p.drop.threshold, index) ? p.kept_factor : 0.f;
+}
+
+// Rounds this thread's 64 values of the tile into the staging rows. A thread's values i and
+// i + 1 (i even) are columns cc and cc + 1 of one row with cc even
+// (tests/cuda/sm90_layout_check.cu): each pair is packed into one 32-bit shared store. The
+// bias is still loaded per value (read-only path, L1 hits): loading a column pair once for
+// its two rows (values i and i + 2 share columns) made the forward spill at the 168-register
+// cap (20 bytes), so it is not done.
+// kChecked: the tile reaches past Nc, so the forward's bias is read only for columns < Nc.
+// The forward (K-major W) has the bias and no dropout; dx has dropout and no bias.
+template <bool kChecked, class T, bool kBKMajor, class Acc, class Coords, class Staged>
+__device__ __forceinline__ void stage_tile(const Params<T, kBKMajor>& p, const Acc& acc_main, const Acc& acc_lora,
+                                           const Coords& coords, Staged& tCsC, int64_t m0, int64_t c0) {
+  static_assert(size(Acc{}) % 2 == 0, "values come in column pairs");
+  const bool has_bias = kBKMajor && p.bias != nullptr;
+  const bool has_dropout = !kBKMajor && p.drop.enabled;
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_main); i += 2) {
+    const int64_t m = m0 + get<0>(coords(i)), c = c0 + get<1>(coords(i));
+    float value[2];
+    CUTE_UNROLL
+    for (int j = 0; j < 2; ++j) {
+      float factor = p.scaling;
+      if constexpr (!kBKMajor) {
+        if (has_dropout) factor = dx_factor(p, m, c + j);
+      }
+      value[j] = acc_main(i + j) + factor * acc_lora(i + j);
+      if constexpr (kBKMajor) {
+        if (has_bias && (!kChecked || c + j < p.Nc)) {
+          value[j] += static_cast<float>(T::bitcast(__ldg(&p.bias[c + j].storage)));
+        }
+      }
+    }
+    const uint32_t packed = uint32_t{T(value[0]).raw()} | (uint32_t{T(value[1]).raw()} << 16);
+    *reinterpret_cast<uint32_t*>(&tCsC(i)) = packed;
+  }
+}
+
 // The consumers: for each output tile of this block (the producer's order), both products
 // through the pipeline, then the epilogue.
 template <class T, bool kBKMajor>
@@ -328,6 +382,11 @@ __device__ void consume_and_store(const Params<T, kBKMajor>& p, SharedStorage<T,
   Tensor acc_lora = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});
   Tensor acc_main = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});
   Tensor coords = mma.get_slice(thread).partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+  // The two warpgroups' staging rows as one 128-row tile (staging[1] follows staging[0]):
+  // warpgroup w's elements land in staging[w].
+  Tensor tCsC = mma.get_slice(thread).partition_C(
+      make_tensor(make_smem_ptr(&smem.staging[0][0]),
+                  make_layout(Shape<Int<kBM>, Int<kBN>>{}, Stride<Int<kStagingLd<T>>, _1>{})));
   T* staging = smem.staging[warpgroup];
   const int row_base = warpgroup * (kBM / 2);
   mma.accumulate_ = GMMA::ScaleOut::One;
@@ -353,21 +412,13 @@ __device__ void consume_and_store(const Params<T, kBKMajor>& p, SharedStorage<T,
     ++release;                           // == read: the next tile's first stage
 
     // Epilogue: out = round(acc_main + factor·acc_lora + bias), through this warpgroup's
-    // staging rows, then 16-byte stores of them.
+    // staging rows, then 16-byte stores of them. Only the forward's bias reads memory per
+    // element, so only it needs the bounds test, and only on edge tiles.
     const int64_t m0 = tile.m * kBM, c0 = tile.n * kBN;
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_main); ++i) {
-      const int rr = get<0>(coords(i)), cc = get<1>(coords(i));
-      const int64_t m = m0 + rr, c = c0 + cc;
-      float factor = p.scaling;
-      if (p.drop.enabled) {
-        factor = (m < p.M && c < p.Nc)
-                     ? p.scaling * dropout_factor<float>(p.drop, static_cast<uint64_t>(m * p.ld_out + c))
-                     : 0.f;
-      }
-      float value = acc_main(i) + factor * acc_lora(i);
-      if (p.bias != nullptr && c < p.Nc) value += static_cast<float>(p.bias[c]);
-      staging[(rr - row_base) * kStagingLd<T> + cc] = T(value);
+    if (c0 + kBN <= p.Nc) {
+      stage_tile<false>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
+    } else {
+      stage_tile<true>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
     }
     cutlass::arch::NamedBarrier::sync(128, warpgroup);  // this warpgroup's rows are staged
     write_staged_rows<T, kBM / 2>(staging, thread % 128, 128, p.out, p.ld_out, m0 + row_base, p.M, c0, p.Nc,
@@ -382,7 +433,10 @@ template <class T, bool kBKMajor>
 __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const __grid_constant__ Params<T, kBKMajor> p) {
 #if defined(LORA_FUSED_SM90A_DEVICE)
   extern __shared__ unsigned char smem_raw[];
-  auto* base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  // Aligned to 1024 bytes by pointer arithmetic on smem_raw (not a round trip through an
+  // integer), so the compiler keeps the shared address space: STS/LDS, not generic stores.
+  const unsigned misalignment = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw)) & 1023u;
+  unsigned char* base = smem_raw + ((1024u - misalignment) & 1023u);
   auto& smem = *reinterpret_cast<SharedStorage<T, kBKMajor>*>(base);
 
   const bool producer = threadIdx.x >= kConsumerThreads;
@@ -506,6 +560,17 @@ cudaError_t sm_count(int* sms) {
   return err;
 }
 
+// LORA_FUSED_SM90_MAX_BLOCKS=n (n ≥ 1; for tests): at most n blocks, so that small shapes
+// walk many tiles per block and the pipeline state carried across tiles (stage indices and
+// phases wrapping mid-tile, the staging barrier) is exercised. Read per call (a getenv is
+// negligible next to a launch), so a test can set it around one call.
+int64_t max_blocks_override() {
+  const char* value = std::getenv("LORA_FUSED_SM90_MAX_BLOCKS");
+  if (value == nullptr || *value == '\0') return 0;
+  const long long n = std::strtoll(value, nullptr, 10);
+  return n >= 1 ? n : 0;
+}
+
 // Persistent: one block per SM (its shared memory allows no more), each walking the output
 // tiles blockIdx.x, blockIdx.x + gridDim.x, ...; fewer blocks when there are fewer tiles.
 template <class T, bool kBKMajor>
@@ -514,7 +579,9 @@ cudaError_t run(const Params<T, kBKMajor>& p, cudaStream_t stream) {
   int sms = 0;
   const cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
-  const int64_t blocks = tiles < sms ? tiles : sms;
+  int64_t blocks = tiles < sms ? tiles : sms;
+  const int64_t cap = max_blocks_override();
+  if (cap > 0 && cap < blocks) blocks = cap;
   return launch<gemm_kernel<T, kBKMajor>>(p, blocks, 1, smem_bytes<T, kBKMajor>(), stream, kThreads);
 }
 
@@ -533,6 +600,8 @@ cudaError_t forward_t(const ForwardArgs& a, cudaStream_t stream) {
   p.ld_out = a.N;
   p.scaling = static_cast<float>(a.scaling);
   p.drop = DropoutSpec{};  // the forward's mask is in xa already
+  p.kept_factor = p.scaling;
+  p.small_index = true;
   p.vec_out = a.N % 8 == 0 && reinterpret_cast<uintptr_t>(a.y) % 16 == 0;
   return run(p, stream);
 }
@@ -552,6 +621,9 @@ cudaError_t dx_t(const BackwardArgs& a, cudaStream_t stream) {
   p.ld_out = a.K;
   p.scaling = static_cast<float>(a.scaling);
   p.drop = a.dropout;  // hash index m·K + c: x's element (m, c)
+  // s·(1/(1 − p)) rounded as the device did it per element before: fp32 s times fp32 scale.
+  p.kept_factor = p.scaling * static_cast<float>(a.dropout.scale);
+  p.small_index = static_cast<uint64_t>(a.M) * static_cast<uint64_t>(a.K) <= (uint64_t{1} << 32);
   p.vec_out = a.K % 8 == 0 && reinterpret_cast<uintptr_t>(a.dx) % 16 == 0;
   return run(p, stream);
 }

@@ -113,9 +113,10 @@ def test_no_spills_and_shared_memory_within_limits(ptx):
 #
 # gemm_kernel<T, kBKMajor> for T in {half, bfloat16} and W K-major (forward) or MN-major (dx):
 # four instantiations in the sm_90a PTX. 288 threads (two consumer warpgroups and a producer
-# warp) under __launch_bounds__(288, 1) may hold 65536 / 288 -> 224 registers each; the
-# consumers need two 64-value fp32 accumulators (the main product and the LoRA term), so
-# fewer than 128 would mean the accumulators were not kept in registers.
+# warp) under __launch_bounds__(288, 1) get at most 168 registers each from ptxas (it spills
+# rather than exceed 168: 65536 / 384, the 9 warps allocated as 3 warpgroups); the consumers
+# need two 64-value fp32 accumulators (the main product and the LoRA term), so fewer than 128
+# would mean the accumulators were not kept in registers.
 SM90_KERNEL = re.compile(r"_ZN10lora_fused4cuda4sm9011gemm_kernel\S*")
 SM90_PTX = [p for p in KEPT.get("90a", []) if p.name.startswith("cuda_sm90.")]
 # ptxas's wgmma diagnostics (C75xx: "wgmma.mma_async instructions are serialized ..." C7515,
@@ -190,7 +191,7 @@ def test_sm90_kernels_registers_wgmma_and_tma():
     for name in bodies:
         facts = report[name]
         assert facts["spill_stores"] == 0 and facts["spill_loads"] == 0 and facts["stack"] == 0, (name, facts)
-        assert 128 <= facts["registers"] <= 224, (name, facts)
+        assert 128 <= facts["registers"] <= 168, (name, facts)
     diagnostics = wgmma_diagnostics(output)
     assert not diagnostics, "ptxas serialises or fences the sm90 kernel's wgmma batches (none stays in " \
         "flight):\n" + "\n".join(diagnostics[:20])

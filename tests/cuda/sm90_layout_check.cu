@@ -50,10 +50,14 @@ int check_partition_c(const char* name) {
       const int row = get<0>(c(i)), col = get<1>(c(i));
       bad += row < row_base || row >= row_base + kBM / 2;  // this warpgroup's staging rows
       seen[row * kBN + col]++;
+      if (i % 2 == 0) {  // the epilogue's packed pair: (row, col), (row, col + 1), col even
+        bad += col % 2 != 0 || get<0>(c(i + 1)) != row || get<1>(c(i + 1)) != col + 1;
+      }
     }
   }
   for (int v : seen) bad += v != 1;
-  printf("%s: partition_C covers 128x128 once, warpgroup rows apart: problems %d\n", name, bad);
+  printf("%s: partition_C covers 128x128 once, warpgroup rows apart, values in column pairs: problems %d\n", name,
+         bad);
   return bad;
 }
 
