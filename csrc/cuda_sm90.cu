@@ -74,11 +74,38 @@
 // takes the sm80 kernels instead.
 //
 // gb is not fused into this dx (sm80's dx computes it from its own g tiles for r ≤ 32): the
-// tall gb GEMM reads g once more (ViT-B qkv at M = 4096: 19 MB, about 6 µs at an H100's
-// 3.35 TB/s), while dx's 14.5 GFLOP take about 15 µs at the dense wgmma peak against at least
-// 29 µs at mma.sync's (half of it), so this path should still come out ahead; fusing gb here
-// would need a third operand per stage (one stage fewer) and round(gb) written to shared
-// memory for the rank wgmmas after the main loop. A GPU measurement is to decide.
+// tall gb GEMM reads g once more. At M = 4096 (ViT-B qkv, N = 2304) that is 19 MB, about
+// 6 µs at an H100's 3.35 TB/s; at M = 16384 it is 75 MB, about 23 µs, against about 59 µs
+// for dx's 58 GFLOP at the dense wgmma peak (80+ µs in practice): 25-40 % on top of dx, and
+// g is read again by dB|db. Fusing gb here (a third operand per stage, one stage fewer, and
+// round(gb) written to shared memory for the rank wgmmas after the main loop) is planned,
+// not done; a GPU measurement is to decide.
+//
+// Not done (second reading of cuda4, csrc notes for the next GPU session):
+//  - In-place scaling (review item B3/4): after the rank tile(s), warpgroup_wait<0> and
+//    multiply the accumulator in place by factor(m, c) (s in the forward; s·keep/(1 − p) in
+//    dx, the same hash as now), then let the k-tiles accumulate on top: sm80's order
+//    (cuda_sm80.cu), within the same rounding contract (the fp32 s·L, one rounding at the
+//    end). It costs one wgmma drain per tile (~100-200 cycles against 12+ k-steps of ~512)
+//    and frees acc_lora's 64 registers. That alone does not give 128×256 tiles here: one
+//    64×256 accumulator per consumer warpgroup is 128 registers, and ptxas caps this
+//    288-thread block at 168 (see Tiles), which leaves ~40 for descriptors, addresses and the
+//    epilogue — what the current kernel already needs beyond its accumulators. 128×256 needs
+//    a full producer warpgroup (384 threads) with setmaxnreg (producer down to 40, consumers
+//    up to 232), and shared memory for 48 KB stages: 4 stages (192 KB) leave no room for a
+//    64 KB staging tile, so the epilogue would have to stage through a drained pipeline stage
+//    or in column halves. Also not done: a ping-pong schedule (the epilogue of one warpgroup
+//    overlapping the other's MMA), which needs the same in-place scaling.
+//  - Epilogue (review B2): done are shared-typed packed stores, bias bounds only on edge
+//    tiles, the host-computed dropout factor and 32-bit hash index; not done are stmatrix
+//    (SM90_U32x4_STSM_N), a TMA store of the staging tile, a bias value loaded once per
+//    column pair (tried: spills at the 168-register cap), and a 1-bit mask written by the
+//    forward's xa pre-pass for dx to read instead of re-hashing.
+//  - A 2×1 cluster multicasting the shared operand (review B3: L2→SM bandwidth at 128×128),
+//    and the per-call padded lora_B copy when r·2 bytes is not a multiple of 16 (B5).
+//  - Nothing here has run on a GPU yet: tests/test_cuda_sm90_gpu.py is the first thing to
+//    run on one, then forward/dx timings at (16384, 768, 2304, 16), p = 0 and 0.1, and
+//    K = 64 against K = 768 to separate epilogue from main loop.
 //
 // Tile order: persistent — one block per SM (196 KB of shared memory allow no second), block
 // b taking output tiles b, b + gridDim.x, ... of sm80's grouped raster (grouped_tile: 8 row
