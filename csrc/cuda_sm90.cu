@@ -348,12 +348,11 @@ __device__ void consume(TiledMma& mma, const FragA& tCrA, const FragB& tCrB, Acc
 // else 0 (the hash of dropout_hash.h, bit for bit). With every index below 2^32 the index is
 // formed in 32 bits, so the compiler sees its high word is 0 and hoists the hash key
 // mix32(seed) out of the tile. Rows and columns past the edge hash harmlessly: not stored.
-template <class T>
+template <bool kSmallIndex, class T>
 __device__ __forceinline__ float dx_factor(const Params<T, false>& p, int64_t m, int64_t c) {
-  const uint64_t index = p.small_index
-                             ? uint64_t{static_cast<uint32_t>(m) * static_cast<uint32_t>(p.ld_out) +
-                                        static_cast<uint32_t>(c)}
-                             : static_cast<uint64_t>(m * p.ld_out + c);
+  const uint64_t index = kSmallIndex ? uint64_t{static_cast<uint32_t>(m) * static_cast<uint32_t>(p.ld_out) +
+                                                static_cast<uint32_t>(c)}
+                                     : static_cast<uint64_t>(m * p.ld_out + c);
   return keep_element(p.drop.seed, p.drop.threshold, index) ? p.kept_factor : 0.f;
 }
 
@@ -364,8 +363,9 @@ __device__ __forceinline__ float dx_factor(const Params<T, false>& p, int64_t m,
 // its two rows (values i and i + 2 share columns) made the forward spill at the 168-register
 // cap (20 bytes), so it is not done.
 // kChecked: the tile reaches past Nc, so the forward's bias is read only for columns < Nc.
-// The forward (K-major W) has the bias and no dropout; dx has dropout and no bias.
-template <bool kChecked, class T, bool kBKMajor, class Acc, class Coords, class Staged>
+// kSmallIndex: dx's hash indices all fit 32 bits (Params::small_index). The forward (K-major
+// W) has the bias and no dropout; dx has dropout and no bias.
+template <bool kChecked, bool kSmallIndex, class T, bool kBKMajor, class Acc, class Coords, class Staged>
 __device__ __forceinline__ void stage_tile(const Params<T, kBKMajor>& p, const Acc& acc_main, const Acc& acc_lora,
                                            const Coords& coords, Staged& tCsC, int64_t m0, int64_t c0) {
   static_assert(size(Acc{}) % 2 == 0, "values come in column pairs");
@@ -379,7 +379,7 @@ __device__ __forceinline__ void stage_tile(const Params<T, kBKMajor>& p, const A
     for (int j = 0; j < 2; ++j) {
       float factor = p.scaling;
       if constexpr (!kBKMajor) {
-        if (has_dropout) factor = dx_factor(p, m, c + j);
+        if (has_dropout) factor = dx_factor<kSmallIndex>(p, m, c + j);
       }
       value[j] = acc_main(i + j) + factor * acc_lora(i + j);
       if constexpr (kBKMajor) {
@@ -442,10 +442,18 @@ __device__ void consume_and_store(const Params<T, kBKMajor>& p, SharedStorage<T,
     // staging rows, then 16-byte stores of them. Only the forward's bias reads memory per
     // element, so only it needs the bounds test, and only on edge tiles.
     const int64_t m0 = tile.m * kBM, c0 = tile.n * kBN;
-    if (c0 + kBN <= p.Nc) {
-      stage_tile<false>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
-    } else {
-      stage_tile<true>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
+    if constexpr (kBKMajor) {  // forward: the bias bounds test on edge tiles only
+      if (c0 + kBN <= p.Nc) {
+        stage_tile<false, true>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
+      } else {
+        stage_tile<true, true>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
+      }
+    } else {  // dx: no bias; the index width chosen once per kernel
+      if (p.small_index) {
+        stage_tile<false, true>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
+      } else {
+        stage_tile<false, false>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
+      }
     }
     cutlass::arch::NamedBarrier::sync(128, warpgroup);  // this warpgroup's rows are staged
     write_staged_rows<T, kBM / 2>(staging, thread % 128, 128, p.out, p.ld_out, m0 + row_base, p.M, c0, p.Nc,
