@@ -214,6 +214,7 @@ struct Params {
   DropoutSpec drop;   // dx: keep(m, c) of element m·ld_out + c of x; disabled in the forward
   float kept_factor;  // dx: s·(1/(1 − p)) in fp32, the factor of a kept element (host-computed)
   bool small_index;   // dx: every hash index m·ld_out + c below 2^32 (32-bit index math)
+  bool bias_pairs;    // forward: bias 4-byte aligned, so a column pair (c even) is one load
   bool vec_out;
 };
 
@@ -362,7 +363,8 @@ __device__ __forceinline__ float dx_factor(const Params<T, false>& p, int64_t m,
 // bias is still loaded per value (read-only path, L1 hits): loading a column pair once for
 // its two rows (values i and i + 2 share columns) made the forward spill at the 168-register
 // cap (20 bytes), so it is not done.
-// kChecked: the tile reaches past Nc, so the forward's bias is read only for columns < Nc.
+// kChecked: the tile reaches past Nc (or the bias is not 4-byte aligned), so the forward's
+// bias is read per value, only for columns < Nc; otherwise one 32-bit load per column pair.
 // kSmallIndex: dx's hash indices all fit 32 bits (Params::small_index). The forward (K-major
 // W) has the bias and no dropout; dx has dropout and no bias.
 template <bool kChecked, bool kSmallIndex, class T, bool kBKMajor, class Acc, class Coords, class Staged>
@@ -382,10 +384,15 @@ __device__ __forceinline__ void stage_tile(const Params<T, kBKMajor>& p, const A
         if (has_dropout) factor = dx_factor<kSmallIndex>(p, m, c + j);
       }
       value[j] = acc_main(i + j) + factor * acc_lora(i + j);
-      if constexpr (kBKMajor) {
-        if (has_bias && (!kChecked || c + j < p.Nc)) {
-          value[j] += static_cast<float>(T::bitcast(__ldg(&p.bias[c + j].storage)));
-        }
+      if constexpr (kBKMajor && kChecked) {
+        if (has_bias && c + j < p.Nc) value[j] += static_cast<float>(T::bitcast(__ldg(&p.bias[c + j].storage)));
+      }
+    }
+    if constexpr (kBKMajor && !kChecked) {  // columns c, c + 1 < Nc, c even, bias 4-byte aligned
+      if (has_bias) {
+        const uint32_t two = __ldg(reinterpret_cast<const unsigned int*>(p.bias + c));
+        value[0] += static_cast<float>(T::bitcast(static_cast<uint16_t>(two & 0xFFFFu)));
+        value[1] += static_cast<float>(T::bitcast(static_cast<uint16_t>(two >> 16)));
       }
     }
     const uint32_t packed = uint32_t{T(value[0]).raw()} | (uint32_t{T(value[1]).raw()} << 16);
@@ -443,7 +450,7 @@ __device__ void consume_and_store(const Params<T, kBKMajor>& p, SharedStorage<T,
     // element, so only it needs the bounds test, and only on edge tiles.
     const int64_t m0 = tile.m * kBM, c0 = tile.n * kBN;
     if constexpr (kBKMajor) {  // forward: the bias bounds test on edge tiles only
-      if (c0 + kBN <= p.Nc) {
+      if (c0 + kBN <= p.Nc && p.bias_pairs) {
         stage_tile<false, true>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
       } else {
         stage_tile<true, true>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
@@ -637,6 +644,7 @@ cudaError_t forward_t(const ForwardArgs& a, cudaStream_t stream) {
   p.drop = DropoutSpec{};  // the forward's mask is in xa already
   p.kept_factor = p.scaling;
   p.small_index = true;
+  p.bias_pairs = reinterpret_cast<uintptr_t>(a.bias) % 4 == 0;
   p.vec_out = a.N % 8 == 0 && reinterpret_cast<uintptr_t>(a.y) % 16 == 0;
   return run(p, stream);
 }
@@ -659,6 +667,7 @@ cudaError_t dx_t(const BackwardArgs& a, cudaStream_t stream) {
   // s·(1/(1 − p)) rounded as the device did it per element before: fp32 s times fp32 scale.
   p.kept_factor = p.scaling * static_cast<float>(a.dropout.scale);
   p.small_index = static_cast<uint64_t>(a.M) * static_cast<uint64_t>(a.K) <= (uint64_t{1} << 32);
+  p.bias_pairs = false;
   p.vec_out = a.K % 8 == 0 && reinterpret_cast<uintptr_t>(a.dx) % 16 == 0;
   return run(p, stream);
 }
