@@ -97,10 +97,11 @@
 //    or in column halves. Also not done: a ping-pong schedule (the epilogue of one warpgroup
 //    overlapping the other's MMA), which needs the same in-place scaling.
 //  - Epilogue (review B2): done are shared-typed packed stores, bias bounds only on edge
-//    tiles, the host-computed dropout factor and 32-bit hash index; not done are stmatrix
-//    (SM90_U32x4_STSM_N), a TMA store of the staging tile, a bias value loaded once per
-//    column pair (tried: spills at the 168-register cap), and a 1-bit mask written by the
-//    forward's xa pre-pass for dx to read instead of re-hashing.
+//    tiles, one bias load per column pair on interior tiles, the host-computed dropout
+//    factor and 32-bit hash index; not done are stmatrix (SM90_U32x4_STSM_N), a TMA store of
+//    the staging tile, a column pair's bias loaded once for both of its rows (tried: spills
+//    at the 168-register cap), and a 1-bit mask written by the forward's xa pre-pass for dx
+//    to read instead of re-hashing.
 //  - A 2×1 cluster multicasting the shared operand (review B3: L2→SM bandwidth at 128×128),
 //    and the per-call padded lora_B copy when r·2 bytes is not a multiple of 16 (B5).
 //  - Nothing here has run on a GPU yet: tests/test_cuda_sm90_gpu.py is the first thing to
@@ -359,10 +360,9 @@ __device__ __forceinline__ float dx_factor(const Params<T, false>& p, int64_t m,
 
 // Rounds this thread's 64 values of the tile into the staging rows. A thread's values i and
 // i + 1 (i even) are columns cc and cc + 1 of one row with cc even
-// (tests/cuda/sm90_layout_check.cu): each pair is packed into one 32-bit shared store. The
-// bias is still loaded per value (read-only path, L1 hits): loading a column pair once for
-// its two rows (values i and i + 2 share columns) made the forward spill at the 168-register
-// cap (20 bytes), so it is not done.
+// (tests/cuda/sm90_layout_check.cu): each pair is packed into one 32-bit shared store.
+// Values i and i + 2 share their columns too, but keeping a pair's bias for both rows made
+// the forward spill at the 168-register cap (20 bytes): each pair loads its own.
 // kChecked: the tile reaches past Nc (or the bias is not 4-byte aligned), so the forward's
 // bias is read per value, only for columns < Nc; otherwise one 32-bit load per column pair.
 // kSmallIndex: dx's hash indices all fit 32 bits (Params::small_index). The forward (K-major
