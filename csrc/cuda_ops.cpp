@@ -84,7 +84,8 @@ std::pair<at::Tensor, int64_t> rank_rows_for_tma(const at::Tensor& contiguous) {
   const int64_t rows = contiguous.size(0), r = contiguous.size(1);
   if (aligned16(contiguous) && (r * contiguous.element_size()) % 16 == 0) return {contiguous, r};
   const int64_t ld = cuda::tma_rank_ld(r);
-  at::Tensor padded = at::empty({rows, ld}, contiguous.options());
+  // Poisoned: the padding is never read, and a descriptor that did read it would see NaN.
+  at::Tensor padded = poison_(at::empty({rows, ld}, contiguous.options()));
   padded.narrow(1, 0, r).copy_(contiguous);
   return {padded, ld};
 }

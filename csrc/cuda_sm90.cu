@@ -23,8 +23,10 @@
 // Tiles. 128×128 output tile, k-tiles 64 deep (128 bytes of fp16/bf16: one SW128 swizzle
 // row). Consumer warpgroup w computes rows [64w, 64w + 64) with SM90_64x128x16 GMMA (F32
 // accumulators; A from shared memory, B from shared memory): 64 fp32 per thread per
-// accumulator, 128 for both, within the 224 registers a 288-thread block may give each
-// thread (__launch_bounds__(288, 1); ptxas -v in tests/test_cuda_ptxas.py: no spills).
+// accumulator, 128 for both. ptxas gives a 288-thread block at most 168 registers per thread
+// (observed: it spills at 168 rather than use more; 65536 / 384, i.e. the 9 warps allocated
+// as 3 warpgroups), and the kernel uses 165-168 (tests/test_cuda_ptxas.py: no spills): it is
+// at the cap, so any epilogue change must be re-read in ptxas -v.
 // 128×256 would halve W's re-reads per row tile but needs 256 accumulators per thread for
 // the two accumulators: it does not fit.
 //
@@ -47,8 +49,9 @@
 // the stage's transaction bytes, TMA completes them) and an empty barrier per stage (all 256
 // consumer threads arrive when their wgmmas on the stage are done). Producer: acquire(empty)
 // → TMA both operands onto the full barrier → next stage. Consumers: wait(full) → warpgroup_
-// arrive, 4 wgmma (k = 16 each; fewer on a rank tile: those past r are skipped), commit →
-// warpgroup_wait<1> (the previous batch is done, so
+// arrive, 4 wgmma (k = 16 each; fewer on a rank or depth residue tile: the 16-deep blocks past
+// r or the depth are skipped by branching around the whole batch, one compile-time count per
+// branch, so ptxas keeps each batch in flight), commit → warpgroup_wait<1> (the previous batch is done, so
 // its stage is released, while this one still runs). After the last tile wait<0> and release
 // the last stage. The epilogue writes each warpgroup's rows to its own staging tile, a named
 // barrier of that warpgroup's 128 threads publishes them, and the same threads store them
@@ -62,16 +65,48 @@
 // rank padding of the rounded-xa/gb workspace and of a padded lora_B copy is never read (the
 // descriptors say r columns; only the row stride is padded). The transaction bytes of a stage
 // are the full boxes, zero-filled parts included, so every stage completes. TMA needs 16-
-// byte aligned bases and row strides (multiples of 8 elements) and non-empty dimensions:
-// cuda_ops.cpp sends other cases (K % 8 ≠ 0, an odd row stride of x or g, K = 0 / N = 0) to
-// the sm80 kernels, and sm90_forward_supported/sm90_dx_supported check it again here.
+// byte aligned bases and row strides (multiples of 8 elements), non-empty dimensions and
+// lines that do not overlap (cuda_tma_operand.h): cuda_ops.cpp sends other cases (K % 8 ≠ 0,
+// an odd row stride of x or g, an expanded x or g with row stride 0, overlapping as_strided
+// rows, K = 0 / N = 0) to the sm80 kernels. sm90_forward_supported/sm90_dx_supported also
+// ask the driver to encode each descriptor before CuTe does, because CuTe answers a failed
+// encode with assert(false), which would abort the process: an input the driver rejects
+// takes the sm80 kernels instead.
 //
 // gb is not fused into this dx (sm80's dx computes it from its own g tiles for r ≤ 32): the
-// tall gb GEMM reads g once more (ViT-B qkv at M = 4096: 19 MB, about 6 µs at an H100's
-// 3.35 TB/s), while dx's 14.5 GFLOP take about 15 µs at the dense wgmma peak against at least
-// 29 µs at mma.sync's (half of it), so this path should still come out ahead; fusing gb here
-// would need a third operand per stage (one stage fewer) and round(gb) written to shared
-// memory for the rank wgmmas after the main loop. A GPU measurement is to decide.
+// tall gb GEMM reads g once more. At M = 4096 (ViT-B qkv, N = 2304) that is 19 MB, about
+// 6 µs at an H100's 3.35 TB/s; at M = 16384 it is 75 MB, about 23 µs, against about 59 µs
+// for dx's 58 GFLOP at the dense wgmma peak (80+ µs in practice): 25-40 % on top of dx, and
+// g is read again by dB|db. Fusing gb here (a third operand per stage, one stage fewer, and
+// round(gb) written to shared memory for the rank wgmmas after the main loop) is planned,
+// not done; a GPU measurement is to decide.
+//
+// Not done (second reading of cuda4, csrc notes for the next GPU session):
+//  - In-place scaling (review item B3/4): after the rank tile(s), warpgroup_wait<0> and
+//    multiply the accumulator in place by factor(m, c) (s in the forward; s·keep/(1 − p) in
+//    dx, the same hash as now), then let the k-tiles accumulate on top: sm80's order
+//    (cuda_sm80.cu), within the same rounding contract (the fp32 s·L, one rounding at the
+//    end). It costs one wgmma drain per tile (~100-200 cycles against 12+ k-steps of ~512)
+//    and frees acc_lora's 64 registers. That alone does not give 128×256 tiles here: one
+//    64×256 accumulator per consumer warpgroup is 128 registers, and ptxas caps this
+//    288-thread block at 168 (see Tiles), which leaves ~40 for descriptors, addresses and the
+//    epilogue — what the current kernel already needs beyond its accumulators. 128×256 needs
+//    a full producer warpgroup (384 threads) with setmaxnreg (producer down to 40, consumers
+//    up to 232), and shared memory for 48 KB stages: 4 stages (192 KB) leave no room for a
+//    64 KB staging tile, so the epilogue would have to stage through a drained pipeline stage
+//    or in column halves. Also not done: a ping-pong schedule (the epilogue of one warpgroup
+//    overlapping the other's MMA), which needs the same in-place scaling.
+//  - Epilogue (review B2): done are shared-typed packed stores, bias bounds only on edge
+//    tiles, one bias load per column pair on interior tiles, the host-computed dropout
+//    factor and 32-bit hash index; not done are stmatrix (SM90_U32x4_STSM_N), a TMA store of
+//    the staging tile, a column pair's bias loaded once for both of its rows (tried: spills
+//    at the 168-register cap), and a 1-bit mask written by the forward's xa pre-pass for dx
+//    to read instead of re-hashing.
+//  - A 2×1 cluster multicasting the shared operand (review B3: L2→SM bandwidth at 128×128),
+//    and the per-call padded lora_B copy when r·2 bytes is not a multiple of 16 (B5).
+//  - Nothing here has run on a GPU yet: tests/test_cuda_sm90_gpu.py is the first thing to
+//    run on one, then forward/dx timings at (16384, 768, 2304, 16), p = 0 and 0.1, and
+//    K = 64 against K = 768 to separate epilogue from main loop.
 //
 // Tile order: persistent — one block per SM (196 KB of shared memory allow no second), block
 // b taking output tiles b, b + gridDim.x, ... of sm80's grouped raster (grouped_tile: 8 row
@@ -89,8 +124,15 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include <cuda.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <type_traits>
+
 #include "cuda_common.cuh"
 #include "cuda_sm80_mainloop.cuh"
+#include "cuda_tma_operand.h"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LORA_FUSED_SM90A_DEVICE 1
@@ -170,7 +212,10 @@ struct Params {
   T* out;         // [M, Nc], leading dimension ld_out
   int64_t ld_out;
   float scaling;
-  DropoutSpec drop;  // dx: keep(m, c) of element m·ld_out + c of x; disabled in the forward
+  DropoutSpec drop;   // dx: keep(m, c) of element m·ld_out + c of x; disabled in the forward
+  float kept_factor;  // dx: s·(1/(1 − p)) in fp32, the factor of a kept element (host-computed)
+  bool small_index;   // dx: every hash index m·ld_out + c below 2^32 (32-bit index math)
+  bool bias_pairs;    // forward: bias 4-byte aligned, so a column pair (c even) is one load
   bool vec_out;
 };
 
@@ -268,13 +313,29 @@ __device__ void consume(TiledMma& mma, const FragA& tCrA, const FragB& tCrB, Acc
     const int stage = read.index();
     const int k_blocks = ceil_div(depth - t * kBK, kBlockDepth);  // >= 1; at least 4 on all but the last tile
     warpgroup_fence_operand(acc);
-    warpgroup_arrive();
-    CUTE_UNROLL
-    for (int kb = 0; kb < size<2>(tCrA); ++kb) {
-      if (kb < k_blocks) cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), acc);
+    // The branch goes AROUND arrive → wgmmas → commit → wait, each branch with a compile-time
+    // count: a wgmma under its own `if` inside the batch makes ptxas unable to count the
+    // batch's scoreboard groups (C7519): it fences every wgmma and appends a dummy one, so
+    // wait<1> drains the whole batch each k-step (tests/test_cuda_ptxas.py rejects that).
+    auto batch = [&](auto blocks) {
+      warpgroup_arrive();
+      CUTE_UNROLL
+      for (int kb = 0; kb < decltype(blocks)::value; ++kb) {
+        cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), acc);
+      }
+      warpgroup_commit_batch();
+      warpgroup_wait<1>();
+    };
+    static_assert(decltype(size<2>(tCrA))::value == 4, "a 64-deep stage is four 16-deep wgmmas");
+    if (k_blocks >= 4) {
+      batch(Int<4>{});
+    } else if (k_blocks == 1) {
+      batch(Int<1>{});
+    } else if (k_blocks == 2) {
+      batch(Int<2>{});
+    } else {
+      batch(Int<3>{});
     }
-    warpgroup_commit_batch();
-    warpgroup_wait<1>();
     warpgroup_fence_operand(acc);
     if (batch_in_flight) {
       pipeline.consumer_release(release);
@@ -282,6 +343,60 @@ __device__ void consume(TiledMma& mma, const FragA& tCrA, const FragB& tCrB, Acc
     }
     batch_in_flight = true;
     ++read;
+  }
+}
+
+// The dropout factor of dx element (m, c): s/(1 − p) if x's element m·ld_out + c was kept,
+// else 0 (the hash of dropout_hash.h, bit for bit). With every index below 2^32 the index is
+// formed in 32 bits, so the compiler sees its high word is 0 and hoists the hash key
+// mix32(seed) out of the tile. Rows and columns past the edge hash harmlessly: not stored.
+template <bool kSmallIndex, class T>
+__device__ __forceinline__ float dx_factor(const Params<T, false>& p, int64_t m, int64_t c) {
+  const uint64_t index = kSmallIndex ? uint64_t{static_cast<uint32_t>(m) * static_cast<uint32_t>(p.ld_out) +
+                                                static_cast<uint32_t>(c)}
+                                     : static_cast<uint64_t>(m * p.ld_out + c);
+  return keep_element(p.drop.seed, p.drop.threshold, index) ? p.kept_factor : 0.f;
+}
+
+// Rounds this thread's 64 values of the tile into the staging rows. A thread's values i and
+// i + 1 (i even) are columns cc and cc + 1 of one row with cc even
+// (tests/cuda/sm90_layout_check.cu): each pair is packed into one 32-bit shared store.
+// Values i and i + 2 share their columns too, but keeping a pair's bias for both rows made
+// the forward spill at the 168-register cap (20 bytes): each pair loads its own.
+// kChecked: the tile reaches past Nc (or the bias is not 4-byte aligned), so the forward's
+// bias is read per value, only for columns < Nc; otherwise one 32-bit load per column pair.
+// kSmallIndex: dx's hash indices all fit 32 bits (Params::small_index). The forward (K-major
+// W) has the bias and no dropout; dx has dropout and no bias.
+template <bool kChecked, bool kSmallIndex, class T, bool kBKMajor, class Acc, class Coords, class Staged>
+__device__ __forceinline__ void stage_tile(const Params<T, kBKMajor>& p, const Acc& acc_main, const Acc& acc_lora,
+                                           const Coords& coords, Staged& tCsC, int64_t m0, int64_t c0) {
+  static_assert(size(Acc{}) % 2 == 0, "values come in column pairs");
+  const bool has_bias = kBKMajor && p.bias != nullptr;
+  const bool has_dropout = !kBKMajor && p.drop.enabled;
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_main); i += 2) {
+    const int64_t m = m0 + get<0>(coords(i)), c = c0 + get<1>(coords(i));
+    float value[2];
+    CUTE_UNROLL
+    for (int j = 0; j < 2; ++j) {
+      float factor = p.scaling;
+      if constexpr (!kBKMajor) {
+        if (has_dropout) factor = dx_factor<kSmallIndex>(p, m, c + j);
+      }
+      value[j] = acc_main(i + j) + factor * acc_lora(i + j);
+      if constexpr (kBKMajor && kChecked) {
+        if (has_bias && c + j < p.Nc) value[j] += static_cast<float>(T::bitcast(__ldg(&p.bias[c + j].storage)));
+      }
+    }
+    if constexpr (kBKMajor && !kChecked) {  // columns c, c + 1 < Nc, c even, bias 4-byte aligned
+      if (has_bias) {
+        const uint32_t two = __ldg(reinterpret_cast<const unsigned int*>(p.bias + c));
+        value[0] += static_cast<float>(T::bitcast(static_cast<uint16_t>(two & 0xFFFFu)));
+        value[1] += static_cast<float>(T::bitcast(static_cast<uint16_t>(two >> 16)));
+      }
+    }
+    const uint32_t packed = uint32_t{T(value[0]).raw()} | (uint32_t{T(value[1]).raw()} << 16);
+    *reinterpret_cast<uint32_t*>(&tCsC(i)) = packed;
   }
 }
 
@@ -301,6 +416,11 @@ __device__ void consume_and_store(const Params<T, kBKMajor>& p, SharedStorage<T,
   Tensor acc_lora = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});
   Tensor acc_main = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});
   Tensor coords = mma.get_slice(thread).partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+  // The two warpgroups' staging rows as one 128-row tile (staging[1] follows staging[0]):
+  // warpgroup w's elements land in staging[w].
+  Tensor tCsC = mma.get_slice(thread).partition_C(
+      make_tensor(make_smem_ptr(&smem.staging[0][0]),
+                  make_layout(Shape<Int<kBM>, Int<kBN>>{}, Stride<Int<kStagingLd<T>>, _1>{})));
   T* staging = smem.staging[warpgroup];
   const int row_base = warpgroup * (kBM / 2);
   mma.accumulate_ = GMMA::ScaleOut::One;
@@ -326,21 +446,21 @@ __device__ void consume_and_store(const Params<T, kBKMajor>& p, SharedStorage<T,
     ++release;                           // == read: the next tile's first stage
 
     // Epilogue: out = round(acc_main + factor·acc_lora + bias), through this warpgroup's
-    // staging rows, then 16-byte stores of them.
+    // staging rows, then 16-byte stores of them. Only the forward's bias reads memory per
+    // element, so only it needs the bounds test, and only on edge tiles.
     const int64_t m0 = tile.m * kBM, c0 = tile.n * kBN;
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_main); ++i) {
-      const int rr = get<0>(coords(i)), cc = get<1>(coords(i));
-      const int64_t m = m0 + rr, c = c0 + cc;
-      float factor = p.scaling;
-      if (p.drop.enabled) {
-        factor = (m < p.M && c < p.Nc)
-                     ? p.scaling * dropout_factor<float>(p.drop, static_cast<uint64_t>(m * p.ld_out + c))
-                     : 0.f;
+    if constexpr (kBKMajor) {  // forward: the bias bounds test on edge tiles only
+      if (c0 + kBN <= p.Nc && p.bias_pairs) {
+        stage_tile<false, true>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
+      } else {
+        stage_tile<true, true>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
       }
-      float value = acc_main(i) + factor * acc_lora(i);
-      if (p.bias != nullptr && c < p.Nc) value += static_cast<float>(p.bias[c]);
-      staging[(rr - row_base) * kStagingLd<T> + cc] = T(value);
+    } else {  // dx: no bias; the index width chosen once per kernel
+      if (p.small_index) {
+        stage_tile<false, true>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
+      } else {
+        stage_tile<false, false>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
+      }
     }
     cutlass::arch::NamedBarrier::sync(128, warpgroup);  // this warpgroup's rows are staged
     write_staged_rows<T, kBM / 2>(staging, thread % 128, 128, p.out, p.ld_out, m0 + row_base, p.M, c0, p.Nc,
@@ -355,7 +475,10 @@ template <class T, bool kBKMajor>
 __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const __grid_constant__ Params<T, kBKMajor> p) {
 #if defined(LORA_FUSED_SM90A_DEVICE)
   extern __shared__ unsigned char smem_raw[];
-  auto* base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  // Aligned to 1024 bytes by pointer arithmetic on smem_raw (not a round trip through an
+  // integer), so the compiler keeps the shared address space: STS/LDS, not generic stores.
+  const unsigned misalignment = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw)) & 1023u;
+  unsigned char* base = smem_raw + ((1024u - misalignment) & 1023u);
   auto& smem = *reinterpret_cast<SharedStorage<T, kBKMajor>*>(base);
 
   const bool producer = threadIdx.x >= kConsumerThreads;
@@ -379,14 +502,115 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const __grid_constant
 
 // ---- host side ------------------------------------------------------------------------
 
-// TMA's requirements on an operand: 16-byte aligned base, row stride a multiple of 16 bytes
-// (and below 2^40 bytes), non-empty dimensions below 2^31 (the descriptors' int extents).
+// The four operands of each product as TMA describes them (the order of Params: P, Q, L, R).
+// One list serves the dispatch check and the descriptors, so they cannot disagree.
+struct Operands {
+  TmaOperand p, q, l, r;
+};
+
+Operands forward_operands(const ForwardArgs& a) {
+  return {{a.x, a.M, a.K, a.ldx, true, 2},
+          {a.weight, a.N, a.K, a.K, true, 2},
+          {a.xa_rounded, a.M, a.r, a.rank_ld, true, 2},
+          {a.lora_B_tma, a.N, a.r, a.lora_B_tma_ld, true, 2}};
+}
+
+Operands dx_operands(const BackwardArgs& a) {
+  return {{a.grad_y, a.M, a.N, a.ldg, true, 2},
+          {a.weight, a.K, a.N, a.K, false, 2},   // W viewed [K, N]: (c, n) at W[n·K + c]
+          {a.gb_rounded, a.M, a.r, a.rank_ld, true, 2},
+          {a.lora_A, a.K, a.r, a.K, false, 2}};  // lora_A viewed [K, r]: (c, j) at A[j·K + c]
+}
+
+// cuTensorMapEncodeTiled from the driver, looked up once per process (nullptr without a
+// driver: then nothing is encodable and every call takes the sm80 kernels).
+using EncodeTiled = decltype(&cuTensorMapEncodeTiled);
+EncodeTiled encode_tiled() {
+  static const EncodeTiled fn = [] {
+    void* pfn = nullptr;
+    cudaDriverEntryPointQueryResult status{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t err =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &pfn, 12000, cudaEnableDefault, &status);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &pfn, cudaEnableDefault, &status);
+#endif
+    if (err != cudaSuccess || status != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();  // not this call's launch error
+      return EncodeTiled{nullptr};
+    }
+    return reinterpret_cast<EncodeTiled>(pfn);
+  }();
+  return fn;
+}
+
+// Whether the driver accepts the descriptor make_tma will ask CuTe for, with the same
+// arguments CuTe passes (copy_traits_sm90_tma.hpp: rank 2, the unit-stride extent first,
+// box 64 × 128 K-major or 64 × 64 MN-major, 128-byte swizzle, L2 promotion 128B, no OOB
+// fill). CuTe itself answers a failed encode with assert(false), i.e. abort() of the whole
+// process: this check runs first, so a failure means "use the sm80 kernels" instead. The
+// driver's encode is a pure host function, deterministic in its arguments.
 template <class T>
-bool tma_operand_ok(const void* ptr, int64_t ld, int64_t rows, int64_t depth) {
-  constexpr int64_t kMaxExtent = int64_t{1} << 31;
-  return ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (ld * int64_t{sizeof(T)}) % 16 == 0 &&
-         ld * int64_t{sizeof(T)} < (int64_t{1} << 40) && rows >= 1 && depth >= 1 && rows < kMaxExtent &&
-         depth < kMaxExtent;
+bool tma_encodable(const TmaOperand& o) {
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr) return false;
+  const CUtensorMapDataType format =
+      std::is_same_v<T, cute::bfloat16_t> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(o.k_major ? o.depth : o.rows),
+                              static_cast<cuuint64_t>(o.k_major ? o.rows : o.depth)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(o.ld) * sizeof(T)};
+  const cuuint32_t box[2] = {kBK, o.k_major ? uint32_t{kBM} : uint32_t{kBK}};
+  const cuuint32_t element_strides[2] = {1, 1};
+  CUtensorMap map;
+  const CUresult result = encode(&map, format, 2, const_cast<void*>(o.ptr), dims, strides, box, element_strides,
+                                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                 CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return result == CUDA_SUCCESS;
+}
+
+// The documented constraints (cuda_tma_operand.h) for all four operands; with `encode`, also
+// the driver's own answer for each.
+template <class T>
+bool operands_ok(const Operands& o, bool encode) {
+  for (const TmaOperand* operand : {&o.p, &o.q, &o.l, &o.r}) {
+    if (!tma_operand_ok(*operand)) return false;
+  }
+  if (!encode) return true;
+  for (const TmaOperand* operand : {&o.p, &o.q, &o.l, &o.r}) {
+    if (!tma_encodable<T>(*operand)) return false;
+  }
+  return true;
+}
+
+template <class T, bool kKMajor>
+auto make_tma(const TmaOperand& o) {
+  return make_tma<T, kKMajor>(static_cast<const T*>(o.ptr), static_cast<int>(o.rows), static_cast<int>(o.depth),
+                              o.ld);
+}
+
+// The SM count of a device, queried once per device (a per-call attribute query is host
+// overhead on small calls).
+cudaError_t sm_count(int* sms) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < kMaxDevices && (*sms = cached[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+  err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess && device < kMaxDevices) cached[device].store(*sms, std::memory_order_relaxed);
+  return err;
+}
+
+// LORA_FUSED_SM90_MAX_BLOCKS=n (n ≥ 1; for tests): at most n blocks, so that small shapes
+// walk many tiles per block and the pipeline state carried across tiles (stage indices and
+// phases wrapping mid-tile, the staging barrier) is exercised. Read per call (a getenv is
+// negligible next to a launch), so a test can set it around one call.
+int64_t max_blocks_override() {
+  const char* value = std::getenv("LORA_FUSED_SM90_MAX_BLOCKS");
+  if (value == nullptr || *value == '\0') return 0;
+  const long long n = std::strtoll(value, nullptr, 10);
+  return n >= 1 ? n : 0;
 }
 
 // Persistent: one block per SM (its shared memory allows no more), each walking the output
@@ -394,51 +618,67 @@ bool tma_operand_ok(const void* ptr, int64_t ld, int64_t rows, int64_t depth) {
 template <class T, bool kBKMajor>
 cudaError_t run(const Params<T, kBKMajor>& p, cudaStream_t stream) {
   const int64_t tiles = ceil_div(int64_t{p.M}, kBM) * ceil_div(int64_t{p.Nc}, kBN);
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  int sms = 0;
+  const cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
-  const int64_t blocks = tiles < sms ? tiles : sms;
+  int64_t blocks = tiles < sms ? tiles : sms;
+  const int64_t cap = max_blocks_override();
+  if (cap > 0 && cap < blocks) blocks = cap;
   return launch<gemm_kernel<T, kBKMajor>>(p, blocks, 1, smem_bytes<T, kBKMajor>(), stream, kThreads);
 }
 
 template <class T>
 cudaError_t forward_t(const ForwardArgs& a, cudaStream_t stream) {
+  const Operands o = forward_operands(a);
   Params<T, true> p;
   p.M = static_cast<int>(a.M), p.Nc = static_cast<int>(a.N), p.depth = static_cast<int>(a.K);
   p.r = static_cast<int>(a.r);
-  p.tma_p = make_tma<T, true>(static_cast<const T*>(a.x), p.M, p.depth, a.ldx);
-  p.tma_q = make_tma<T, true>(static_cast<const T*>(a.weight), p.Nc, p.depth, a.K);
-  p.tma_l = make_tma<T, true>(static_cast<const T*>(a.xa_rounded), p.M, p.r, a.rank_ld);
-  p.tma_r = make_tma<T, true>(static_cast<const T*>(a.lora_B_tma), p.Nc, p.r, a.lora_B_tma_ld);
+  p.tma_p = make_tma<T, true>(o.p);
+  p.tma_q = make_tma<T, true>(o.q);
+  p.tma_l = make_tma<T, true>(o.l);
+  p.tma_r = make_tma<T, true>(o.r);
   p.bias = static_cast<const T*>(a.bias);
   p.out = static_cast<T*>(a.y);
   p.ld_out = a.N;
   p.scaling = static_cast<float>(a.scaling);
   p.drop = DropoutSpec{};  // the forward's mask is in xa already
+  p.kept_factor = p.scaling;
+  p.small_index = true;
+  p.bias_pairs = reinterpret_cast<uintptr_t>(a.bias) % 4 == 0;
   p.vec_out = a.N % 8 == 0 && reinterpret_cast<uintptr_t>(a.y) % 16 == 0;
   return run(p, stream);
 }
 
 template <class T>
 cudaError_t dx_t(const BackwardArgs& a, cudaStream_t stream) {
+  const Operands o = dx_operands(a);
   Params<T, false> p;
   p.M = static_cast<int>(a.M), p.Nc = static_cast<int>(a.K), p.depth = static_cast<int>(a.N);
   p.r = static_cast<int>(a.r);
-  p.tma_p = make_tma<T, true>(static_cast<const T*>(a.grad_y), p.M, p.depth, a.ldg);
-  p.tma_q = make_tma<T, false>(static_cast<const T*>(a.weight), p.Nc, p.depth, a.K);  // (c, n) at W[n·K + c]
-  p.tma_l = make_tma<T, true>(static_cast<const T*>(a.gb_rounded), p.M, p.r, a.rank_ld);
-  p.tma_r = make_tma<T, false>(static_cast<const T*>(a.lora_A), p.Nc, p.r, a.K);  // (c, j) at A[j·K + c]
+  p.tma_p = make_tma<T, true>(o.p);
+  p.tma_q = make_tma<T, false>(o.q);
+  p.tma_l = make_tma<T, true>(o.l);
+  p.tma_r = make_tma<T, false>(o.r);
   p.bias = nullptr;
   p.out = static_cast<T*>(a.dx);
   p.ld_out = a.K;
   p.scaling = static_cast<float>(a.scaling);
   p.drop = a.dropout;  // hash index m·K + c: x's element (m, c)
+  // s·(1/(1 − p)) rounded as the device did it per element before: fp32 s times fp32 scale.
+  p.kept_factor = p.scaling * static_cast<float>(a.dropout.scale);
+  p.small_index = static_cast<uint64_t>(a.M) * static_cast<uint64_t>(a.K) <= (uint64_t{1} << 32);
+  p.bias_pairs = false;
   p.vec_out = a.K % 8 == 0 && reinterpret_cast<uintptr_t>(a.dx) % 16 == 0;
   return run(p, stream);
 }
 
 bool is_half(DType dtype) { return dtype == DType::kHalf || dtype == DType::kBFloat16; }
+
+template <class Args>
+bool supported(const Args& a, const Operands& o, bool encode) {
+  if (!is_half(a.dtype) || a.M < 1 || a.N < 1 || a.K < 1 || a.r < 1) return false;
+  return a.dtype == DType::kBFloat16 ? operands_ok<cute::bfloat16_t>(o, encode) : operands_ok<cute::half_t>(o, encode);
+}
 
 }  // namespace sm90
 
@@ -450,29 +690,20 @@ bool sm90_kernels_built() {
 #endif
 }
 
-bool sm90_forward_supported(const ForwardArgs& a) {
-  using T = cute::half_t;  // both 16-bit types have the same TMA requirements
-  return sm90::is_half(a.dtype) && a.r >= 1 && a.K >= 1 && a.M >= 1 && a.N >= 1 &&
-         sm90::tma_operand_ok<T>(a.x, a.ldx, a.M, a.K) && sm90::tma_operand_ok<T>(a.weight, a.K, a.N, a.K) &&
-         sm90::tma_operand_ok<T>(a.xa_rounded, a.rank_ld, a.M, a.r) &&
-         sm90::tma_operand_ok<T>(a.lora_B_tma, a.lora_B_tma_ld, a.N, a.r);
-}
+// The dispatch check: the documented constraints, then the driver's encode of each descriptor
+// (so no input that passes can make CuTe's encode fail and abort).
+bool sm90_forward_supported(const ForwardArgs& a) { return sm90::supported(a, sm90::forward_operands(a), true); }
 
-bool sm90_dx_supported(const BackwardArgs& a) {
-  using T = cute::half_t;
-  return sm90::is_half(a.dtype) && a.r >= 1 && a.K >= 1 && a.M >= 1 && a.N >= 1 &&
-         sm90::tma_operand_ok<T>(a.grad_y, a.ldg, a.M, a.N) && sm90::tma_operand_ok<T>(a.weight, a.K, a.K, a.N) &&
-         sm90::tma_operand_ok<T>(a.gb_rounded, a.rank_ld, a.M, a.r) &&
-         sm90::tma_operand_ok<T>(a.lora_A, a.K, a.K, a.r);
-}
+bool sm90_dx_supported(const BackwardArgs& a) { return sm90::supported(a, sm90::dx_operands(a), true); }
 
 cudaError_t sm90_forward(const ForwardArgs& a, cudaStream_t stream) {
-  if (!sm90_kernels_built() || !sm90_forward_supported(a)) return cudaErrorInvalidValue;
+  // cuda_ops.cpp called sm90_forward_supported (with the driver's encode check) first.
+  if (!sm90_kernels_built() || !sm90::supported(a, sm90::forward_operands(a), false)) return cudaErrorInvalidValue;
   return dispatch_half(a.dtype, [&](auto tag) { return sm90::forward_t<decltype(tag)>(a, stream); });
 }
 
 cudaError_t sm90_dx(const BackwardArgs& a, cudaStream_t stream) {
-  if (!sm90_kernels_built() || !sm90_dx_supported(a)) return cudaErrorInvalidValue;
+  if (!sm90_kernels_built() || !sm90::supported(a, sm90::dx_operands(a), false)) return cudaErrorInvalidValue;
   return dispatch_half(a.dtype, [&](auto tag) { return sm90::dx_t<decltype(tag)>(a, stream); });
 }
 

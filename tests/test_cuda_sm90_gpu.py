@@ -99,15 +99,41 @@ SM90_CASES = {
     "r65-two-rank-tiles": (130, 520, 136, 65, False, 0.2),
     "r128-two-full-rank-tiles": (64, 72, 256, 128, True, 0.0),
     "k8-one-partial-k-tile": (131, 8, 16, 4, True, 0.2),
+    # Depth residues 17-32 (two 16-deep k-blocks in the last tile: the Int<2> batch), forward
+    # (K) and dx (N), and rank residues of two and three k-blocks (r = 24, 40).
+    "k24-n280-two-kblock-residues": (300, 24, 280, 24, True, 0.1),
+    "k88-n152-two-kblock-residues": (200, 88, 152, 40, False, 0.2),
+    # One row: x's leading dimension becomes K (TMA with a single row).
+    "m1-single-row": (1, 72, 136, 8, True, 0.1),
+}
+
+# More output tiles than an H100/H200 has SMs (132), with M, N, K and rank residues: the
+# persistent blocks walk several tiles each, edges included (review of cuda4, C1).
+# (M, K, N, r, bias, dropout_p)
+SM90_MULTI_TILE_CASES = {
+    "fwd-216-tiles-r65": (3000, 200, 1096, 65, True, 0.2),  # forward 24 x 9 tiles, dx 24 x 2
+    "dx-216-tiles-r17": (3000, 1096, 520, 17, False, 0.2),  # forward 24 x 5, dx 24 x 9
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("case", list(SM90_CASES), ids=str)
+@pytest.mark.parametrize("case", list(SM90_CASES) + list(SM90_MULTI_TILE_CASES), ids=str)
 def test_sm90_parity(case, dtype):
-    M, K, N, r, bias, dropout_p = SM90_CASES[case]
+    M, K, N, r, bias, dropout_p = {**SM90_CASES, **SM90_MULTI_TILE_CASES}[case]
     check_parity(M, K, N, r, dtype, bias, dropout_p=dropout_p, device="cuda")
     assert _launches_for(M, K, N, r, dtype) == {"forward": 1, "dx": 1}, "both products must run on sm90"
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+@pytest.mark.parametrize("case", ["r1-edges-everywhere", "r65-two-rank-tiles", "k24-n280-two-kblock-residues"])
+def test_sm90_grid_capped_walks_every_tile(case, blocks, monkeypatch):
+    """LORA_FUSED_SM90_MAX_BLOCKS caps the persistent grid: 1-3 blocks walk all the tiles of
+    a small case, the stage indices and barrier phases wrapping mid-tile (each tile is
+    rank + k tiles long against 5 stages) and the staging barrier reused per tile."""
+    monkeypatch.setenv("LORA_FUSED_SM90_MAX_BLOCKS", str(blocks))
+    M, K, N, r, bias, dropout_p = SM90_CASES[case]
+    check_parity(M, K, N, r, torch.bfloat16, bias, dropout_p=dropout_p, device="cuda")
+    assert _launches_for(M, K, N, r, torch.bfloat16) == {"forward": 1, "dx": 1}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
@@ -117,6 +143,7 @@ def test_sm90_sam_vit_b_qkv_shape(dtype):
     kernel's blocks (one per SM: 132 on an H100/H200) walk several at a time, forward and dx
     (dx: 32 x 6 = 192 tiles)."""
     check_parity(4096, 768, 2304, 16, dtype, True, dropout_p=0.1, device="cuda")
+    assert _launches_for(4096, 768, 2304, 16, dtype) == {"forward": 1, "dx": 1}, "both products must run on sm90"
 
 
 # The fallback: operands TMA cannot take keep the sm80 kernels (same parity rule).
@@ -204,3 +231,51 @@ def test_sm90_backward_without_dx_launches_no_dx_kernel():
     launches = _sm90_launches(
         lambda: BACKWARD(grad_y, x, weight, lora_A, lora_B, xa, SCALING, 0.2, torch.tensor(5), False, True))
     assert launches == {"forward": 0, "dx": 0}
+
+
+# Views TMA cannot describe (review of cuda4, A1): an expanded tensor has row stride 0 and
+# as_strided rows can overlap; the operand check sends them to the sm80 kernels (the driver
+# would otherwise be asked to encode them, and CuTe aborts the process on a refused encode).
+def _expanded_rows(t):
+    return t[:1].expand_as(t)
+
+
+def _overlapping_rows(t):
+    """Rows 8 elements apart (ld = 8 < K): a 16-byte aligned stride whose rows overlap."""
+    flat = t.reshape(-1)[: (t.shape[0] - 1) * 8 + t.shape[1]].clone()
+    return flat.as_strided(t.shape, (8, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("view", [_expanded_rows, _overlapping_rows], ids=["expanded", "overlapping"])
+def test_x_rows_tma_cannot_describe_take_sm80_forward(view, dtype):
+    M, K, N, r = 300, 200, 264, 16
+    assert view(torch.zeros(M, K)).stride(0) < K
+    check_parity(M, K, N, r, dtype, True, dropout_p=0.2, device="cuda", x_transform=view)
+    assert _launches_for(M, K, N, r, dtype, x_transform=view) == {"forward": 0, "dx": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("view", [_expanded_rows, _overlapping_rows], ids=["expanded", "overlapping"])
+def test_grad_y_rows_tma_cannot_describe_take_sm80_dx(view, dtype):
+    M, K, N, r = 300, 200, 264, 16
+    x, weight, b, lora_A, lora_B = make_inputs(M, K, N, r, dtype, device="cuda")
+    grad_y = view(make_inputs(M, N, 1, 1, dtype, device="cuda", seed=1)[0])
+    inputs = (x, weight, b, lora_A, lora_B)
+    got = run_extension(*inputs, SCALING, 0.2, 9, grad_y)
+    _parity_of(got, inputs, SCALING, 0.2, 9, grad_y)
+    assert _sm90_launches(lambda: run_extension(*inputs, SCALING, 0.2, 9, grad_y)) == {"forward": 1, "dx": 0}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+def test_transposed_views_stay_correct(dtype):
+    """x and grad_y as transposes of [K, M] / [N, M] storage (column stride != 1): the op
+    layer makes them row-major first, so both products still run on sm90."""
+    M, K, N, r = 300, 200, 264, 16
+    x, weight, b, lora_A, lora_B = make_inputs(M, K, N, r, dtype, device="cuda")
+    x = x.t().contiguous().t()
+    grad_y = make_inputs(M, N, 1, 1, dtype, device="cuda", seed=1)[0].t().contiguous().t()
+    inputs = (x, weight, b, lora_A, lora_B)
+    got = run_extension(*inputs, SCALING, 0.1, 4, grad_y)
+    _parity_of(got, inputs, SCALING, 0.1, 4, grad_y)
+    assert _sm90_launches(lambda: run_extension(*inputs, SCALING, 0.1, 4, grad_y)) == {"forward": 1, "dx": 1}

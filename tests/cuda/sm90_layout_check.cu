@@ -50,32 +50,40 @@ int check_partition_c(const char* name) {
       const int row = get<0>(c(i)), col = get<1>(c(i));
       bad += row < row_base || row >= row_base + kBM / 2;  // this warpgroup's staging rows
       seen[row * kBN + col]++;
+      if (i % 2 == 0) {  // the epilogue's packed pair: (row, col), (row, col + 1), col even
+        bad += col % 2 != 0 || get<0>(c(i + 1)) != row || get<1>(c(i + 1)) != col + 1;
+      }
     }
   }
   for (int v : seen) bad += v != 1;
-  printf("%s: partition_C covers 128x128 once, warpgroup rows apart: problems %d\n", name, bad);
+  printf("%s: partition_C covers 128x128 once, warpgroup rows apart, values in column pairs: problems %d\n", name,
+         bad);
   return bad;
 }
 
 // The TMA copy of an operand (a default-constructed descriptor: only its layouts matter
-// here, so no driver call): its boxes fill a stage exactly, and over a rows × depth operand a
-// block's tiles along the depth number ceil(depth / 64) (the producer's loop bound).
+// here, so no driver call): its boxes fill a stage exactly, and over a rows × depth operand
+// the persistent producer's view (local_tile with make_coord(_, _): TMA, TMA rows, TMA depth,
+// row tiles, depth tiles) has ceil(rows / 128) row tiles and ceil(depth / 64) depth tiles
+// (the producer's loop bound), each one box's worth.
 template <class T, bool kKMajor>
 int check_tma_partition(const char* name, int rows, int depth) {
   TmaOf<T, kKMajor> tma{};
   Tensor s = make_tensor(make_smem_ptr(static_cast<T*>(nullptr)), StageLayout<T, kKMajor>{});
   auto slice = tma.get_slice(0);
   Tensor destination = slice.partition_D(s);  // (TMA, TMA rows, TMA depth, stages)
-  Tensor g = local_tile(tma.get_tma_tensor(make_shape(rows, depth)), Shape<Int<kBM>, Int<kBK>>{}, make_coord(0, _));
-  Tensor source = slice.partition_S(g);  // (TMA, TMA rows, TMA depth, tiles)
+  Tensor g = local_tile(tma.get_tma_tensor(make_shape(rows, depth)), Shape<Int<kBM>, Int<kBK>>{}, make_coord(_, _));
+  Tensor source = slice.partition_S(g);  // (TMA, TMA rows, TMA depth, row tiles, depth tiles)
   int bad = size(destination) != cosize_v<StageLayout<T, kKMajor>>;
   bad += size<3>(destination) != kStages;
-  bad += size<3>(source) != (depth + kBK - 1) / kBK;
+  bad += rank(source) != 5;
+  bad += size<3>(source) != (rows + kBM - 1) / kBM;
+  bad += size<4>(source) != (depth + kBK - 1) / kBK;
   bad += size<0>(source) * size<1>(source) * size<2>(source) != kBM * kBK;
-  printf("%s (%d x %d): %d elements per stage in %d TMA copies, %d depth tiles: problems %d\n", name, rows, depth,
-         int(size<0>(destination) * size<1>(destination) * size<2>(destination)),
+  printf("%s (%d x %d): %d elements per stage in %d TMA copies, %d row tiles x %d depth tiles: problems %d\n", name,
+         rows, depth, int(size<0>(destination) * size<1>(destination) * size<2>(destination)),
          int(size<0>(destination)) / int(size(typename TmaOf<T, kKMajor>::ValLayoutSrc{})), int(size<3>(source)),
-         bad);
+         int(size<4>(source)), bad);
   return bad;
 }
 
