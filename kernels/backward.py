@@ -119,7 +119,7 @@ from lora_fused.dropout import dropout_scale, dropout_threshold
 
 from .common import (accumulate_product, accumulate_product_and_thin, cast_to, device_guard, dot_operand, input_precision, interpreted_bf16,
                      rank_product)
-from .configs import backward_configs, backward_db_rows, backward_row_groups, m_bucket, multiprocessors, padded_rank, prune_backward_configs
+from .configs import backward_configs, backward_db_rows_of_launch, backward_row_groups, m_bucket, multiprocessors, padded_rank, prune_backward_configs
 from .dropout import dropout_keep, index_below_2_32, seed_as_int32
 from .plan import backward_column_block, backward_fuses_gb, backward_pads_b
 from .projection import project_rows
@@ -179,8 +179,7 @@ def _add_dB_of_rows(g_ptr, xa_ptr, dB_partial_ptr, db_partial_ptr, group, first_
                     "INDEX_BELOW_2_32": lambda args: index_below_2_32(args["M"], args["K"]),
                     "COMPUTE_DX": lambda args: args["dx_ptr"] is not None,
                     "COMPUTE_DB": lambda args: args["db_partial_ptr"] is not None,
-                    "PRECOMPUTED_GB": lambda args: args["gb_ptr"] is not None,
-                    "DB_ROWS": lambda args: backward_db_rows(args["R_PAD"])})
+                    "PRECOMPUTED_GB": lambda args: args["gb_ptr"] is not None})
 @triton.autotune(
     configs=backward_configs(),
     # Everything that changes the best tile: sizes, rank (R_PAD and R % 16, via R), which products run, the
@@ -193,6 +192,8 @@ def _add_dB_of_rows(g_ptr, xa_ptr, dB_partial_ptr, db_partial_ptr, group, first_
     prune_configs_by={"early_config_prune": prune_backward_configs},
     cache_results=True,  # best configs persist in the Triton cache directory across processes
 )
+# Under the autotuner, so that each config's BLOCK_M (and BLOCK_N) reaches it: DB_ROWS is a multiple of BLOCK_M.
+@triton.heuristics({"DB_ROWS": lambda args: backward_db_rows_of_launch(args)})
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_group", "seed", "dropout_threshold"])
 def lora_backward_kernel(
     g_ptr, x_ptr, w_ptr, a_ptr, b_ptr, xa_ptr, gb_ptr, dx_ptr, dA_partial_ptr, dB_partial_ptr, db_partial_ptr,
@@ -206,6 +207,9 @@ def lora_backward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # BLOCK_N spans columns of dx / dA (K); BLOCK_K steps through N (the g·W and g·B reductions, dB's tiles).
+    # A dB step fires when a row block ends on a chunk boundary: with BLOCK_M not dividing DB_ROWS a group's first
+    # chunk would never be stored and later ones would add onto the poisoned partial (review of issue 10, A1).
+    tl.static_assert(DB_ROWS % BLOCK_M == 0, "DB_ROWS must be a multiple of BLOCK_M (configs.backward_db_rows)")
     pid = tl.program_id(0)
     col_blocks = tl.maximum(tl.cdiv(K, BLOCK_N), 1)  # K = 0 still needs programs for dB and db
     group = pid // col_blocks

@@ -216,18 +216,23 @@ DB_ROWS_INTERPRETER = 64
 DB_ROWS_MIN, DB_ROWS_MAX = 128, 1024
 
 
-def backward_db_rows(r_pad: int) -> int:
-    """Rows of g per dB/db step of the backward: ``clamp(8·R_PAD, 128, 1024)`` on a GPU (a multiple of every BLOCK_M).
+def backward_db_rows(r_pad: int, block_m: int) -> int:
+    """Rows of g per dB/db step of the backward: a multiple of ``block_m`` (the kernel's static_assert).
 
     Each step read-modify-writes a group's fp32 dB partial slices ([N, R_PAD] per group): L2
     traffic of ``8·R_PAD/DB_ROWS`` bytes per element of g, i.e. ``4·R_PAD/DB_ROWS`` of |g| in
-    fp16/bf16: 1/2 at R_PAD ≤ 128, 1 at R_PAD 256 (kernels/backward.py, "dB/db"). The
-    step reads the chunk's g rows back from L2, so a chunk must not outgrow it: at ViT-B, r ≤ 16,
-    128 rows × N ≤ 3072 × 2 B = 0.8 MB per row group in flight.
+    fp16/bf16, so on a GPU a chunk is ``clamp(8·R_PAD, 128, 1024)`` rows: 1/2 |g| at R_PAD ≤ 128,
+    |g| at R_PAD 256 (kernels/backward.py, "dB/db"), not below ``block_m`` and rounded down to a
+    multiple of it. The step reads the chunk's g rows back from L2, so a chunk must not outgrow it:
+    at ViT-B, r ≤ 16, 128 rows × N ≤ 3072 × 2 B = 0.8 MB per row group in flight.
     """
-    if interpreting():
-        return DB_ROWS_INTERPRETER
-    return min(max(8 * r_pad, DB_ROWS_MIN), DB_ROWS_MAX)
+    rows = DB_ROWS_INTERPRETER if interpreting() else min(max(8 * r_pad, DB_ROWS_MIN), DB_ROWS_MAX)
+    return max(block_m, rows // block_m * block_m)
+
+
+def backward_db_rows_of_launch(args: dict) -> int:
+    """:func:`backward_db_rows` for a launch of the backward kernel (its arguments and config)."""
+    return backward_db_rows(args["R_PAD"], args["BLOCK_M"])
 
 
 def _fits(config: triton.Config, shared_bytes: int, budget: int, accumulators: int) -> bool:

@@ -85,9 +85,9 @@ def _variants(arch: int):
             bw_odd = odd - {"stride_bn"} if fused_gb else odd
             for compute_dx in (True, False):
                 bw = {"R_PAD": r_pad, "HAS_DROPOUT": p > 0, "INDEX_BELOW_2_32": True, "COMPUTE_DX": compute_dx,
-                      "COMPUTE_DB": True, "PRECOMPUTED_GB": not fused_gb,
-                      "DB_ROWS": configs.backward_db_rows(r_pad), **prec}
-                jobs += [("backward", "lora_backward_kernel", backward_types, bw, bw_odd, c)
+                      "COMPUTE_DB": True, "PRECOMPUTED_GB": not fused_gb, **prec}
+                jobs += [("backward", "lora_backward_kernel", backward_types,
+                          {**bw, "DB_ROWS": configs.backward_db_rows(r_pad, c.kwargs["BLOCK_M"])}, bw_odd, c)
                          for c in _kept(configs.prune_backward_configs, backward_tiles, arch,
                                         {"g_ptr": elt, "rows_per_group": rows_per_group}, **bw)]
             if not fused_gb:  # gb = g·B: P = B, rank contiguous, row stride r
