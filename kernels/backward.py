@@ -55,7 +55,11 @@ price is L2 traffic: each step reads and writes the group's fp32 partial slices,
 ``4·R_PAD/DB_ROWS`` of |g| (fp16/bf16); :func:`~.configs.backward_db_rows` makes a chunk
 ``clamp(8·R_PAD, 128, 1024)`` rows: 1/2 |g| at R_PAD ≤ 128, |g| at 256 — through L2, where
 the old plan read |g| from DRAM. The partial slices (``N·R_PAD·4`` bytes per group, 147 KB at
-qkv, r ≤ 16) stay in L2.
+qkv, r ≤ 16) stay in L2. So that the chunk is still there, the chunk is halved (down to one row
+block, a multiple of BLOCK_M: static_assert) until the chunks and slices of the groups in flight
+take at most a quarter of the GPU's L2 (:data:`~.configs.DB_CHUNK_L2_SHARE`); at wide N and
+R_PAD ≥ 64 (fc1 r = 64, LLM MLPs) that is one row block per step, the RMW traffic then
+``4·R_PAD/BLOCK_M`` of |g|.
 
 Order: a slice has one owner program, which adds its chunks in row order (deterministic). The
 next chunk's load of a slice may run on other threads than the store before it (the compiler
