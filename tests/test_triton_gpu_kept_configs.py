@@ -165,8 +165,8 @@ def pipeline_problems(body: list[str], arch: int) -> list[str]:
 KNOWN_UNPIPELINED = {
     "projection_xa+dropout": "the hashed x tile is masked in registers before the MMA (synchronous load)",
     "backward_dB_step": "the dB/db step's loop over a chunk's row blocks (L2 hits; one row block at sm90's "
-                        "128-row tiles and r <= 16) runs unpipelined (num_stages=1): pipelined it spills "
-                        "(kernels/backward.py, 'Registers and latency')",
+                        "128-row tiles and r <= 16, up to 32 elsewhere) runs unpipelined (num_stages=1): pipelined "
+                        "it spills; its latency is the known risk of kernels/backward.py, 'Registers and latency'",
 }
 
 
