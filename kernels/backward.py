@@ -86,8 +86,9 @@ against the old tail loop's |g|/BW of 22 µs (H100) and 16 µs (H200); A100 (32�
 against 37 µs. At R_PAD 32-256 a chunk is 2-32 unpipelined row blocks (the L2 cap above shortens it
 at wide N). The cheapest fix — the slices' loads issued before the chunk's g/xa loads and added after
 the product, xa loaded once per step when DB_ROWS == BLOCK_M — was tried and not kept: it spills
-on sm80 (ptxas -v, triton 3.8: the 128×256×32/8w variant without dx or dropout at r = 16, 96 B;
-branch triton5-wip). The GPU check must measure it: the backward at ViT-B qkv, fc1 and fc2 shapes,
+on sm80 (ptxas -v, triton 3.8: the 128×256×32/8w variant without dx or dropout at r = 16, 96 B),
+and its first half alone (xa not hoisted) on sm90 at R_PAD 256 with dx under triton 3.6 (132-156 B;
+both on branch triton5-wip). The GPU check must measure it: the backward at ViT-B qkv, fc1 and fc2 shapes,
 M = 16384, r ∈ {8, 16, 64, 256}, bf16 on H100/H200 (and A100 when drawn), this plan A/B against the
 tail-loop plan at commit 7cdeb53 (dB after the row loop, g read from DRAM twice); if the tail loop
 wins, put both under the autotuner (a config flag) rather than pick one. Other knobs:
