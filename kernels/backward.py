@@ -55,7 +55,11 @@ price is L2 traffic: each step reads and writes the group's fp32 partial slices,
 ``4·R_PAD/DB_ROWS`` of |g| (fp16/bf16); :func:`~.configs.backward_db_rows` makes a chunk
 ``clamp(8·R_PAD, 128, 1024)`` rows: 1/2 |g| at R_PAD ≤ 128, |g| at 256 — through L2, where
 the old plan read |g| from DRAM. The partial slices (``N·R_PAD·4`` bytes per group, 147 KB at
-qkv, r ≤ 16) stay in L2.
+qkv, r ≤ 16) stay in L2. So that the chunk is still there, the chunk is halved (down to one row
+block, a multiple of BLOCK_M: static_assert) until the chunks and slices of the groups in flight
+take at most a quarter of the GPU's L2 (:data:`~.configs.DB_CHUNK_L2_SHARE`); at wide N and
+R_PAD ≥ 64 (fc1 r = 64, LLM MLPs) that is one row block per step, the RMW traffic then
+``4·R_PAD/BLOCK_M`` of |g|.
 
 Order: a slice has one owner program, which adds its chunks in row order (deterministic). The
 next chunk's load of a slice may run on other threads than the store before it (the compiler
@@ -69,12 +73,26 @@ row blocks not software-pipelined. Inlined into the row loop it raised the kerne
 174 → 255 registers and 12 B spilled, sm90 R_PAD 64 spilling 12-68 B; neither the barrier, the
 partial's load nor the dot alone explained it); as a call ptxas allocates it apart (no stack
 frame, no spill in any kept variant). Pipelined, it spills even as a call (sm90 R_PAD 64: 28-80 B).
-Unpipelined, each owned tile waits once per row block for its L2 loads: at ViT-B qkv on an
-H100 (r ≤ 16, 128×64/8w tiles, one CTA per SM, 3 owned tiles) 3 L2 round trips (a few hundred
-ns each) plus 3 small MMAs and stores per row block, whose N loop takes ≥ 6.3 µs (47 MFLOP at
-one SM's peak): an estimated 5-20 % on the kernel that no other CTA hides, against the ~22 µs
-(20-25 % at M = 16384) of the second DRAM read of g it replaces. A GPU measurement decides; the
-knobs are :func:`~.configs.backward_db_rows` and a prefetch of the next tile's g in the dB step.
+Known risk (unmeasured; second reading of issue 10, B1-B3, from the PTX, no GPU): the step is
+latency-bound and may cost more than the second DRAM read of g it replaces. Per owned tile and step
+the PTX serialises the partial slice's load, a layout convert (``bar.sync``), the db slice's load
+(``bar.sync``), and only then the xa/g loads (ptxas cannot hoist loads above a ``bar.sync``): at
+least 2 dependent L2 round trips per tile, plus one per further row block of the chunk (the loop is
+not pipelined) — 6 or more per 128-row block at ViT-B qkv on sm90, 15 or more per 128 rows on sm80
+(32-row tiles, 4 blocks a chunk), not 3. Estimates at ViT-B qkv, r ≤ 16, M = 16384, bf16: H100/H200
+(128×64×64/8w, 3 owned tiles, L2 hit 300-550 cycles) 1.4-1.9 k cycles per tile, 2.2-3.0 µs per row
+block against its N loop's 6.3 µs at peak (9-11 µs realistic), ≈ 26-36 µs per SM over the 12 steps,
+against the old tail loop's |g|/BW of 22 µs (H100) and 16 µs (H200); A100 (32×64×64/8w) ≈ 85-120 µs
+against 37 µs. At R_PAD 32-256 a chunk is 2-32 unpipelined row blocks (the L2 cap above shortens it
+at wide N). The cheapest fix — the slices' loads issued before the chunk's g/xa loads and added after
+the product, xa loaded once per step when DB_ROWS == BLOCK_M — was tried and not kept: it spills
+on sm80 (ptxas -v, triton 3.8: the 128×256×32/8w variant without dx or dropout at r = 16, 96 B),
+and its first half alone (xa not hoisted) on sm90 at R_PAD 256 with dx under triton 3.6 (132-156 B;
+both on branch triton5-wip). The GPU check must measure it: the backward at ViT-B qkv, fc1 and fc2 shapes,
+M = 16384, r ∈ {8, 16, 64, 256}, bf16 on H100/H200 (and A100 when drawn), this plan A/B against the
+tail-loop plan at commit 7cdeb53 (dB after the row loop, g read from DRAM twice); if the tail loop
+wins, put both under the autotuner (a config flag) rather than pick one. Other knobs:
+:func:`~.configs.backward_db_rows` and a prefetch of the next owned tile's g and slice.
 Rejected: the dB product inside the N loop on the g tile the program holds (predicated on
 ownership) puts a conditional read-modify-write in the main loop, which then no longer
 pipelines; dB of the owned tiles in registers across the row loop needs N/col_blocks
@@ -119,7 +137,7 @@ from lora_fused.dropout import dropout_scale, dropout_threshold
 
 from .common import (accumulate_product, accumulate_product_and_thin, cast_to, device_guard, dot_operand, input_precision, interpreted_bf16,
                      rank_product)
-from .configs import backward_configs, backward_db_rows, backward_row_groups, m_bucket, multiprocessors, padded_rank, prune_backward_configs
+from .configs import backward_configs, backward_db_rows_of_launch, backward_row_groups, m_bucket, multiprocessors, padded_rank, prune_backward_configs
 from .dropout import dropout_keep, index_below_2_32, seed_as_int32
 from .plan import backward_column_block, backward_fuses_gb, backward_pads_b
 from .projection import project_rows
@@ -157,8 +175,9 @@ def _add_dB_of_rows(g_ptr, xa_ptr, dB_partial_ptr, db_partial_ptr, group, first_
         dBt = tl.load(dB_ptrs, mask=out_ok[None, :] & accumulate, other=0.0)
         if COMPUTE_DB:
             db = tl.load(db_partial_ptr + group_outs, mask=out_ok & accumulate, other=0.0)
-        # Not software-pipelined (num_stages=1): its tiles are L2 hits, a chunk is one row block at sm90's 128-row
-        # tiles and r <= 16, and pipelined it spills (module docstring, "Registers and latency").
+        # Not software-pipelined (num_stages=1): pipelined it spills. Its tiles are L2 hits, but each row block of a
+        # chunk (1 at sm90's 128-row tiles and r <= 16, 2-32 elsewhere) waits a round trip: the known risk in the
+        # module docstring ("Registers and latency"), for the GPU check to measure.
         for m0 in tl.range(chunk_start, chunk_end, BLOCK_M, num_stages=1):
             rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
             row_ok = rows < chunk_end
@@ -179,8 +198,7 @@ def _add_dB_of_rows(g_ptr, xa_ptr, dB_partial_ptr, db_partial_ptr, group, first_
                     "INDEX_BELOW_2_32": lambda args: index_below_2_32(args["M"], args["K"]),
                     "COMPUTE_DX": lambda args: args["dx_ptr"] is not None,
                     "COMPUTE_DB": lambda args: args["db_partial_ptr"] is not None,
-                    "PRECOMPUTED_GB": lambda args: args["gb_ptr"] is not None,
-                    "DB_ROWS": lambda args: backward_db_rows(args["R_PAD"])})
+                    "PRECOMPUTED_GB": lambda args: args["gb_ptr"] is not None})
 @triton.autotune(
     configs=backward_configs(),
     # Everything that changes the best tile: sizes, rank (R_PAD and R % 16, via R), which products run, the
@@ -193,6 +211,8 @@ def _add_dB_of_rows(g_ptr, xa_ptr, dB_partial_ptr, db_partial_ptr, group, first_
     prune_configs_by={"early_config_prune": prune_backward_configs},
     cache_results=True,  # best configs persist in the Triton cache directory across processes
 )
+# Under the autotuner, so that each config's BLOCK_M (and BLOCK_N) reaches it: DB_ROWS is a multiple of BLOCK_M.
+@triton.heuristics({"DB_ROWS": lambda args: backward_db_rows_of_launch(args)})
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "rows_per_group", "seed", "dropout_threshold"])
 def lora_backward_kernel(
     g_ptr, x_ptr, w_ptr, a_ptr, b_ptr, xa_ptr, gb_ptr, dx_ptr, dA_partial_ptr, dB_partial_ptr, db_partial_ptr,
@@ -206,6 +226,9 @@ def lora_backward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # BLOCK_N spans columns of dx / dA (K); BLOCK_K steps through N (the g·W and g·B reductions, dB's tiles).
+    # A dB step fires when a row block ends on a chunk boundary: with BLOCK_M not dividing DB_ROWS a group's first
+    # chunk would never be stored and later ones would add onto the poisoned partial (review of issue 10, A1).
+    tl.static_assert(DB_ROWS % BLOCK_M == 0, "DB_ROWS must be a multiple of BLOCK_M (configs.backward_db_rows)")
     pid = tl.program_id(0)
     col_blocks = tl.maximum(tl.cdiv(K, BLOCK_N), 1)  # K = 0 still needs programs for dB and db
     group = pid // col_blocks

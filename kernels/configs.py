@@ -214,20 +214,60 @@ def backward_row_groups(m: int, col_blocks: int, sms: int) -> tuple[int, int]:
 # CPU tests run the read-modify-write of the partials over several chunks and a partial last one.
 DB_ROWS_INTERPRETER = 64
 DB_ROWS_MIN, DB_ROWS_MAX = 128, 1024
+# The dB step reads its chunk of g back from L2 (kernels/backward.py, "dB/db"). Assumption: the chunks of g of the
+# row groups in flight plus their fp32 partial slices may take a quarter of L2; the rest streams W, x, A, B and the
+# dx stores, and on H100/H200 L2 is two partitions (a line in the far one is a slower hit, and may be held twice).
+DB_CHUNK_L2_SHARE = 4
+# L2 bytes by compute capability (data sheets), for a device whose properties do not report it: A100 40 MB,
+# H100/H200 50 MB. Anything else: 4 MiB, below every datacenter GPU since sm80, so the cap errs towards small chunks.
+L2_BYTES_BY_CAPABILITY = {(8, 0): 40 << 20, (9, 0): 50 << 20}
+L2_BYTES_UNKNOWN = 4 << 20
 
 
-def backward_db_rows(r_pad: int) -> int:
-    """Rows of g per dB/db step of the backward: ``clamp(8·R_PAD, 128, 1024)`` on a GPU (a multiple of every BLOCK_M).
+def l2_bytes(device: torch.device) -> int:
+    """The GPU's L2 size in bytes (0 off a GPU: no cap on the dB chunk)."""
+    if device.type != "cuda":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    reported = getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0)
+    return reported or L2_BYTES_BY_CAPABILITY.get(torch.cuda.get_device_capability(index), L2_BYTES_UNKNOWN)
+
+
+def backward_db_rows(r_pad: int, block_m: int, n: int = 0, element_size: int = 2, groups_in_flight: int = 1,
+                     l2: int = 0) -> int:
+    """Rows of g per dB/db step of the backward: a multiple of ``block_m`` (the kernel's static_assert).
 
     Each step read-modify-writes a group's fp32 dB partial slices ([N, R_PAD] per group): L2
     traffic of ``8·R_PAD/DB_ROWS`` bytes per element of g, i.e. ``4·R_PAD/DB_ROWS`` of |g| in
-    fp16/bf16: 1/2 at R_PAD ≤ 128, 1 at R_PAD 256 (kernels/backward.py, "dB/db"). The
-    step reads the chunk's g rows back from L2, so a chunk must not outgrow it: at ViT-B, r ≤ 16,
-    128 rows × N ≤ 3072 × 2 B = 0.8 MB per row group in flight.
+    fp16/bf16, so on a GPU a chunk is ``clamp(8·R_PAD, 128, 1024)`` rows: 1/2 |g| at R_PAD ≤ 128,
+    |g| at R_PAD 256 (kernels/backward.py, "dB/db"). The step reads the chunk's g rows back from L2,
+    so with ``l2`` bytes of it (0: no cap) the chunk is halved until the chunks of the
+    ``groups_in_flight`` groups plus their partial slices fit in ``l2 / DB_CHUNK_L2_SHARE``::
+
+        groups_in_flight · (DB_ROWS·N·element_size + N·(R_PAD + 1)·4) ≤ l2 / DB_CHUNK_L2_SHARE
+
+    but not below ``block_m`` (one row block per step: the cap then cannot hold, the RMW traffic is
+    ``4·R_PAD/BLOCK_M`` of |g|). Last, rounded down to a multiple of ``block_m``.
     """
-    if interpreting():
-        return DB_ROWS_INTERPRETER
-    return min(max(8 * r_pad, DB_ROWS_MIN), DB_ROWS_MAX)
+    rows = DB_ROWS_INTERPRETER if interpreting() else min(max(8 * r_pad, DB_ROWS_MIN), DB_ROWS_MAX)
+    if l2 and n:
+        share = l2 // DB_CHUNK_L2_SHARE // max(groups_in_flight, 1) - n * (r_pad + 1) * 4
+        while rows > block_m and rows * n * element_size > share:
+            rows //= 2
+    return max(block_m, rows // block_m * block_m)
+
+
+def backward_db_rows_of_launch(args: dict) -> int:
+    """:func:`backward_db_rows` for a launch of the backward kernel (its arguments and config).
+
+    Groups in flight: ``min(groups, SMs // column blocks)``, one CTA per SM (the kept tiles' shared
+    memory and registers) and the grid row-group-major, so the programs of a group run together.
+    """
+    g = args["g_ptr"]
+    col_blocks = max(triton.cdiv(args["K"], args["BLOCK_N"]), 1)
+    groups = triton.cdiv(max(args["M"], 1), args["rows_per_group"])
+    in_flight = min(groups, max(1, multiprocessors(g.device) // col_blocks))
+    return backward_db_rows(args["R_PAD"], args["BLOCK_M"], args["N"], g.element_size(), in_flight, l2_bytes(g.device))
 
 
 def _fits(config: triton.Config, shared_bytes: int, budget: int, accumulators: int) -> bool:

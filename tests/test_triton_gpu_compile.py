@@ -91,20 +91,20 @@ def compile_all(arch: int, dtype: str) -> None:
                                 {"R_PAD": 16, "HAS_BIAS": True, "PRECOMPUTED_XA": True, **common, **tile}, 8, 3),
         "backward": (backward.lora_backward_kernel, backward_types,
                      {"R_PAD": 16, **dx_flags, "COMPUTE_DX": True, "COMPUTE_DB": True, "PRECOMPUTED_GB": False,
-                      "DB_ROWS": configs.backward_db_rows(16), **common, **tile}, 8, 3),
+                      "DB_ROWS": configs.backward_db_rows(16, tile["BLOCK_M"]), **common, **tile}, 8, 3),
         "backward_no_dx": (backward.lora_backward_kernel, backward_types,
                            {"R_PAD": 16, **dx_flags, "COMPUTE_DX": False, "COMPUTE_DB": True, "PRECOMPUTED_GB": False,
-                            "DB_ROWS": configs.backward_db_rows(16), **common, **tile}, 8, 3),
+                            "DB_ROWS": configs.backward_db_rows(16, tile["BLOCK_M"]), **common, **tile}, 8, 3),
         "backward_precomputed": (backward.lora_backward_kernel, backward_types,
                                  {"R_PAD": 16, **dx_flags, "COMPUTE_DX": True, "COMPUTE_DB": False,
-                                  "PRECOMPUTED_GB": True, "DB_ROWS": configs.backward_db_rows(16), **common,
+                                  "PRECOMPUTED_GB": True, "DB_ROWS": configs.backward_db_rows(16, tile["BLOCK_M"]), **common,
                                   **tile}, 8, 3),
         # As a launch without db or a precomputed gb passes them: None pointers (constexpr), db_partial_ptr
         # reaching the dB step's non-inlined call.
         "backward_none_pointers": (backward.lora_backward_kernel, backward_types,
                                    {"gb_ptr": None, "db_partial_ptr": None, "R_PAD": 16, **dx_flags,
                                     "COMPUTE_DX": True, "COMPUTE_DB": False, "PRECOMPUTED_GB": False,
-                                    "DB_ROWS": configs.backward_db_rows(16), **common, **tile}, 8, 3),
+                                    "DB_ROWS": configs.backward_db_rows(16, tile["BLOCK_M"]), **common, **tile}, 8, 3),
         # xa pre-pass (P = Aᵀ, k contiguous) and standalone gb (P = B, rank contiguous).
         "projection_xa": (projection.thin_projection_kernel, projection_types,
                           {"R_PAD": 16, **dx_flags, "stride_pk": 1, "BLOCK_M": 64, "BLOCK_K": 64, **common},
@@ -145,11 +145,12 @@ def compile_all(arch: int, dtype: str) -> None:
                 rank_jobs.append((f"forward_r{r_pad}_{elt_name}", forward.lora_forward_kernel, fwd_types,
                                   {**fwd, **c.kwargs}, c))
             bwf = {**flags, "HAS_DROPOUT": True, "INDEX_BELOW_2_32": True, "COMPUTE_DX": True, "COMPUTE_DB": True,
-                   "PRECOMPUTED_GB": not fused, "DB_ROWS": configs.backward_db_rows(r_pad)}
+                   "PRECOMPUTED_GB": not fused}
             backward_tiles = configs._BACKWARD_HOPPER if arch >= 90 else configs._BACKWARD_AMPERE
             for c in _kept(configs.prune_backward_configs, backward_tiles, arch, {"g_ptr": w}, **bwf):
                 rank_jobs.append((f"backward_r{r_pad}_{elt_name}", backward.lora_backward_kernel, bw_types,
-                                  {**bwf, **c.kwargs}, c))
+                                  {**bwf, "DB_ROWS": configs.backward_db_rows(r_pad, c.kwargs["BLOCK_M"]), **c.kwargs},
+                                  c))
             proj = {**flags, "HAS_DROPOUT": True, "INDEX_BELOW_2_32": True, "stride_pk": 1}
             for c in _kept(configs.prune_projection_configs, configs.projection_configs(), arch,
                                    {"in_ptr": w}, **proj):

@@ -85,9 +85,9 @@ def _variants(arch: int):
             bw_odd = odd - {"stride_bn"} if fused_gb else odd
             for compute_dx in (True, False):
                 bw = {"R_PAD": r_pad, "HAS_DROPOUT": p > 0, "INDEX_BELOW_2_32": True, "COMPUTE_DX": compute_dx,
-                      "COMPUTE_DB": True, "PRECOMPUTED_GB": not fused_gb,
-                      "DB_ROWS": configs.backward_db_rows(r_pad), **prec}
-                jobs += [("backward", "lora_backward_kernel", backward_types, bw, bw_odd, c)
+                      "COMPUTE_DB": True, "PRECOMPUTED_GB": not fused_gb, **prec}
+                jobs += [("backward", "lora_backward_kernel", backward_types,
+                          {**bw, "DB_ROWS": configs.backward_db_rows(r_pad, c.kwargs["BLOCK_M"])}, bw_odd, c)
                          for c in _kept(configs.prune_backward_configs, backward_tiles, arch,
                                         {"g_ptr": elt, "rows_per_group": rows_per_group}, **bw)]
             if not fused_gb:  # gb = g·B: P = B, rank contiguous, row stride r
@@ -165,8 +165,8 @@ def pipeline_problems(body: list[str], arch: int) -> list[str]:
 KNOWN_UNPIPELINED = {
     "projection_xa+dropout": "the hashed x tile is masked in registers before the MMA (synchronous load)",
     "backward_dB_step": "the dB/db step's loop over a chunk's row blocks (L2 hits; one row block at sm90's "
-                        "128-row tiles and r <= 16) runs unpipelined (num_stages=1): pipelined it spills "
-                        "(kernels/backward.py, 'Registers and latency')",
+                        "128-row tiles and r <= 16, up to 32 elsewhere) runs unpipelined (num_stages=1): pipelined "
+                        "it spills; its latency is the known risk of kernels/backward.py, 'Registers and latency'",
 }
 
 

@@ -242,9 +242,26 @@ def test_backward_row_groups_and_dB_chunks(M, K, N, r, compute_dx, p):
         M, triton.cdiv(K, triton_plan.backward_column_block(compute_dx)),
         triton_configs.multiprocessors(torch.device(DEVICE)))
     if INTERPRETING:
-        db_rows = triton_configs.backward_db_rows(triton_configs.padded_rank(r))
         block_m = triton_configs.backward_configs()[0].kwargs["BLOCK_M"]
+        db_rows = triton_configs.backward_db_rows(triton_configs.padded_rank(r), block_m)
         assert groups > 1 and rows_per_group > db_rows > block_m and M % rows_per_group, (groups, rows_per_group)
+    _assert_backward_parity(M, K, N, r, compute_dx, p)
+
+
+# Chunk boundaries the cases above miss (review of issue 10, C3). Interpreter: 32-row blocks, 4 "SMs".
+# M = 260: groups of 160 and 100 rows; DB_ROWS 32 (one row block a chunk) makes 160 an exact multiple of the chunk
+# (both triggers at once), DB_ROWS 96 (three blocks, not a power of two) chunks of 96 + 64 and 96 + 4.
+# M = 100: groups of 64 and 36 rows, each a single chunk at DB_ROWS 96 (the partial only stored, never read).
+@pytest.mark.skipif(not INTERPRETING, reason="sets the interpreter's dB chunk")
+@pytest.mark.parametrize("db_rows,M", [(32, 260), (96, 260), (96, 100)])
+def test_backward_dB_chunk_boundaries(monkeypatch, db_rows, M):
+    monkeypatch.setattr(triton_configs, "DB_ROWS_INTERPRETER", db_rows)
+    block_m = triton_configs.backward_configs()[0].kwargs["BLOCK_M"]
+    assert triton_configs.backward_db_rows(16, block_m) == db_rows
+    _assert_backward_parity(M, 70, 140, 16, True, 0.2)
+
+
+def _assert_backward_parity(M, K, N, r, compute_dx, p):
     # K or N = 0: inputs drawn at size 1 and sliced to 0 (make_inputs scales by K**-0.5).
     x, weight, b, lora_A, lora_B = make_inputs(M, max(K, 1), max(N, 1), r, torch.float16, device=DEVICE, seed=3)
     x, weight, b, lora_A, lora_B = x[:, :K], weight[:N, :K], b[:N], lora_A[:, :K], lora_B[:N]
