@@ -12,7 +12,7 @@
 // epilogue, stored through shared memory with 16-byte stores.
 //
 // dx = round(acc(g·W) + s·acc(round(gb)·A) ⊙ keep/(1-p)): as a GEMM (M, K, N) with g
-// K-major and W MN-major, read as stored (ldmatrix.trans; fp32: 32-bit loads). The N pipeline of g·W runs first; for r ≤ 32 the
+// K-major and W MN-major (ldmatrix.trans). The N pipeline of g·W runs first; for r ≤ 32 the
 // same g tiles also feed gb = g·B (a 128×32 TallMma product over a third, 32-rank operand
 // lora_Bᵀ staged with them: 8 KB more shared memory), so g is read by dB and dx only, not by
 // a separate gb GEMM; the blocks of the first column tile write gb (fp32) for dA, the others
