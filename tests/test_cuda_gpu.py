@@ -180,7 +180,8 @@ def _with_row_stride(t, row_stride):
 
 
 @pytest.mark.parametrize("case", list(TF32_DX_CASES), ids=str)
-def test_float32_dx_reads_weight_as_stored(case, allow_tf32):
+def test_every_instantiation_tf32_dx_reads_weight_as_stored(case, allow_tf32):
+    """In the GPU check's first (smoke) stage with the other instantiation cases (its -k filter)."""
     M, K, N, r, extra = TF32_DX_CASES[case]
     transform = (lambda g: _with_row_stride(g, N + extra)) if extra else None
     if allow_tf32:
