@@ -27,7 +27,8 @@ source each time, so each run is a full build; MAX_JOBS=2 on the shared 2-core m
 forward and dx in fp16 and bf16, plus trapping stubs for the other architectures); 9 min 17 s
 wall (6 min 07 s CPU) when another nvcc job shared the two cores. Before the sm90 kernel:
 3 min 59 s wall, 2 min 37 s CPU (load ~3.5). The CUDA kernels: cuda_sm80.cu (forward, dx:
-fp16, bf16 and fp32 on TF32), cuda_sm80_thin.cu (tall: 3 dtypes incl. TF32; wide, rank
+fp16, bf16 and fp32 on TF32), cuda_sm80_thin.cu (tall: 3 dtypes incl. TF32; wide in two
+instantiations, dB|db and dA hashing the mask, and dA reading dx's keep bits; rank
 transpose, 2 reduces: fp16/bf16), cuda_sm90.cu (sm_90a only), cuda_simt.cu (fp32/fp64 only).
 Each architecture listed adds its share, so a GPU machine builds just its own ("9.0a"). When
 the list compiles sm_90a SASS, LORA_FUSED_SM90A is defined and the extension dispatches the
