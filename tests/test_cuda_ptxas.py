@@ -279,7 +279,7 @@ def test_tf32_mma_operands_are_rounded_and_fp32_dx_reads_w_as_stored(ptx):
         (dx,) = [name for name in kernels if DX_KERNEL_FLOAT.fullmatch(name)]
         body = on_tf32[dx]
         assert not re.search(r"ldmatrix\S*\.trans", body), f"{dx}: a transposing ldmatrix in the fp32 dx"
-        assert re.search(r"ld\.shared\.f32\s", body), f"{dx}: no 32-bit shared-memory loads for W's fragments"
+        assert re.search(r"ld\.shared\.[fub]32\s", body), f"{dx}: no 32-bit shared-memory loads for W's fragments"
         operands = {reg.strip() for a, b in TF32_MMA.findall(body) for reg in f"{a},{b}".split(",")}
         assert body.count(TF32_ROUNDING) == len(operands), (
             f"{dx}: {body.count(TF32_ROUNDING)} cvt.rna for {len(operands)} MMA operand registers")
