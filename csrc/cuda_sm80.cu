@@ -12,12 +12,13 @@
 // epilogue, stored through shared memory with 16-byte stores.
 //
 // dx = round(acc(g·W) + s·acc(round(gb)·A) ⊙ keep/(1-p)): as a GEMM (M, K, N) with g
-// K-major and W MN-major (ldmatrix.trans). The N pipeline of g·W runs first; for r ≤ 32 the
-// same g tiles also feed gb = g·B (a 128×32 TallMma product over a third, 32-rank operand
-// lora_Bᵀ staged with them: 8 KB more shared memory), so g is read by dB and dx only, not by
-// a separate gb GEMM; the blocks of the first column tile write gb (fp32) for dA, the others
-// compute the same values and drop them. Then g·W is parked in the drained pipeline stages
-// (fp32, each thread its own accumulators: no barrier needed), the rank-r product
+// K-major and W MN-major (ldmatrix.trans; fp32: 32-bit shared loads). The N pipeline of g·W
+// runs first; for r ≤ 32 the same g tiles also feed gb = g·B (a 128×32 TallMma product over
+// a third, 32-rank operand lora_Bᵀ staged with them: 8 KB more shared memory), so g is read
+// by dB and dx only, not by a separate gb GEMM; the blocks of the first column tile write
+// gb (fp32) for dA, the others compute the same values and drop them. Then g·W is parked in
+// the drained pipeline stages (fp32, each thread its own accumulators: no barrier needed),
+// the rank-r product
 // round(gb)·A runs through the LoRA stage (round(gb) straight from the gb accumulators, or
 // from the gb workspace when r > 32 and sm80_gb ran first), s and the mask multiply it, and
 // g·W is added back before the single rounding. The mask is hashed once per element of dx,
@@ -36,7 +37,9 @@
 // mainloop), everything else fp32. dx reads W as stored, as for fp16/bf16: its MN-major
 // stages go to registers by 32-bit shared-memory loads instead of ldmatrix.trans (the
 // mainloop argues their swizzle and banks), so no transposed copy of W is made per
-// backward. 6 kernels per architecture in all.
+// backward. Its cp.async chunks of W run along K, so they need K % 4 == 0 (before, along N
+// of a transposed copy): a layer with K % 4 != 0 loads W element by element, as fp16 does
+// at K % 8 != 0. 6 kernels per architecture in all.
 #include "cuda_common.cuh"
 #include "cuda_keep_bits.cuh"
 #include "cuda_sm80_mainloop.cuh"
@@ -104,7 +107,7 @@ struct SmemPlan {
 };
 
 // Everything a block needs to run MMAs over its shared memory: the TiledMMA, the
-// ldmatrix copies, and the register fragments they fill.
+// shared-to-register copies, and the register fragments they fill.
 template <class T, bool kBKMajor>
 struct BlockState {
   using Block = BlockMma<T, kBKMajor>;
@@ -159,7 +162,7 @@ struct RankRowsFromMemory {
 // share an SM (2 × 80 KB of shared memory within sm_80's 164 KB): one block's prologue, LoRA
 // stage and epilogue overlap the other's main loop. sm_90a's ptxas spills 16 bytes at 128,
 // the TF32 forward (cvt.rna on every operand fragment) spills 8 on sm_80, and dx (the
-// MN-major W operand's ldmatrix.trans partitions, the mask's index arithmetic, and since
+// MN-major W operand's shared-to-register partitions, the mask's index arithmetic, and since
 // the fused gb its 16 more accumulators and their fragments) spills at 128 on both, so
 // those keep one block per SM (forward 161-204 registers; dx 192-202 for fp16/bf16 with the
 // keep-bit packing, 175-178 for TF32 without it; no spills).

@@ -1,7 +1,8 @@
 // The sm80 tensor-core mainloop of the fp16/bf16 kernels (and of fp32 on TF32, below),
 // on CuTe (CUTLASS 3.x): a multistage cp.async pipeline into swizzled shared memory,
-// ldmatrix into registers, mma.sync m16n8k16 (TF32: m16n8k8), fp32 accumulators. The same SASS serves sm_86/sm_89, and the
-// sm_90a build compiles it too (mma.sync and cp.async exist on Hopper).
+// shared-to-register copies (ldmatrix; 32-bit loads for fp32 MN-major), mma.sync m16n8k16
+// (TF32: m16n8k8), fp32 accumulators. The same SASS serves sm_86/sm_89, and the sm_90a
+// build compiles it too (mma.sync and cp.async exist on Hopper).
 //
 // Tiles. A block computes a 128×128 tile of C = A·Bᵀ with 8 warps: the TiledMMA is 2×4
 // m16n8k16 atoms (one warp each) permuted to a 32×64×16 tile, so each warp's B reads are
@@ -61,7 +62,8 @@
 // 16-bit layout's Swizzle<3, 2, 3> re-based on 4-float chunks would pair lanes 2-way: chunk
 // bit 0 would carry both l / 16 and k bit 0). Writes: 8 consecutive threads' 16-byte
 // cp.async chunks are the 8 chunks of one k-line, permuted by the XOR: 8 distinct 16-byte
-// bank groups. tests/cuda/sm80_layout_check.cu checks both on the real partitions. Cost: a
+// bank groups, as for any swizzle confined to a 128-byte k-line (the write check in
+// tests/cuda/sm80_layout_check.cu guards that confinement; its read check the swizzle). Cost: a
 // warp's 32 columns of B per 8-deep k-block are 8 such loads, one 128-byte wavefront each:
 // the same 1 KB and 8 wavefronts as 2 ldmatrix.x4 would be, in 4x the load instructions.
 #pragma once
@@ -132,6 +134,11 @@ template <class T, int kRows, int kDepth>
 using KMajorSmem = decltype(tile_to_shape(
     composition(Swizzle<2, kChunkBits<T>, 3>{}, Layout<Shape<_8, Int<kBKOf<T>>>, Stride<Int<kBKOf<T>>, _1>>{}),
     Shape<Int<kRows>, Int<kBKOf<T>>, Int<kDepth>>{}));
+// The MN-major swizzle and shared-to-register atom are picked by element width for exactly
+// two widths: 16-bit (8-element chunks, ldmatrix.trans) and 32-bit (32-row atoms, one 32-bit
+// load per value); any other width fails here instead of getting the 32-bit choice.
+template <class T>
+constexpr bool kMNMajorWidthSupported = sizeof(T) == 2 || sizeof(T) == 4;
 template <class T>
 using MNMajorSwizzle = std::conditional_t<sizeof(T) == 2, Swizzle<3, kChunkBits<T>, 3>, Swizzle<2, 3, 2>>;
 template <class T, int kRows, int kDepth>
@@ -145,6 +152,7 @@ struct OperandSmemOf {  // a specialisation, so only the chosen layout is formed
 };
 template <class T, int kRows, int kDepth>
 struct OperandSmemOf<T, false, kRows, kDepth> {
+  static_assert(kMNMajorWidthSupported<T>, "MN-major stages: 16- or 32-bit elements only");
   using type = MNMajorSmem<T, kRows, kDepth>;
 };
 template <class T, bool kKMajor, int kRows, int kDepth>
@@ -156,6 +164,7 @@ using OperandSmem = typename OperandSmemOf<T, kKMajor, kRows, kDepth>::type;
 // 32-bit elements; CuTe's UniversalCopy, as CUTLASS's own MN-major TF32 configurations).
 template <bool kKMajor, class T>
 struct S2RAtomOf {
+  static_assert(kMNMajorWidthSupported<T>, "shared-to-register atoms: 16- or 32-bit elements only");
   using V = typename MmaOp<T>::value;
   using MNMajor = std::conditional_t<sizeof(T) == 2, Copy_Atom<SM75_U16x8_LDSM_T, V>, Copy_Atom<UniversalCopy<uint32_t>, V>>;
   using type = std::conditional_t<kKMajor, Copy_Atom<SM75_U32x4_LDSM_N, V>, MNMajor>;

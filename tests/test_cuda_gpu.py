@@ -11,10 +11,14 @@ follows DESIGN.md §5; exact equality only where the computation is literally th
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 
 from conftest import requires_cuda
+from lora_fused import reference
 from parity import assert_parity, make_inputs, reference_outputs
 from test_cuda_ext import (
     BACKWARD,
@@ -91,10 +95,10 @@ def test_every_instantiation_parity(case, dtype):
 #
 # With torch.backends.cuda.matmul.allow_tf32 (or float32 matmul precision "high"/"medium")
 # fp32 runs forward_kernel<float>, dx_kernel<float> (W read as stored: MN-major stages, 32-bit
-# shared-memory loads), and tall_kernel<float> (xa with the mask, gb) on TF32 mma.sync; dB|db
-# and dA stay SIMT. The
-# same-dtype PyTorch reference then runs its matmuls on TF32 too, so DESIGN.md §5's budget
-# is PyTorch's own TF32 error; with TF32 off everything is the exact fp32 SIMT path.
+# shared-memory loads), and tall_kernel<float> (xa with the mask, gb) on TF32 mma.sync, each
+# operand rounded with cvt.rna; dB|db and dA stay SIMT. With TF32 off everything is the exact
+# fp32 SIMT path. The TF32 budget does not depend on which kernel cuBLAS picks for a shape
+# (_assert_tf32_parity).
 TF32_CASES = {
     # (M, K, N, r, bias): what each reaches on TF32
     "r16-vector-loads-one-lora-chunk-5x2-tiles": (520, 264, 136, 16, True),
@@ -111,26 +115,55 @@ def allow_tf32(request):
     torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def _cublas_runs_tf32(rows, depth, cols):
-    """Whether PyTorch's fp32 matmul of this shape really is TF32 (its error far above
-    fp32's); otherwise PyTorch's error is no TF32 budget and the case proves nothing."""
-    gen = torch.Generator().manual_seed(5)
-    a = torch.randn(rows, depth, generator=gen, dtype=torch.float64)
-    b = torch.randn(depth, cols, generator=gen, dtype=torch.float64)
-    exact = a @ b
-    got = a.float().cuda() @ b.float().cuda()
-    return (got.double().cpu() - exact).abs().max().item() > 64 * torch.finfo(torch.float32).eps * depth ** 0.5
+def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """What cvt.rna.tf32.f32 makes of each fp32 element: the nearest value with 10 mantissa
+    bits, ties away from zero (add half of the dropped 13 bits to the magnitude, then clear
+    them); Inf and NaN unchanged."""
+    bits = t.contiguous().view(torch.int32)
+    rounded = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    return torch.where(torch.isfinite(t), rounded, t)
 
 
-def _check_float32_with_tf32_allowed(M, K, N, r, bias, require_tf32_reference=True, grad_y_transform=None):
+@contextlib.contextmanager
+def _reference_products_on_tf32():
+    """reference.py's products (every ``_matmul_acc``: all but the forward's xa) take their
+    fp32 operands rounded to TF32 first, as a TF32 matmul does, and accumulate in fp32."""
+    exact = reference._matmul_acc
+
+    def on_tf32(a, b, acc):
+        return exact(round_to_tf32(a.to(acc)), round_to_tf32(b.to(acc)), acc)
+
+    with mock.patch.object(reference, "_matmul_acc", on_tf32):
+        yield
+
+
+def _assert_tf32_parity(got, inputs, scaling, dropout_p, seed, grad_y):
+    """DESIGN.md §5 for the TF32 kernels' results, whichever kernel cuBLAS would pick for the
+    shape: the float64 reference is computed from the product operands (x, W, A, B, g) rounded
+    to TF32 as the kernels round them, so their input rounding is no error, and PyTorch's
+    same-dtype computation is fp32 (on the CPU) with every product's operands rounded to TF32.
+    What remains in both is fp32 accumulation and the TF32 rounding of xa and gb entering the
+    next product, the same in kind, so 2x PyTorch's error is the budget it is for any dtype."""
+    x, weight, b, lora_A, lora_B = (None if t is None else t.cpu() for t in inputs)
+    grad_y = grad_y.cpu()
+    rounded = [round_to_tf32(t).double() for t in (x, weight, lora_A, lora_B, grad_y)]
+    expected = reference_outputs(*rounded[:2], None if b is None else b.double(), *rounded[2:4], scaling,
+                                 dropout_p, seed, rounded[4])
+    with _reference_products_on_tf32():
+        same_dtype = reference_outputs(x, weight, b, lora_A, lora_B, scaling, dropout_p, seed, grad_y)
+    for name, value, same, ref in zip(OUTPUT_NAMES, got, same_dtype, expected, strict=True):
+        if not (name == "db" and b is None):
+            assert_parity(name, value.cpu(), same, ref)
+
+
+def _check_float32_with_tf32_allowed(M, K, N, r, bias, weight_transform=None, grad_y_transform=None):
     """The extension's fp32 results with TF32 allowed (the caller set it): every output written
-    (finite under the poison switch) and shaped; each within 2x PyTorch's own error where
-    PyTorch's products behind it ran on TF32 too (y, dx: the [M, K]x[K, N] and [M, N]x[N, K]
-    matmuls, asserted when `require_tf32_reference`; xa, dA, dB, db: the rank-thin ones,
-    which cuBLAS may run without TF32 at small r). grad_y_transform: a same-valued view of
-    grad_y to pass instead (another row stride)."""
+    (finite under the poison switch), shaped, and within _assert_tf32_parity's budget.
+    weight_transform / grad_y_transform: a same-valued view of W / grad_y to pass instead."""
     x, weight, b, lora_A, lora_B = make_inputs(M, K, N, r, torch.float32, device="cuda", bias=bias)
     grad_y = make_inputs(M, N, 1, 1, torch.float32, device="cuda", seed=1)[0]
+    if weight_transform is not None:
+        weight = weight_transform(weight)
     if grad_y_transform is not None:
         grad_y = grad_y_transform(grad_y)
     got = run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.25, 1234, grad_y)
@@ -138,14 +171,7 @@ def _check_float32_with_tf32_allowed(M, K, N, r, bias, require_tf32_reference=Tr
     for name, value, shape in zip(OUTPUT_NAMES, got, shapes, strict=True):
         assert tuple(value.shape) == shape, name
         assert torch.isfinite(value).all(), f"{name}: NaN/inf (an unwritten element under the poison switch)"
-    large = all(_cublas_runs_tf32(*shape) for shape in ((M, K, N), (M, N, K)))
-    assert large or not require_tf32_reference, (
-        f"cuBLAS ran an fp32 matmul of [{M}, {K}]x[{K}, {N}] or [{M}, {N}]x[{N}, {K}] without TF32 although "
-        "allowed: PyTorch's error is then no TF32 budget; choose a case shape cuBLAS runs on TF32")
-    names = ("y", "dx") if large else ()
-    if large and _cublas_runs_tf32(M, K, r) and _cublas_runs_tf32(M, N, r):
-        names = OUTPUT_NAMES
-    _parity_of(got, (x, weight, b, lora_A, lora_B), SCALING, 0.25, 1234, grad_y, names=names)
+    _assert_tf32_parity(got, (x, weight, b, lora_A, lora_B), SCALING, 0.25, 1234, grad_y)
 
 
 @pytest.mark.parametrize("case", list(TF32_CASES), ids=str)
@@ -159,38 +185,56 @@ def test_float32_parity_with_tf32_on_and_off(case, allow_tf32):
 
 # dx on TF32 reads W [N, K] as stored (no transposed copy): its MN-major stages take 4-float
 # cp.async chunks along K when K is a multiple of 4 and element loads otherwise, and 32-bit
-# shared-memory loads into the B fragments; the cases put residues on both of dx's tile edges
-# (K against the 128-column tile and 4-float chunks, N against the 16-deep k-tile) and give
-# grad_y an odd row stride (element loads of g), with TF32 on and off (then SIMT).
+# shared-memory loads into the B fragments. Every case puts a residue on both of dx's tile
+# edges (K against the 128-column tile and 4-float chunks, N against the 16-deep k-tile, so
+# the last k-tile spans W's rows and g's columns past N) and surrounds the operands with NaN:
+# W has NaN rows before and after it (past row N up to the forward's whole 128-column tile),
+# grad_y NaN rows before and after and NaN columns past N within each row (a row stride of
+# N + extra: vector loads of g when that is a multiple of 4, element loads otherwise). A read
+# of any of them (instead of the zero fill) makes an output NaN; TF32 on and off (then SIMT).
 TF32_DX_CASES = {
-    # (M, K, N, r, extra grad_y row stride beyond N)
-    "K260-vector-W-N100-k-residue-fused-gb": (384, 260, 100, 8, 0),
-    "K141-element-W-N77-k-residue-r40-gb-first": (384, 141, 77, 40, 0),
-    "odd-grad_y-row-stride-99": (384, 136, 96, 16, 3),
+    # (M, K, N, r, extra columns of grad_y's row stride beyond N)
+    "K260-vector-W-N100-k-residue-fused-gb-vector-g": (384, 260, 100, 8, 4),
+    "K141-element-W-N77-k-residue-r40-gb-first": (384, 141, 77, 40, 3),
+    "K136-vector-W-N100-odd-grad_y-row-stride-103": (384, 136, 100, 16, 3),
 }
 
 
-def _with_row_stride(t, row_stride):
-    """A view of t's values whose rows are `row_stride` elements apart."""
-    wide = torch.full((t.shape[0], row_stride), float("nan"), device=t.device, dtype=t.dtype)
-    wide[:, : t.shape[1]] = t
-    view = wide[:, : t.shape[1]]
-    assert view.stride(0) == row_stride
+def _inside_nan(t, rows_after, cols_after=0, rows_before=16):
+    """A view of t's values inside a NaN-filled allocation: `rows_before` NaN rows before it,
+    `rows_after` after it, `cols_after` NaN columns after each row (the row stride grows by
+    them). With cols_after = 0 the view is contiguous (`.contiguous()` keeps it in place), and
+    its base stays 16-byte aligned (rows_before a multiple of 4)."""
+    rows, cols = t.shape
+    padded = torch.full((rows_before + rows + rows_after, cols + cols_after), float("nan"), device=t.device,
+                        dtype=t.dtype)
+    view = padded[rows_before : rows_before + rows, :cols]
+    view.copy_(t)
+    assert view.stride(0) == cols + cols_after and view.data_ptr() % 16 == 0
     return view
+
+
+def _weight_inside_nan(weight):
+    """W with NaN rows from N up to the end of the last 128-row tile (and 16 more)."""
+    return _inside_nan(weight, rows_after=-(-weight.shape[0] // 128) * 128 - weight.shape[0] + 16)
 
 
 @pytest.mark.parametrize("case", list(TF32_DX_CASES), ids=str)
 def test_every_instantiation_tf32_dx_reads_weight_as_stored(case, allow_tf32):
     """In the GPU check's first (smoke) stage with the other instantiation cases (its -k filter)."""
     M, K, N, r, extra = TF32_DX_CASES[case]
-    transform = (lambda g: _with_row_stride(g, N + extra)) if extra else None
+    assert N % 16 and K % 128, "a residue on both tile edges of dx"
+
+    def grad_y_inside_nan(g):
+        return _inside_nan(g, rows_after=16, cols_after=extra)
+
     if allow_tf32:
-        _check_float32_with_tf32_allowed(M, K, N, r, True, grad_y_transform=transform)
+        _check_float32_with_tf32_allowed(M, K, N, r, True, weight_transform=_weight_inside_nan,
+                                         grad_y_transform=grad_y_inside_nan)
         return
     x, weight, b, lora_A, lora_B = make_inputs(M, K, N, r, torch.float32, device="cuda", bias=True)
-    grad_y = make_inputs(M, N, 1, 1, torch.float32, device="cuda", seed=1)[0]
-    if transform is not None:
-        grad_y = transform(grad_y)
+    weight = _weight_inside_nan(weight)
+    grad_y = grad_y_inside_nan(make_inputs(M, N, 1, 1, torch.float32, device="cuda", seed=1)[0])
     got = run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.25, 1234, grad_y)
     _parity_of(got, (x, weight, b, lora_A, lora_B), SCALING, 0.25, 1234, grad_y)
 
@@ -198,12 +242,11 @@ def test_every_instantiation_tf32_dx_reads_weight_as_stored(case, allow_tf32):
 @pytest.mark.parametrize("case", list(INSTANTIATION_CASES), ids=str)
 def test_every_instantiation_case_on_tf32(case):
     """The instantiation cases (element and vector paths, rank tiles, splits) through the TF32
-    kernels (test_every_instantiation_parity[float32] runs them with TF32 off, on SIMT); parity
-    where cuBLAS runs these small shapes on TF32 as well."""
+    kernels (test_every_instantiation_parity[float32] runs them with TF32 off, on SIMT)."""
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        _check_float32_with_tf32_allowed(*INSTANTIATION_CASES[case], require_tf32_reference=False)
+        _check_float32_with_tf32_allowed(*INSTANTIATION_CASES[case])
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
 

@@ -223,3 +223,63 @@ def test_sm90_kernel_is_a_trap_on_other_architectures():
         for ptx in (p for p in paths if p.name.startswith("cuda_sm90.")):
             text = ptx.read_text()
             assert "wgmma" not in text and "trap;" in text, f"{ptx.name}: expected the trapping stub"
+
+
+# ---- fp32 on TF32 (csrc/cuda_sm80_mainloop.cuh) ----------------------------------------
+#
+# Every A and B register of every TF32 mma.sync is written by cvt.rna.tf32.f32 and nothing
+# else: raw fp32 bits reaching the MMA lose their low 13 bits by truncation, an error the GPU
+# parity tests cannot tell from rounding (there the rounding of xa/gb dominates the budget).
+# dx_kernel<float> reads W as stored: no transposing ldmatrix (it moves 16-bit values only),
+# its MN-major B fragments come from 32-bit shared-memory loads.
+TF32_MMA = re.compile(r"mma\.sync\.aligned\.m16n8k8\.row\.col\.f32\.tf32\.tf32\.f32\s*"
+                      r"\{[^}]*\},\s*\{([^}]*)\},\s*\{([^}]*)\}")
+TF32_ROUNDING = "cvt.rna.tf32.f32"
+# An instruction and its destination (a register or a {vector} of them), optionally predicated.
+WRITTEN = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.]*)\s+(\{[^}]*\}|%\w+)", re.MULTILINE)
+DX_KERNEL_FLOAT = re.compile(r"\S*dx_kernelIfE\S*")
+
+
+def ptx_entries(text: str) -> dict[str, str]:
+    """{kernel: its PTX, from its .entry line to the next} of one PTX file's text."""
+    pieces = re.split(r"^(?:\.visible\s+)?\.entry\s+(\S+?)\(", text, flags=re.MULTILINE)
+    return dict(zip(pieces[1::2], pieces[2::2]))
+
+
+def unrounded_tf32_operands(body: str) -> list[str]:
+    """The TF32 MMA operand registers of one kernel that something other than cvt.rna writes."""
+    operands = {reg.strip() for a, b in TF32_MMA.findall(body) for reg in f"{a},{b}".split(",")}
+    writers: dict[str, set[str]] = {}
+    for instruction, destination in WRITTEN.findall(body):
+        for reg in re.findall(r"%\w+", destination):
+            writers.setdefault(reg, set()).add(instruction)
+    return sorted(f"{reg} (written by {sorted(writers.get(reg, {'nothing'}))})"
+                  for reg in operands if writers.get(reg) != {TF32_ROUNDING})
+
+
+def test_unrounded_tf32_operands_are_recognised():
+    body = ("\tld.shared.f32 %f1, [%r9];\n\tcvt.rna.tf32.f32 %r1, %f1;\n\tmov.b32 %r2, %f1;\n"
+            "\t@%p1 cvt.rna.tf32.f32 %r3, %f1;\n\tld.shared.v4.u32 {%r4, %r5, %r6, %r7}, [%r9];\n"
+            "\tmma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%f2, %f3, %f4, %f5}, "
+            "{%r1, %r3, %r1, %r3}, {%r2, %r4}, {%f2, %f3, %f4, %f5};\n")
+    assert [problem.split()[0] for problem in unrounded_tf32_operands(body)] == ["%r2", "%r4"]
+    assert unrounded_tf32_operands(body.replace("{%r2, %r4}", "{%r1, %r3}")) == []
+
+
+@pytest.mark.parametrize("ptx", [p for paths in KEPT.values() for p in paths if p.name.startswith("cuda_sm80")],
+                         ids=lambda p: p.name)
+def test_tf32_mma_operands_are_rounded_and_fp32_dx_reads_w_as_stored(ptx):
+    kernels = ptx_entries(ptx.read_text())
+    on_tf32 = {name: body for name, body in kernels.items() if TF32_MMA.search(body)}
+    assert on_tf32, f"{ptx.name}: no TF32 mma.sync (the fp32 instantiations are missing)"
+    problems = {name: unrounded_tf32_operands(body) for name, body in on_tf32.items()}
+    problems = {name: found for name, found in problems.items() if found}
+    assert not problems, f"{ptx.name}: TF32 MMA operands not rounded by cvt.rna: {problems}"
+    if ptx.name.startswith("cuda_sm80.compute_"):
+        (dx,) = [name for name in kernels if DX_KERNEL_FLOAT.fullmatch(name)]
+        body = on_tf32[dx]
+        assert not re.search(r"ldmatrix\S*\.trans", body), f"{dx}: a transposing ldmatrix in the fp32 dx"
+        assert re.search(r"ld\.shared\.[fub]32\s", body), f"{dx}: no 32-bit shared-memory loads for W's fragments"
+        operands = {reg.strip() for a, b in TF32_MMA.findall(body) for reg in f"{a},{b}".split(",")}
+        assert body.count(TF32_ROUNDING) == len(operands), (
+            f"{dx}: {body.count(TF32_ROUNDING)} cvt.rna for {len(operands)} MMA operand registers")

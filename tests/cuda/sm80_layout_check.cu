@@ -7,7 +7,8 @@
 // 128×128 tile and cuda_sm80_thin.cu's 128×32 and 32×128 ones, for the 16-bit and the TF32
 // MMAs); the fp32 MN-major operand (dx's W, read as stored) goes to the MMA's B fragments by
 // 32-bit loads that put every value in its fragment slot and hit 32 distinct banks per warp
-// load, and its 16-byte cp.async chunks hit 8 distinct bank groups per 8 threads; and
+// load, the slots hold what the PTX ISA's m16n8k8 .tf32 B fragment holds, and its 16-byte
+// cp.async chunks hit 8 distinct bank groups per 8 threads; and
 // grouped_tile must visit every tile once. Prints the counts, exits non-zero on a problem.
 #include "cuda_sm80_mainloop.cuh"
 #include <cstdio>
@@ -130,8 +131,33 @@ int check_b_fragments(const char* name) {
   return bad;
 }
 
+// The PTX ISA's m16n8k8 .tf32 B fragment, independent of CuTe's MMA_Traits and of the
+// TiledMMA's permutation: register b_v of lane l holds row k = l % 4 + 4·v, column n = l / 4
+// of its 8×8 (k, n) block. So over partition_B of a (n, k) tile, value v of k-block kb of
+// every thread must be an element with k == 8·kb + l % 4 + 4·v and n ≡ l / 4 (mod 8).
+template <class Mma, int kN, int kK>
+int check_tf32_b_fragment_contract(const char* name) {
+  Mma mma;
+  int bad = 0, values = 0;
+  for (int t = 0; t < kThreads; ++t) {
+    const int lane = t % 32;
+    Tensor b = mma.get_slice(t).partition_B(make_identity_tensor(Shape<Int<kN>, Int<kK>>{}));  // (v, n, kb)
+    if (size<0>(b) != 2) { printf("%s: %d B values per atom, expected 2\n", name, int(size<0>(b))); return 1; }
+    for (int nr = 0; nr < size<1>(b); ++nr)
+      for (int kb = 0; kb < size<2>(b); ++kb)
+        for (int v = 0; v < 2; ++v, ++values) {
+          const int n = get<0>(b(v, nr, kb)), k = get<1>(b(v, nr, kb));
+          bad += k != 8 * kb + lane % 4 + 4 * v || n % 8 != lane / 4;
+        }
+  }
+  printf("%s: %d B fragment values where the PTX ISA puts them: problems %d\n", name, values, bad);
+  return bad;
+}
+
 // The 16-byte chunks load_stage writes: each 8 consecutive threads (one shared-memory
-// wavefront of 16-byte accesses) write 8 distinct 16-byte bank groups, in every stage.
+// wavefront of 16-byte accesses) write 8 distinct 16-byte bank groups, in every stage. Any
+// layout that keeps a 128-byte k-line contiguous passes, swizzled or not: this guards that
+// confinement; the swizzle itself is checked by the reads (check_b_fragments).
 template <class T, bool kKMajor, int kRows, class L>
 int check_chunk_banks(const char* name) {
   L layout{};
@@ -181,6 +207,7 @@ int main() {
       "fp32 MN-major B stages -> TF32 fragments");
   bad += check_b_fragments<float, false, TiledMmaFor<float>, MNMajorSmem<float, kBN, 1>>(
       "fp32 MN-major lora -> TF32 fragments");
+  bad += check_tf32_b_fragment_contract<TiledMmaFor<float>, kBN, kBKOf<float>>("TF32 128x16 B tile");
 
   bad += check_layout<float, KMajorSmem<float, kBN, 1>, true, kBN, 1>("fp32 K-major lora");
   bad += check_layout<float, KMajorSmem<float, kRankTile, kStages>, true, kRankTile, kStages>("fp32 K-major 32-rank stages");
