@@ -231,9 +231,13 @@ def cuda_plan(M, K, N, r, elt, p, hopper=False):
 def _cuda_sm90_plan(M, K, N, r, elt):
     """fp16/bf16 on Hopper: the tall xa GEMM also writes round(xa) (the input dtype, rows padded
     to 8 ranks: TMA's 16-byte row stride), and the sm90 forward reads it with x, W and lora_B
-    (64-deep rank tiles whose wgmmas past r are skipped, then x·Wᵀ, through one TMA pipeline). Backward: lora_B transposed, the
-    tall gb GEMM (reads g once more; writes fp32 gb for dA and round(gb) for dx), dB as on sm80,
-    the sm90 dx (g, W, round(gb), lora_A; the mask in its epilogue), dA as on sm80."""
+    (64-deep rank tiles whose wgmmas past r are skipped, then x·Wᵀ, through one TMA pipeline).
+    Backward: lora_B transposed, dB as on sm80, the sm90 dx (g, W, lora_A; the mask in its
+    epilogue), dA as on sm80. For r ≤ 32 (sm90_dx_computes_gb in csrc/cuda_kernels.h) the
+    sm90 dx also accumulates gb = g·B from its g stages (a 32-rank wgmma beside the main one,
+    repeated by each of its K/128 column tiles, and lora_Bᵀ's 32-row tiles per k-stage; the
+    blocks of column tile 0 write fp32 gb), so g is read by dB and dx only; for larger r the
+    tall gb GEMM reads g once more first and writes round(gb) for dx."""
     tiles = -(-r // 32)
     r_tile = tiles * 32
     r_sm90 = -(-r // 16) * 16  # the rank tiles' wgmmas (16 deep) past r are skipped
@@ -245,15 +249,22 @@ def _cuda_sm90_plan(M, K, N, r, elt):
     forward = [_op("xa + round(xa) (CuTe thin)", x * tiles + a, xa + rounded, 2 * M * K * r_tile),
                _op("forward (sm90 TMA + wgmma)", x + w + b + N * elt + rounded, y,
                    2 * M * N * K + 2 * M * N * r_sm90)]
-    backward = [_op("lora_B transpose", b, b),
-                _op("gb + round(gb) (CuTe thin)", y * tiles + b, gb + rounded, 2 * M * N * r_tile),
-                _op("round(xa)ᵀ", xa, rank_operand),
-                _op("dB partials (CuTe thin)", y * tiles + rank_operand, dB_partials, 2 * M * N * r_tile),
-                _op("dB reduce", dB_partials, N * r * elt),
-                _op("dx (sm90 TMA + wgmma)", y + w + rounded + a, x, 2 * M * N * K + 2 * M * K * r_sm90),
-                _op("round(gb)ᵀ", gb, rank_operand),
-                _op("dA partials (CuTe thin)", x * tiles + rank_operand, dA_partials, 2 * M * K * r_tile),
-                _op("dA reduce", dA_partials, r * K * elt)]
+    backward = [_op("lora_B transpose", b, b)]
+    dx_flops = 2 * M * N * K + 2 * M * K * r_sm90
+    if r <= 32:  # sm90_dx_computes_gb
+        column_tiles = -(-K // 128)
+        dx = _op("dx + gb (sm90 TMA + wgmma)", y + w + a + b * column_tiles, x + gb,
+                 dx_flops + 2 * M * N * 32 * column_tiles)
+    else:
+        backward.append(_op("gb + round(gb) (CuTe thin)", y * tiles + b, gb + rounded, 2 * M * N * r_tile))
+        dx = _op("dx (sm90 TMA + wgmma)", y + w + rounded + a, x, dx_flops)
+    backward += [_op("round(xa)ᵀ", xa, rank_operand),
+                 _op("dB partials (CuTe thin)", y * tiles + rank_operand, dB_partials, 2 * M * N * r_tile),
+                 _op("dB reduce", dB_partials, N * r * elt),
+                 dx,
+                 _op("round(gb)ᵀ", gb, rank_operand),
+                 _op("dA partials (CuTe thin)", x * tiles + rank_operand, dA_partials, 2 * M * K * r_tile),
+                 _op("dA reduce", dA_partials, r * K * elt)]
     return {"forward": forward, "backward": backward}
 
 

@@ -61,8 +61,12 @@ struct BackwardArgs {
   void* gb;         // workspace [M, r]
   void* partials;   // workspace of backward_workspace_elems() accumulator elements
   void* rank_operand;  // fp16/bf16 workspace of (r + 1) × rank_operand_ld(M) elements of the dtype
-  void* gb_rounded = nullptr;  // sm90 dx: round(gb) in the input dtype, [M, r], row stride rank_ld
+  void* gb_rounded = nullptr;  // sm90 dx, r > 32: round(gb) in the input dtype, [M, r], row stride rank_ld
   int64_t rank_ld = 0;         // (sm80_gb writes it when not null)
+  // sm90 dx, r <= 32 (it computes gb): lora_Bᵀ [r, N] with a row stride lora_B_t_tma_ld that
+  // is a multiple of 8 elements (lora_B_t itself, or a padded copy).
+  const void* lora_B_t_tma = nullptr;
+  int64_t lora_B_t_tma_ld = 0;
   int64_t M, N, K, r;
   double scaling;
   DropoutSpec dropout;
@@ -127,8 +131,11 @@ bool sm90_forward_supported(const ForwardArgs& args);
 bool sm90_dx_supported(const BackwardArgs& args);
 // y = x·Wᵀ + b + s·(round(xa)·Bᵀ): reads xa_rounded (sm80_xa first) and lora_B_tma.
 cudaError_t sm90_forward(const ForwardArgs& args, cudaStream_t stream);
-// dx = g·W + s·(round(gb)·A) ⊙ keep/(1-p): reads gb_rounded (sm80_gb first).
+// dx = g·W + s·(round(gb)·A) ⊙ keep/(1-p). For r <= 32 it computes gb itself from the g tiles
+// it streams (reads lora_B_t_tma, writes args.gb for dA), so sm80_gb is not needed; for larger
+// r it reads gb_rounded (sm80_gb first).
 cudaError_t sm90_dx(const BackwardArgs& args, cudaStream_t stream);
+inline bool sm90_dx_computes_gb(int64_t r) { return r <= 32; }
 
 }  // namespace cuda
 }  // namespace lora_fused

@@ -162,10 +162,14 @@ def test_cuda_plan_runs_the_sm90_kernel_on_hopper_16bit_only():
         return [launch.kernel for launch in plan["forward"] + plan["backward"]]
 
     for key in ("H100-SXM", "H200"):
-        hopper = names(cost_model.GPUS[key], 2)
-        assert "forward (sm90 TMA + wgmma)" in hopper and "dx (sm90 TMA + wgmma)" in hopper
-        assert "gb + round(gb) (CuTe thin)" in hopper  # the sm90 dx reads round(gb), written first
+        hopper = names(cost_model.GPUS[key], 2)  # r = 16: the sm90 dx computes gb itself
+        assert "forward (sm90 TMA + wgmma)" in hopper and "dx + gb (sm90 TMA + wgmma)" in hopper
+        assert not any("(CuTe thin)" in name and name.startswith("gb") for name in hopper)
         assert not any("sm90" in name for name in names(cost_model.GPUS[key], 4))
+        plan = cost_model.provider_plan("cuda", 4096, 768, 2304, 33, 2, 0.1, sms=132, hopper=True)
+        names_33 = [launch.kernel for launch in plan["backward"]]
+        assert "dx (sm90 TMA + wgmma)" in names_33  # r = 33: the tall gb GEMM writes round(gb) first
+        assert "gb + round(gb) (CuTe thin)" in names_33
     a100 = names(cost_model.GPUS["A100-SXM"], 2)
     assert "forward (CuTe sm80)" in a100 and "dx + gb (CuTe sm80)" in a100
     assert not any("sm90" in name for name in a100)
