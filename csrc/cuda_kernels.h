@@ -135,7 +135,7 @@ cudaError_t sm90_forward(const ForwardArgs& args, cudaStream_t stream);
 // it streams (reads lora_B_t_tma, writes args.gb for dA), so sm80_gb is not needed; for larger
 // r it reads gb_rounded (sm80_gb first).
 cudaError_t sm90_dx(const BackwardArgs& args, cudaStream_t stream);
-inline bool sm90_dx_computes_gb(int64_t r) { return r <= 32; }
+constexpr bool sm90_dx_computes_gb(int64_t r) { return r <= 32; }
 
 }  // namespace cuda
 }  // namespace lora_fused

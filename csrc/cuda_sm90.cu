@@ -176,6 +176,8 @@ using sm80::write_staged_rows;
 
 constexpr int kBM = 128, kBN = 128, kBK = 64, kStages = 5;
 constexpr int kGbRanks = 32;  // dx's fused gb: one 32-rank tile (r <= 32), a 64x32 wgmma per warpgroup
+static_assert(sm90_dx_computes_gb(kGbRanks) && !sm90_dx_computes_gb(kGbRanks + 1),
+              "the fused gb covers exactly the ranks of one kGbRanks tile");
 constexpr int kConsumerThreads = 256;                 // two warpgroups
 constexpr int kThreads = kConsumerThreads + 32;       // + the producer warp
 constexpr int kProducerThread = kConsumerThreads;     // lane 0 of the producer warp issues all TMA
@@ -570,6 +572,7 @@ __device__ void consume_and_store(const Params<T, kBKMajor>& p, SharedStorage<T,
   T* staging = smem.staging[warpgroup];
   const int row_base = warpgroup * (kBM / 2);
   mma.accumulate_ = GMMA::ScaleOut::One;
+  static_assert(decltype(size<2>(tCrA))::value == kBK / 16, "a 64-deep stage is four 16-deep wgmmas");
   auto issue_main = [&](int kb, int stage) { cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), acc_main); };
   auto issue_lora = [&](int kb, int stage) { cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), acc_lora); };
   auto fence_main = [&] { warpgroup_fence_operand(acc_main); };
