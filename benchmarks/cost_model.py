@@ -185,9 +185,11 @@ def cuda_plan(M, K, N, r, elt, p, hopper=False):
     transposed once), which for r ≤ 32 also computes gb = g·B from the g tiles it streams
     (each of its K/128 column tiles repeats that 32-rank product; one writes gb) — for larger
     r the tall gb GEMM reads g once more first —, dA (fp16/bf16: round(gb)ᵀ for the wide GEMM,
-    reads x and hashes the mask once; fp32: SIMT) + reduce."""
+    reads x once per 32-rank tile; fp32: SIMT) + reduce. With dropout (p > 0) the fp16/bf16
+    backward hashes the mask once: dx's epilogue writes it as keep bits (M × ⌈K/32⌉ words,
+    csrc/cuda_keep_bits.cuh) that dA reads with each x tile instead of hashing."""
     if hopper and elt == 2:
-        return _cuda_sm90_plan(M, K, N, r, elt)
+        return _cuda_sm90_plan(M, K, N, r, elt, p)
     tiles = -(-r // 32)
     r_tile = tiles * 32
     lora_chunk = 64 // elt  # the forward's and dx's LoRA stage: one k-tile of 64 bytes per row
@@ -218,22 +220,29 @@ def cuda_plan(M, K, N, r, elt, p, hopper=False):
                      _op("dA partials (SIMT)", x * simt_da_tiles + gb * -(-K // 64), dA_partials),
                      _op("dA reduce", dA_partials, r * K * elt)]
         return {"forward": forward, "backward": backward}
+    keep = keep_bits_bytes(M, K, p)
     backward += [_op("round(xa)ᵀ", xa, rank_operand),
                  _op("dB partials (CuTe thin)", y * tiles + rank_operand, dB_partials, 2 * M * N * r_tile),
                  _op("dB reduce", dB_partials, N * r * elt),
-                 _op(dx_name, dx_reads, dx_writes, 2 * M * N * K + 2 * M * K * r_lora + dx_gb_flops),
+                 _op(dx_name, dx_reads, dx_writes + keep, 2 * M * N * K + 2 * M * K * r_lora + dx_gb_flops),
                  _op("round(gb)ᵀ", gb, rank_operand),
-                 _op("dA partials (CuTe thin)", x * tiles + rank_operand, dA_partials, 2 * M * K * r_tile),
+                 _op("dA partials (CuTe thin)", (x + keep) * tiles + rank_operand, dA_partials, 2 * M * K * r_tile),
                  _op("dA reduce", dA_partials, r * K * elt)]
     return {"forward": forward, "backward": backward}
 
 
-def _cuda_sm90_plan(M, K, N, r, elt):
+def keep_bits_bytes(M, K, p):
+    """Bytes of the fp16/bf16 backward's keep-bit workspace: one uint32 per 32 columns of x per
+    row when dropout is on (csrc/cuda_keep_bits.cuh), none without dropout."""
+    return M * -(-K // 32) * 4 if p > 0 else 0
+
+
+def _cuda_sm90_plan(M, K, N, r, elt, p):
     """fp16/bf16 on Hopper: the tall xa GEMM also writes round(xa) (the input dtype, rows padded
     to 8 ranks: TMA's 16-byte row stride), and the sm90 forward reads it with x, W and lora_B
     (64-deep rank tiles whose wgmmas past r are skipped, then x·Wᵀ, through one TMA pipeline).
     Backward: lora_B transposed, dB as on sm80, the sm90 dx (g, W, lora_A; the mask in its
-    epilogue), dA as on sm80. For r ≤ 32 (sm90_dx_computes_gb in csrc/cuda_kernels.h) the
+    epilogue, written as keep bits with dropout), dA as on sm80 (reading those keep bits). For r ≤ 32 (sm90_dx_computes_gb in csrc/cuda_kernels.h) the
     sm90 dx also accumulates gb = g·B from its g stages (a 32-rank wgmma beside the main one,
     repeated by each of its K/128 column tiles, and lora_Bᵀ's 32-row tiles per k-stage; the
     blocks of column tile 0 write fp32 gb), so g is read by dB and dx only; for larger r the
@@ -246,6 +255,7 @@ def _cuda_sm90_plan(M, K, N, r, elt):
     splits = max(1, min(64, -(-M // 512)))
     rank_operand = r * (-(-M // 8) * 8) * elt
     dB_partials, dA_partials = splits * N * r * FP32, splits * r * K * FP32
+    keep = keep_bits_bytes(M, K, p)
     forward = [_op("xa + round(xa) (CuTe thin)", x * tiles + a, xa + rounded, 2 * M * K * r_tile),
                _op("forward (sm90 TMA + wgmma)", x + w + b + N * elt + rounded, y,
                    2 * M * N * K + 2 * M * N * r_sm90)]
@@ -253,17 +263,17 @@ def _cuda_sm90_plan(M, K, N, r, elt):
     dx_flops = 2 * M * N * K + 2 * M * K * r_sm90
     if r <= 32:  # sm90_dx_computes_gb
         column_tiles = -(-K // 128)
-        dx = _op("dx + gb (sm90 TMA + wgmma)", y + w + a + b * column_tiles, x + gb,
+        dx = _op("dx + gb (sm90 TMA + wgmma)", y + w + a + b * column_tiles, x + gb + keep,
                  dx_flops + 2 * M * N * 32 * column_tiles)
     else:
         backward.append(_op("gb + round(gb) (CuTe thin)", y * tiles + b, gb + rounded, 2 * M * N * r_tile))
-        dx = _op("dx (sm90 TMA + wgmma)", y + w + rounded + a, x, dx_flops)
+        dx = _op("dx (sm90 TMA + wgmma)", y + w + rounded + a, x + keep, dx_flops)
     backward += [_op("round(xa)ᵀ", xa, rank_operand),
                  _op("dB partials (CuTe thin)", y * tiles + rank_operand, dB_partials, 2 * M * N * r_tile),
                  _op("dB reduce", dB_partials, N * r * elt),
                  dx,
                  _op("round(gb)ᵀ", gb, rank_operand),
-                 _op("dA partials (CuTe thin)", x * tiles + rank_operand, dA_partials, 2 * M * K * r_tile),
+                 _op("dA partials (CuTe thin)", (x + keep) * tiles + rank_operand, dA_partials, 2 * M * K * r_tile),
                  _op("dA reduce", dA_partials, r * K * elt)]
     return {"forward": forward, "backward": backward}
 

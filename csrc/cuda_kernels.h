@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "cuda_keep_bits.cuh"
 #include "dropout_hash.h"
 
 namespace lora_fused {
@@ -67,6 +68,10 @@ struct BackwardArgs {
   // is a multiple of 8 elements (lora_B_t itself, or a padded copy).
   const void* lora_B_t_tma = nullptr;
   int64_t lora_B_t_tma_ld = 0;
+  // Dropout with dx (fp16/bf16): the keep-bit workspace uint32 [M][keep_words_per_row(K)]
+  // (cuda_keep_bits.cuh) that the dx kernel (sm80 or sm90) writes and sm80_dA reads instead of
+  // hashing; nullptr otherwise (dA hashes itself).
+  void* keep_bits = nullptr;
   int64_t M, N, K, r;
   double scaling;
   DropoutSpec dropout;
@@ -111,14 +116,15 @@ cudaError_t simt_dA(const BackwardArgs& args, cudaStream_t stream);      // dA =
 cudaError_t sm80_forward(const ForwardArgs& args, cudaStream_t stream);
 // dx = g·W + s·(round(gb)·A) ⊙ keep/(1-p); fp32 reads weight_t. For r <= 32 it computes gb
 // itself from the g tiles it streams (reads lora_B_t, writes args.gb for dA), so sm80_gb is
-// not needed; for larger r it reads args.gb (sm80_gb first).
+// not needed; for larger r it reads args.gb (sm80_gb first). Writes args.keep_bits when given.
 cudaError_t sm80_dx(const BackwardArgs& args, cudaStream_t stream);
 inline bool sm80_dx_computes_gb(int64_t r) { return r <= 32; }
 // cuda_sm80_thin.cu, the rank-thin products:
 cudaError_t sm80_xa(const ForwardArgs& args, cudaStream_t stream);     // xa = x~·Aᵀ (fp32 out; + xa_rounded)
 cudaError_t sm80_gb(const BackwardArgs& args, cudaStream_t stream);    // gb = g·B (fp32 out; + gb_rounded), reads lora_B_t
 // dB = s·gᵀ·round(xa), db = Σ g; then dA = s·round(gb)ᵀ·x~ (kHalf, kBFloat16). Both use
-// rank_operand and partials, so they run in stream order, dB_db first.
+// rank_operand and partials, so they run in stream order, dB_db first. dA reads the mask from
+// args.keep_bits when given (dx first), else hashes it.
 cudaError_t sm80_dB_db(const BackwardArgs& args, cudaStream_t stream);
 cudaError_t sm80_dA(const BackwardArgs& args, cudaStream_t stream);
 
@@ -131,9 +137,9 @@ bool sm90_forward_supported(const ForwardArgs& args);
 bool sm90_dx_supported(const BackwardArgs& args);
 // y = x·Wᵀ + b + s·(round(xa)·Bᵀ): reads xa_rounded (sm80_xa first) and lora_B_tma.
 cudaError_t sm90_forward(const ForwardArgs& args, cudaStream_t stream);
-// dx = g·W + s·(round(gb)·A) ⊙ keep/(1-p). For r <= 32 it computes gb itself from the g tiles
-// it streams (reads lora_B_t_tma, writes args.gb for dA), so sm80_gb is not needed; for larger
-// r it reads gb_rounded (sm80_gb first).
+// dx = g·W + s·(round(gb)·A) ⊙ keep/(1-p); writes args.keep_bits when given. For r <= 32 it
+// computes gb itself from the g tiles it streams (reads lora_B_t_tma, writes args.gb for dA),
+// so sm80_gb is not needed; for larger r it reads gb_rounded (sm80_gb first).
 cudaError_t sm90_dx(const BackwardArgs& args, cudaStream_t stream);
 constexpr bool sm90_dx_computes_gb(int64_t r) { return r <= 32; }
 

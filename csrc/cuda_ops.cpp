@@ -6,6 +6,8 @@
 // TMA + wgmma kernel (cuda_sm90.cu) whenever their operands meet TMA's alignment; fp32 on
 // TF32 tensor cores (forward, xa, gb, dx) when PyTorch allows TF32 matmuls at the time of
 // the call, exact fp32 SIMT otherwise; fp64, and fp32's dB|db and dA, on SIMT (cuda_simt.cu).
+// Dropout masks are hashed once per element in the forward (the xa pre-pass, r ≤ 32) and in
+// the fp16/bf16 backward (dx's epilogue, which writes keep bits that dA reads).
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -246,9 +248,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
     if (!sm90_dx) args.gb_rounded = nullptr;  // g or W misaligned for TMA (K % 8, ldg % 8), or N = 0
   }
 
+  // Dropout with dx on fp16/bf16: the mask is hashed once, by the dx kernel (sm80 or sm90),
+  // which writes it as keep bits [M][ceil(K/32)] (cuda_keep_bits.cuh) that sm80_dA reads
+  // instead of hashing again; dx runs before dA on every path below. Poisoned like every
+  // workspace: all ones ("keep everything"), so a word dx failed to write changes dA and fails
+  // the GPU parity tests. Without dx, or on TF32/SIMT (whose dA hashes), there is none.
+  at::Tensor keep_bits;
+  if (all_tensor_cores && compute_dx && args.dropout.enabled && s.K > 0) {
+    keep_bits = poison_(at::empty({s.M, cuda::keep_words_per_row(s.K)}, x.options().dtype(at::kInt)));
+    args.keep_bits = keep_bits.data_ptr();
+  }
+
   // gb before dA (and before dx, unless dx computes gb itself from the g tiles it streams:
   // r <= 32 on the sm80 or the sm90 kernel). dB|db and dA share the partial-sum and
-  // rank-operand workspaces; the stream orders them.
+  // rank-operand workspaces; the stream orders them. dx before dA on every path: dA reads
+  // dx's gb (r <= 32) and its keep bits.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (all_tensor_cores || tf32) {
     const bool gb_in_dx = compute_dx && s.K > 0 &&  // K = 0: no dx blocks

@@ -19,8 +19,10 @@
 // compute the same values and drop them. Then g·W is parked in the drained pipeline stages
 // (fp32, each thread its own accumulators: no barrier needed), the rank-r product
 // round(gb)·A runs through the LoRA stage (round(gb) straight from the gb accumulators, or
-// from the gb workspace when r > 32 and sm80_gb ran first), s and the mask (hashed once per
-// element of dx) multiply it, and g·W is added back before the single rounding. Nothing
+// from the gb workspace when r > 32 and sm80_gb ran first), s and the mask multiply it, and
+// g·W is added back before the single rounding. The mask is hashed once per element of dx,
+// and with a keep-bit workspace (cuda_keep_bits.cuh) the block also writes its tile's keep
+// bits for sm80_dA, which then hashes nothing: the backward hashes x once. Nothing
 // rank-sized is ever rounded after scaling, so nothing overflows where PEFT's order would
 // not. The extra MMA work is 32 of every 160 columns (r ≤ 32 padded to one rank tile) and
 // is repeated by each of the K/128 column tiles; dx is bound by g's traffic at SAM's shapes.
@@ -36,6 +38,7 @@
 // a few percent of g's traffic) as a K-major operand, and lora_A goes into a K-major LoRA
 // stage too (fill_lora_b writes any layout). 6 kernels per architecture in all.
 #include "cuda_common.cuh"
+#include "cuda_keep_bits.cuh"
 #include "cuda_sm80_mainloop.cuh"
 
 namespace lora_fused {
@@ -68,6 +71,8 @@ struct DxParams80 {
   int64_t M, K, r;
   float scaling;
   DropoutSpec drop;
+  uint32_t* keep_bits;  // with dropout: the keep-bit workspace [M][keep_ld] this kernel writes, or nullptr
+  int64_t keep_ld;      // keep_words_per_row(K)
   bool vec_out;
 };
 
@@ -90,6 +95,12 @@ struct SmemPlan {
   static_assert(gb_b_off % 128 == 0, "stages stay 128-byte aligned");
   static_assert(bytes <= kMaxDynamicSmem, "shared-memory plan exceeds sm_86/sm_89's 99 KB per block");
   static_assert(lora_a_off % 128 == 0 && lora_b_off % 128 == 0, "stages stay 128-byte aligned");
+  // dx's keep-bit tile (128 rows × 4 words) in the drained LoRA stage, past the parked g·W
+  // and the staging tile, which both start at 0 (fp32's staging reaches into the LoRA stage).
+  static constexpr size_t keep_tile_off =
+      ((staging_bytes<T>() > lora_a_off ? staging_bytes<T>() : lora_a_off) + 127) & ~size_t{127};
+  static_assert(keep_tile_off + kBM * keep_bits::kTileWords * 4 <= gb_b_off,
+                "the keep-bit tile fits in the LoRA stage");
 };
 
 // Everything a block needs to run MMAs over its shared memory: the TiledMMA, the
@@ -285,19 +296,50 @@ __global__ void __launch_bounds__(kThreads, 1) dx_kernel(DxParams80<T> p) {
   };
   lora_product(st, acc, p.r, fill_lora_a, fill_lora_b);
 
-  // s·(gb·A) ⊙ keep/(1-p), the mask hashed once per element, plus g·W.
+  // s·(gb·A) ⊙ keep/(1-p), the mask hashed once per element, plus g·W; each keep flag also
+  // goes into this thread's compact keep bits (cuda_keep_bits.cuh: mma80_slot).
   Tensor coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+  const float kept_factor = p.scaling * static_cast<float>(p.drop.scale);
+  uint32_t compact[keep_bits::kMma80Regs] = {0u, 0u};
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) {
     float factor = p.scaling;
     if (p.drop.enabled) {
       const int64_t m = m0 + get<0>(coords(i)), c = c0 + get<1>(coords(i));
-      factor = (m < p.M && c < p.K) ? p.scaling * dropout_factor<float>(p.drop, static_cast<uint64_t>(m * p.K + c))
-                                    : 0.f;
+      const bool kept =
+          m < p.M && c < p.K && keep_element(p.drop.seed, p.drop.threshold, static_cast<uint64_t>(m * p.K + c));
+      factor = kept ? kept_factor : 0.f;
+      const keep_bits::Slot slot = keep_bits::mma80_slot(i);
+      compact[slot.reg] |= uint32_t{kept} << slot.bit;
     }
     acc(i) = acc(i) * factor + parked[i * kThreads + threadIdx.x];
   }
-  __syncthreads();  // every thread has read its parked values before staging overwrites them
+  // This warp's byte (n_w) of each word of the tile's keep bits, into the shared keep tile
+  // (uniform condition: the whole warp shuffles or none of it).
+  const bool write_keep_bits = p.drop.enabled && p.keep_bits != nullptr;
+  uint32_t* const keep_tile = reinterpret_cast<uint32_t*>(smem + Plan::keep_tile_off);
+  if (write_keep_bits) {
+    const int q = threadIdx.x & 3, byte = keep_bits::mma80_word_byte(get<1>(coords(0)));
+    CUTE_UNROLL
+    for (int reg = 0; reg < keep_bits::kMma80Regs; ++reg) {
+      const uint32_t bytes = keep_bits::quad_transpose(compact[reg]);
+      CUTE_UNROLL
+      for (int g = 0; g < 4; ++g) {
+        const int rr = get<0>(coords(keep_bits::mma80_first_value(reg, g)));
+        reinterpret_cast<unsigned char*>(keep_tile + rr * keep_bits::kTileWords + q)[byte] =
+            static_cast<unsigned char>(bytes >> (8 * g));
+      }
+    }
+  }
+  __syncthreads();  // parked values read before staging overwrites them; the keep tile complete
+  if (write_keep_bits) {  // 512 words, two per thread, each stored once
+    for (int w = threadIdx.x; w < kBM * keep_bits::kTileWords; w += kThreads) {
+      const int64_t m = m0 + w / keep_bits::kTileWords, col = c0 + 32 * (w % keep_bits::kTileWords);
+      if (m < p.M && col < p.K) {
+        p.keep_bits[m * p.keep_ld + col / 32] = keep_bits::clip_to_columns(keep_tile[w], col, p.K);
+      }
+    }
+  }
   store_tile(acc, thr_mma, reinterpret_cast<T*>(smem), p.dx, p.K, m0, p.M, c0, p.K, p.vec_out);
 }
 
@@ -344,6 +386,8 @@ cudaError_t dx_t(const BackwardArgs& a, cudaStream_t stream) {
   p.M = a.M, p.K = a.K, p.r = a.r;
   p.scaling = static_cast<float>(a.scaling);
   p.drop = a.dropout;
+  p.keep_bits = static_cast<uint32_t*>(a.keep_bits);
+  p.keep_ld = keep_words_per_row(a.K);
   p.vec_out = a.K % kChunkOf<T> == 0 && aligned16(a.dx);
   const int64_t tiles = ceil_div(a.M, kBM) * ceil_div(a.K, kBN);
   return launch<dx_kernel<T, kWKMajor>>(p, tiles, 1, SmemPlan<T, kWKMajor, true>::bytes, stream, kThreads);

@@ -19,8 +19,11 @@
 //
 // Dropout: x~ = round(x·keep/(1-p)) is formed in shared memory, by the thread that copied
 // each chunk, after its cp.async landed and before the barrier that publishes the stage
-// (transform_stage in the pipeline's `landed` hook): one hash per element of x per kernel
-// for r ≤ 32 (one rank tile), none in the K loop of any column block; no extra barrier.
+// (transform_stage in the pipeline's `landed` hook); no extra barrier. xa hashes once per
+// element of x per rank tile (once for r ≤ 32). dA reads the keep bits the dx kernel wrote
+// (cuda_keep_bits.cuh) whenever dx ran: the same thread cp.asyncs each chunk's 4-byte keep word
+// beside the chunk (8 KB of words over the 4 stages: 48 KB per block, still two per SM), so
+// the backward hashes x once; without dx it hashes once per element per rank tile.
 //
 // fp32 (TF32 tensor cores, when PyTorch allows TF32 matmuls): xa and gb only, on the same
 // tiles in bytes (16-deep k-tiles, m16n8k8 TF32 MMAs, operands rounded to TF32 as they leave
@@ -45,6 +48,7 @@
 // kBK rows, both operands' depth is clipped to the slice's end, and round(xa)ᵀ's padding
 // columns are zeros (never NaN from the poisoned workspace: rank_transpose writes them).
 #include "cuda_common.cuh"
+#include "cuda_keep_bits.cuh"
 #include "cuda_reduce.cuh"
 #include "cuda_sm80_mainloop.cuh"
 
@@ -141,14 +145,39 @@ struct WideParams {
   float* partials;       // element (split, j, c) at split * split_stride + j * rank_stride + c * col_stride
   int64_t split_stride, rank_stride, col_stride;
   DropoutOf drop;        // applied to b (dA) when drop.spec.enabled: element (c, m) is x[m, c]
+  const uint32_t* keep_bits;  // dA with the dx kernel's keep bits [M][keep_ld]: read instead of hashing; or nullptr
+  int64_t keep_ld;
+};
+
+// The keep words of a wide stage: one per 16-byte chunk of B (8 columns of one row of x, inside
+// one word since c0 is a multiple of 128), beside the pipeline stages; chunk (line mm, first
+// column cc) of stage s at words[s * kChunks + mm * kChunksPerLine + cc / kChunk].
+template <class T>
+struct WideKeepWords {
+  static constexpr int kChunksPerLine = kBN / kChunkOf<T>, kChunks = kBKOf<T> * kChunksPerLine;
+  static constexpr size_t kBytes = size_t{kStages} * kChunks * sizeof(uint32_t);
+  __device__ static int index(int stage, int mm, int cc) {
+    return stage * kChunks + mm * kChunksPerLine + cc / kChunkOf<T>;
+  }
 };
 
 template <class T>
+constexpr size_t wide_smem_bytes() {
+  constexpr size_t bytes = pipeline_bytes<WideBlock<T>, T>() + WideKeepWords<T>::kBytes;
+  static_assert(bytes <= 48 * 1024, "the wide GEMM with its keep words stays within 48 KB: two blocks per SM");
+  return bytes;
+}
+
+// kKeepBits: dA's x~ from keep bits (p.keep_bits), its own instantiation: with the hash path
+// beside it in one kernel, ptxas spilled at the 128-register cap.
+template <class T, bool kKeepBits>
 __global__ void __launch_bounds__(kThreads, 2) wide_kernel(WideParams<T> p) {
   extern __shared__ __align__(128) unsigned char smem[];
   using Block = WideBlock<T>;
+  using KeepWords = WideKeepWords<T>;
   constexpr int kBK = Block::kBK;
   const StageBuffers<Block, T> st(smem);
+  uint32_t* const keep_words = reinterpret_cast<uint32_t*>(smem + pipeline_bytes<Block, T>());
   const int64_t c0 = static_cast<int64_t>(blockIdx.x / p.rank_tiles) * kBN;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x % p.rank_tiles) * kRankTile;
   const int64_t split = blockIdx.y, m_begin = split * p.rows_per_split, m_end = m_begin + p.rows_per_split;
@@ -157,13 +186,38 @@ __global__ void __launch_bounds__(kThreads, 2) wide_kernel(WideParams<T> p) {
   b.depth = b.depth < m_end ? b.depth : m_end;
   const int64_t k_tiles = b.depth > m_begin ? ceil_div(b.depth - m_begin, kBK) : 0;
 
+  // With keep bits, each thread copies the keep word of every chunk of x it copies, into the
+  // same cp.async group, so `landed` finds both complete without a barrier (the mainloop's
+  // ownership argument); one 4-byte word serves 8 elements of a chunk (and the 4 threads
+  // whose chunks share it read the same address: 4 bytes of traffic per 32 elements).
+  const uint32_t* const keep_cols = p.keep_bits + c0 / 32;
+  const int cols_left = static_cast<int>(b.rows - c0 < kBN ? b.rows - c0 : kBN);
   auto load = [&](int stage, int64_t kt) {
-    load_stage<true, kRankTile>(st.a, typename Block::LayoutA{}, stage, a, j0, m_begin + kt * kBK);
-    load_stage<false, kBN>(st.b, typename Block::LayoutB{}, stage, b, c0, m_begin + kt * kBK);
+    const int64_t m_tile = m_begin + kt * kBK;
+    const int rows_left = static_cast<int>(b.depth - m_tile < kBK ? b.depth - m_tile : kBK);
+    load_stage<true, kRankTile>(st.a, typename Block::LayoutA{}, stage, a, j0, m_tile);
+    load_stage<false, kBN>(st.b, typename Block::LayoutB{}, stage, b, c0, m_tile);
+    if constexpr (kKeepBits) {
+      const uint32_t* const tile_words = keep_cols + m_tile * p.keep_ld;
+      for_each_own_chunk<T, false, kBN>([&](int cc, int mm) {
+        const bool inside = mm < rows_left && cc < cols_left;
+        keep_bits::cp_async_word(&keep_words[KeepWords::index(stage, mm, cc)],
+                                 inside ? tile_words + mm * p.keep_ld + (cc >> 5) : p.keep_bits, inside);
+      });
+    }
   };
   auto landed = [&](int stage, int64_t kt) {
-    if (p.drop.spec.enabled) {
-      transform_stage<false, kBN>(st.b, typename Block::LayoutB{}, stage, c0, m_begin + kt * kBK,
+    const int64_t m_tile = m_begin + kt * kBK;
+    if constexpr (kKeepBits) {  // x~ exactly as DropoutOf forms it: v · (keep ? 1/(1-p) : 0)
+      const float scale = static_cast<float>(p.drop.spec.scale);
+      transform_stage<false, kBN>(st.b, typename Block::LayoutB{}, stage, c0, m_tile,
+                                  [&](float v, int64_t c, int64_t m) {
+                                    const int mm = static_cast<int>(m - m_tile), cc = static_cast<int>(c - c0);
+                                    const uint32_t word = keep_words[KeepWords::index(stage, mm, cc)];
+                                    return v * (((word >> (c & 31)) & 1u) ? scale : 0.f);
+                                  });
+    } else if (p.drop.spec.enabled) {
+      transform_stage<false, kBN>(st.b, typename Block::LayoutB{}, stage, c0, m_tile,
                                   [&](float v, int64_t c, int64_t m) { return p.drop(v, m, c); });
     }
   };
@@ -200,7 +254,8 @@ cudaError_t tall(const Operand<T>& a, const Operand<T>& b, float* out, DropoutOf
 // reduction_splits(M) slices of M.
 template <class T>
 cudaError_t wide(const Operand<T>& a, const Operand<T>& b, int64_t M, float* partials, int64_t split_stride,
-                 int64_t rank_stride, int64_t col_stride, DropoutOf drop, cudaStream_t stream) {
+                 int64_t rank_stride, int64_t col_stride, DropoutOf drop, const uint32_t* keep_bits,
+                 cudaStream_t stream) {
   const int64_t splits = reduction_splits(M);
   WideParams<T> p;
   p.a = a, p.b = b;
@@ -209,8 +264,13 @@ cudaError_t wide(const Operand<T>& a, const Operand<T>& b, int64_t M, float* par
   p.partials = partials;
   p.split_stride = split_stride, p.rank_stride = rank_stride, p.col_stride = col_stride;
   p.drop = drop;
-  return launch<wide_kernel<T>>(p, ceil_div(b.rows, kBN) * p.rank_tiles, splits, pipeline_bytes<WideBlock<T>, T>(),
-                                stream, kThreads);
+  p.keep_bits = keep_bits;
+  p.keep_ld = keep_words_per_row(b.rows);
+  const int64_t grid_x = ceil_div(b.rows, kBN) * p.rank_tiles;
+  if (drop.spec.enabled && keep_bits != nullptr) {
+    return launch<wide_kernel<T, true>>(p, grid_x, splits, wide_smem_bytes<T>(), stream, kThreads);
+  }
+  return launch<wide_kernel<T, false>>(p, grid_x, splits, pipeline_bytes<WideBlock<T>, T>(), stream, kThreads);
 }
 
 // The A operand of the wide GEMM: round(src)ᵀ [rows, rank_operand_ld(M)] in the workspace.
@@ -251,7 +311,7 @@ cudaError_t dB_db_t(const BackwardArgs& a, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   const Operand<T> g_t{static_cast<const T*>(a.grad_y), a.ldg, a.N, a.M, vector_loadable<T>(a.grad_y, a.ldg, a.N)};
   float* partials = static_cast<float*>(a.partials);  // [split][N][cols], the SIMT path's layout
-  err = wide(xa_t, g_t, a.M, partials, a.N * cols, 1, cols, DropoutOf{DropoutSpec{}, 0}, stream);
+  err = wide(xa_t, g_t, a.M, partials, a.N * cols, 1, cols, DropoutOf{DropoutSpec{}, 0}, nullptr, stream);
   if (err != cudaSuccess) return err;
   return reduce_dB_db(static_cast<const float*>(partials), splits, a.N, a.r, with_db, static_cast<float>(a.scaling),
                       static_cast<T*>(a.dB), static_cast<T*>(a.db), stream);
@@ -266,7 +326,9 @@ cudaError_t dA_t(const BackwardArgs& a, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   const Operand<T> x_t{static_cast<const T*>(a.x), a.ldx, a.K, a.M, vector_loadable<T>(a.x, a.ldx, a.K)};
   float* partials = static_cast<float*>(a.partials);  // [split][r][K]
-  err = wide(gb_t, x_t, a.M, partials, a.r * a.K, a.K, 1, DropoutOf{a.dropout, a.K}, stream);
+  // x~ from the dx kernel's keep bits when it wrote them (stream order: dx ran first), else hashed here.
+  err = wide(gb_t, x_t, a.M, partials, a.r * a.K, a.K, 1, DropoutOf{a.dropout, a.K},
+             static_cast<const uint32_t*>(a.keep_bits), stream);
   if (err != cudaSuccess) return err;
   return reduce_scaled(static_cast<const float*>(partials), splits, a.r * a.K, static_cast<float>(a.scaling),
                        static_cast<T*>(a.dA), stream);

@@ -11,9 +11,11 @@
 //   dx:      P = g [M, N], Q = W viewed [K, N] (MN-major: element (c, n) at W[n·K + c]),
 //            L = round(gb) [M, r], R = lora_A viewed [K, r] (MN-major); factor =
 //            s·keep(m, c)/(1 − p), the mask hashed once per element of dx from
-//            dropout_hash.h, bit-identical to lora_fused/dropout.py; no bias. For r ≤ 32
-//            (sm90_dx_computes_gb) the kernel computes gb = g·B itself from its g stages
-//            ("Fused gb" below); for larger r the tall gb GEMM writes round(gb) first.
+//            dropout_hash.h, bit-identical to lora_fused/dropout.py, and written as keep bits
+//            for sm80_dA (cuda_keep_bits.cuh: two compact registers per thread, a quad
+//            transpose by shuffles, one 4-byte store per word), which then hashes nothing; no
+//            bias. For r ≤ 32 (sm90_dx_computes_gb) the kernel computes gb = g·B itself from
+//            its g stages ("Fused gb" below); for larger r the tall gb GEMM writes round(gb) first.
 //
 // The LoRA term by composition: the producer streams the rank tiles (L, R) first, then the
 // k-tiles of (P, Q), through the SAME stages and barriers; the consumers accumulate the rank
@@ -122,7 +124,8 @@
 //    factor and 32-bit hash index; not done are stmatrix (SM90_U32x4_STSM_N), a TMA store of
 //    the staging tile, a column pair's bias loaded once for both of its rows (tried: spills
 //    at the 168-register cap), and a 1-bit mask written by the forward's xa pre-pass for dx
-//    to read instead of re-hashing.
+//    to read instead of re-hashing (the backward's own keep bits, written here for dA, are
+//    done: the backward hashes x once).
 //  - Fused gb: the K/128 column tiles of a row tile all compute the same gb (only column
 //    tile 0 stores it); computing it once per row tile would need the other column tiles to
 //    wait for it (a cross-block dependency) or a 128×256 tile (see above). Not measured.
@@ -157,6 +160,7 @@
 #include <type_traits>
 
 #include "cuda_common.cuh"
+#include "cuda_keep_bits.cuh"
 #include "cuda_sm80_mainloop.cuh"
 #include "cuda_tma_operand.h"
 
@@ -257,6 +261,8 @@ struct Params {
   int64_t ld_out;
   float scaling;
   DropoutSpec drop;   // dx: keep(m, c) of element m·ld_out + c of x; disabled in the forward
+  uint32_t* keep_bits;    // dx with dropout: the keep-bit workspace [M][keep_ld] (cuda_keep_bits.cuh), or nullptr
+  int64_t keep_ld;        // keep_words_per_row(Nc)
   float kept_factor;  // dx: s·(1/(1 − p)) in fp32, the factor of a kept element (host-computed)
   bool small_index;   // dx: every hash index m·ld_out + c below 2^32 (32-bit index math)
   bool bias_pairs;    // forward: bias 4-byte aligned, so a column pair (c even) is one load
@@ -437,16 +443,16 @@ __device__ void consume(Issue&& issue, Fence&& fence, int depth, Pipeline& pipel
   }
 }
 
-// The dropout factor of dx element (m, c): s/(1 − p) if x's element m·ld_out + c was kept,
-// else 0 (the hash of dropout_hash.h, bit for bit). With every index below 2^32 the index is
-// formed in 32 bits, so the compiler sees its high word is 0 and hoists the hash key
-// mix32(seed) out of the tile. Rows and columns past the edge hash harmlessly: not stored.
+// Whether x's element (m, c), index m·ld_out + c, is kept (the hash of dropout_hash.h, bit for
+// bit). With every index below 2^32 the index is formed in 32 bits, so the compiler sees its
+// high word is 0 and hoists the hash key mix32(seed) out of the tile. Rows and columns past
+// the edge hash harmlessly: neither stored nor (clip_to_columns) put in the keep bits.
 template <bool kSmallIndex, class T>
-__device__ __forceinline__ float dx_factor(const Params<T, false>& p, int64_t m, int64_t c) {
+__device__ __forceinline__ bool dx_kept(const Params<T, false>& p, int64_t m, int64_t c) {
   const uint64_t index = kSmallIndex ? uint64_t{static_cast<uint32_t>(m) * static_cast<uint32_t>(p.ld_out) +
                                                 static_cast<uint32_t>(c)}
                                      : static_cast<uint64_t>(m * p.ld_out + c);
-  return keep_element(p.drop.seed, p.drop.threshold, index) ? p.kept_factor : 0.f;
+  return keep_element(p.drop.seed, p.drop.threshold, index);
 }
 
 // Rounds this thread's 64 values of the tile into the staging rows. A thread's values i and
@@ -457,10 +463,12 @@ __device__ __forceinline__ float dx_factor(const Params<T, false>& p, int64_t m,
 // kChecked: the tile reaches past Nc (or the bias is not 4-byte aligned), so the forward's
 // bias is read per value, only for columns < Nc; otherwise one 32-bit load per column pair.
 // kSmallIndex: dx's hash indices all fit 32 bits (Params::small_index). The forward (K-major
-// W) has the bias and no dropout; dx has dropout and no bias.
+// W) has the bias and no dropout; dx has dropout and no bias, and collects each keep flag it
+// hashes into `compact` (cuda_keep_bits.cuh's wgmma_slot: two registers per thread).
 template <bool kChecked, bool kSmallIndex, class T, bool kBKMajor, class Acc, class Coords, class Staged>
 __device__ __forceinline__ void stage_tile(const Params<T, kBKMajor>& p, const Acc& acc_main, const Acc& acc_lora,
-                                           const Coords& coords, Staged& tCsC, int64_t m0, int64_t c0) {
+                                           const Coords& coords, Staged& tCsC, int64_t m0, int64_t c0,
+                                           uint32_t (&compact)[keep_bits::kWgmmaRegs]) {
   static_assert(size(Acc{}) % 2 == 0, "values come in column pairs");
   const bool has_bias = kBKMajor && p.bias != nullptr;
   const bool has_dropout = !kBKMajor && p.drop.enabled;
@@ -472,7 +480,12 @@ __device__ __forceinline__ void stage_tile(const Params<T, kBKMajor>& p, const A
     for (int j = 0; j < 2; ++j) {
       float factor = p.scaling;
       if constexpr (!kBKMajor) {
-        if (has_dropout) factor = dx_factor<kSmallIndex>(p, m, c + j);
+        if (has_dropout) {
+          const bool kept = dx_kept<kSmallIndex>(p, m, c + j);
+          factor = kept ? p.kept_factor : 0.f;
+          const keep_bits::Slot slot = keep_bits::wgmma_slot(i + j);
+          compact[slot.reg] |= uint32_t{kept} << slot.bit;
+        }
       }
       value[j] = acc_main(i + j) + factor * acc_lora(i + j);
       if constexpr (kBKMajor && kChecked) {
@@ -638,17 +651,31 @@ __device__ void consume_and_store(const Params<T, kBKMajor>& p, SharedStorage<T,
     // staging rows, then 16-byte stores of them. Only the forward's bias reads memory per
     // element, so only it needs the bounds test, and only on edge tiles.
     const int64_t m0 = tile.m * kBM, c0 = tile.n * kBN;
+    uint32_t compact[keep_bits::kWgmmaRegs] = {0u, 0u};  // dx: this thread's keep flags of the tile
     if constexpr (kBKMajor) {  // forward: the bias bounds test on edge tiles only
       if (c0 + kBN <= p.Nc && p.bias_pairs) {
-        stage_tile<false, true>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
+        stage_tile<false, true>(p, acc_main, acc_lora, coords, tCsC, m0, c0, compact);
       } else {
-        stage_tile<true, true>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
+        stage_tile<true, true>(p, acc_main, acc_lora, coords, tCsC, m0, c0, compact);
       }
     } else {  // dx: no bias; the index width chosen once per kernel
       if (p.small_index) {
-        stage_tile<false, true>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
+        stage_tile<false, true>(p, acc_main, acc_lora, coords, tCsC, m0, c0, compact);
       } else {
-        stage_tile<false, false>(p, acc_main, acc_lora, coords, tCsC, m0, c0);
+        stage_tile<false, false>(p, acc_main, acc_lora, coords, tCsC, m0, c0, compact);
+      }
+      // The tile's keep bits: a row's 4 words come out of its quad (one per lane, q = lane % 4),
+      // each stored once; p.keep_bits is uniform, so the whole warp shuffles or none of it.
+      if (p.drop.enabled && p.keep_bits != nullptr) {
+        const int64_t col = c0 + 32 * (thread & 3);
+        CUTE_UNROLL
+        for (int h = 0; h < keep_bits::kWgmmaRegs; ++h) {
+          const uint32_t word = keep_bits::quad_transpose(compact[h]);
+          const int64_t m = m0 + get<0>(coords(2 * h));  // the row of register h (wgmma_slot)
+          if (m < p.M && col < p.Nc) {
+            p.keep_bits[m * p.keep_ld + col / 32] = keep_bits::clip_to_columns(word, col, p.Nc);
+          }
+        }
       }
     }
     cutlass::arch::NamedBarrier::sync(128, warpgroup);  // this warpgroup's rows are staged
@@ -852,6 +879,8 @@ cudaError_t forward_t(const ForwardArgs& a, cudaStream_t stream) {
   Params<T, true> p = product_params<T, true>(forward_operands(a), a.M, a.N, a.K, a.r, a.y, a.scaling);
   p.bias = static_cast<const T*>(a.bias);
   p.drop = DropoutSpec{};  // the forward's mask is in xa already
+  p.keep_bits = nullptr;
+  p.keep_ld = 0;
   p.kept_factor = p.scaling;
   p.small_index = true;
   p.bias_pairs = reinterpret_cast<uintptr_t>(a.bias) % 4 == 0;
@@ -865,6 +894,8 @@ cudaError_t dx_t(const BackwardArgs& a, cudaStream_t stream) {
   p.gb = static_cast<float*>(a.gb);  // written by the fused-gb dx (column tile 0)
   p.bias = nullptr;
   p.drop = a.dropout;  // hash index m·K + c: x's element (m, c)
+  p.keep_bits = static_cast<uint32_t*>(a.keep_bits);  // written here, read by sm80_dA
+  p.keep_ld = keep_words_per_row(a.K);
   // s·(1/(1 − p)) rounded as the device did it per element before: fp32 s times fp32 scale.
   p.kept_factor = p.scaling * static_cast<float>(a.dropout.scale);
   p.small_index = static_cast<uint64_t>(a.M) * static_cast<uint64_t>(a.K) <= (uint64_t{1} << 32);

@@ -173,3 +173,25 @@ def test_cuda_plan_runs_the_sm90_kernel_on_hopper_16bit_only():
     a100 = names(cost_model.GPUS["A100-SXM"], 2)
     assert "forward (CuTe sm80)" in a100 and "dx + gb (CuTe sm80)" in a100
     assert not any("sm90" in name for name in a100)
+
+
+@pytest.mark.parametrize("hopper", [False, True])
+def test_cuda_plan_counts_the_keep_bits_of_the_16bit_backward(hopper):
+    """With dropout, the fp16/bf16 dx writes the mask as keep bits (uint32 [M][ceil(K/32)],
+    csrc/cuda_keep_bits.cuh) and dA reads them once per 32-rank tile; no bits without dropout or
+    in fp32 (TF32: dA on SIMT hashes)."""
+    M, K, N = 4096, 776, 2304  # K % 32 != 0: ceil(K/32) words per row
+
+    def by_name(elt, p, r):
+        plan = cost_model.cuda_plan(M, K, N, r, elt, p, hopper=hopper)
+        return {launch.kernel: launch for launch in plan["backward"]}
+
+    keep = M * 25 * 4
+    assert cost_model.keep_bits_bytes(M, K, 0.1) == keep and cost_model.keep_bits_bytes(M, K, 0.0) == 0
+    for r, rank_tiles in ((16, 1), (40, 2)):
+        on, off = by_name(2, 0.1, r), by_name(2, 0.0, r)
+        dx = next(name for name in on if name.startswith("dx"))
+        assert on[dx].writes - off[dx].writes == keep
+        assert on["dA partials (CuTe thin)"].reads - off["dA partials (CuTe thin)"].reads == keep * rank_tiles
+    fp32_on, fp32_off = by_name(4, 0.1, 16), by_name(4, 0.0, 16)
+    assert [(l.reads, l.writes) for l in fp32_on.values()] == [(l.reads, l.writes) for l in fp32_off.values()]

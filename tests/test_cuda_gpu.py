@@ -271,6 +271,51 @@ def test_tensor_core_backward_is_deterministic(dtype):
         assert torch.equal(a, bb), f"{name} differs between two identical calls"
 
 
+# ---- the dropout mask hashed once in the backward: dx's keep bits, read by dA ----------
+#
+# fp16/bf16 with dropout: the dx kernel (sm80, or sm90 on Hopper) writes the mask as keep bits
+# uint32 [M][ceil(K/32)] (csrc/cuda_keep_bits.cuh) and sm80_dA reads them instead of hashing.
+# The workspace is poisoned to all ones ("keep everything"): a word dx leaves unwritten keeps
+# elements the reference drops (about half of them at p = 0.5), a dA error far beyond DESIGN.md
+# §5's budget. K % 32 != 0 (the last word of a row clipped at K) and K % 128 != 0 over several
+# 128-column dx tiles and row tiles; r = 1 and 16 (sm80 dx computes gb itself) and 40 (two
+# rank tiles: dA reads the bits once per rank tile; gb from the tall GEMM).
+KEEP_BIT_CASES = {
+    # (M, K, N, r)
+    "r1-k300-three-column-tiles": (260, 300, 72, 1),
+    "r16-k200-two-column-tiles": (300, 200, 136, 16),
+    "r40-k264-two-rank-tiles": (257, 264, 72, 40),
+    "r16-k70-element-loads": (130, 70, 45, 16),  # K % 8 != 0: the sm80 dx on every GPU
+    "r16-k520-three-splits": (1100, 520, 40, 16),  # dA over 3 split-M slices, 5 column tiles
+    "r40-k520-three-splits": (1100, 520, 40, 40),  # the same with gb from the tall GEMM
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", list(KEEP_BIT_CASES), ids=str)
+def test_dropout_keep_bits_parity(case, dtype):
+    M, K, N, r = KEEP_BIT_CASES[case]
+    assert K % 32 != 0 and K > 128
+    check_parity(M, K, N, r, dtype, True, dropout_p=0.5, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", ["r40-k264-two-rank-tiles", "r40-k520-three-splits"])
+def test_dA_from_keep_bits_equals_dA_hashed(case, dtype):
+    """dA with dx (the mask from dx's keep bits) and without (dA hashes it): the same x~ =
+    x·keep/(1-p) and the same products, so the same bits, when gb is the tall GEMM's both
+    times (r > 32). For r <= 32 dx computes gb itself (sm80, and sm90 on Hopper), another
+    computation of gb: parity only (test_dropout_keep_bits_parity)."""
+    M, K, N, r = KEEP_BIT_CASES[case]
+    assert r > 32, "dA's gb must be the tall GEMM's with and without dx"
+    x, weight, b, lora_A, lora_B = make_inputs(M, K, N, r, dtype, device="cuda")
+    grad_y = make_inputs(M, N, 1, 1, dtype, device="cuda", seed=1)[0]
+    with_dx = run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.5, 21, grad_y)
+    without_dx = run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.5, 21, grad_y, compute_dx=False)
+    assert torch.equal(with_dx[3], without_dx[3]), "dA from dx's keep bits differs from dA hashing the mask"
+    _parity_of(with_dx, (x, weight, b, lora_A, lora_B), SCALING, 0.5, 21, grad_y)
+
+
 # ---- rounding order: no overflow where PEFT's order has none ---------------------------
 
 

@@ -4,7 +4,9 @@ bijections whose 8-element chunks (one cp.async each) stay contiguous and 16-byt
 aligned, the MMA's accumulator partition covers the block tile once, and the grouped
 raster visits every tile once. tests/cuda/sm80_layout_check.cu includes the kernel header
 itself, compiled by nvcc for the host only (about 10 s of CPU); tests/cuda/sm90_layout_check.cu
-does the same for the Hopper kernel's layouts (csrc/cuda_sm90.cu).
+does the same for the Hopper kernel's layouts (csrc/cuda_sm90.cu), and
+tests/cuda/keep_bits_check.cu runs both dx epilogues' keep-bit packing (csrc/cuda_keep_bits.cuh)
+over those kernels' accumulator partitions.
 """
 
 from __future__ import annotations
@@ -55,3 +57,10 @@ def test_sm90_layout_assumptions(tmp_path):
     """csrc/cuda_sm90.cu's stage layouts, transaction bytes, warpgroup rows of the accumulator
     partition and shared-memory total (tests/cuda/sm90_layout_check.cu, about 50 s of CPU)."""
     _compile_and_run("sm90_layout_check", tmp_path)
+
+
+def test_keep_bits_packing_of_both_dx_epilogues(tmp_path):
+    """csrc/cuda_keep_bits.cuh: the compact registers, quad transpose and stores of the sm80 and
+    sm90 dx epilogues, simulated for every thread over CuTe's partition_C, give each word of a
+    random 128x128 mask exactly once (tests/cuda/keep_bits_check.cu, about 50 s of CPU)."""
+    _compile_and_run("keep_bits_check", tmp_path)

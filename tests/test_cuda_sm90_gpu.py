@@ -177,6 +177,39 @@ def test_sm90_grid_capped_walks_every_tile(case, blocks, monkeypatch):
     assert _launches_for(M, K, N, r, torch.bfloat16) == {"forward": 1, "dx": 1}
 
 
+# The sm90 dx's keep bits (csrc/cuda_keep_bits.cuh: a quad's shuffles, one store per word) read
+# by sm80_dA: K % 32 != 0 and K % 128 != 0 over several column tiles, the persistent walk
+# capped to 1 and 3 blocks (each block writes the words of many tiles) and uncapped, p = 0.5
+# (the all-ones poison of an unwritten word keeps about half a word's elements that the
+# reference drops). (M, K, N, r)
+SM90_KEEP_BIT_CASES = {
+    "r1-k200": (300, 200, 264, 1),
+    "r16-k264": (257, 264, 136, 16),
+    "r40-k520": (390, 520, 72, 40),
+}
+
+
+@pytest.mark.parametrize("blocks", [None, 1, 3])
+@pytest.mark.parametrize("case", list(SM90_KEEP_BIT_CASES), ids=str)
+def test_sm90_dx_keep_bits_feed_dA(case, blocks, monkeypatch):
+    if blocks is not None:
+        monkeypatch.setenv("LORA_FUSED_SM90_MAX_BLOCKS", str(blocks))
+    M, K, N, r = SM90_KEEP_BIT_CASES[case]
+    assert K % 32 != 0 and K % 8 == 0
+    check_parity(M, K, N, r, torch.bfloat16, True, dropout_p=0.5, device="cuda")
+    x, weight, b, lora_A, lora_B = make_inputs(M, K, N, r, torch.bfloat16, device="cuda")
+    grad_y = make_inputs(M, N, 1, 1, torch.bfloat16, device="cuda", seed=1)[0]
+    with_dx = run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.5, 8, grad_y)
+    if r > 32:
+        # Without dx, dA hashes the mask itself from the same gb (the tall GEMM's both times):
+        # same bits. For r <= 32 the sm90 dx computes gb itself (another computation of gb):
+        # parity only, above.
+        without_dx = run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.5, 8, grad_y, compute_dx=False)
+        assert torch.equal(with_dx[3], without_dx[3]), "dA from the sm90 dx's keep bits differs from dA hashing"
+    launches = _sm90_launches(lambda: run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.5, 8, grad_y))
+    assert launches == {"forward": 1, "dx": 1}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 def test_sm90_sam_vit_b_qkv_shape(dtype):
     """SAM ViT-B's qkv (K = 768, N = 2304) at M = 4096, r = 16, with dropout: many k-tiles,
