@@ -181,8 +181,8 @@ def cuda_plan(M, K, N, r, elt, p, hopper=False):
     forward GEMM (the rank-r up-projection in one-k-tile chunks: 32 ranks, 16 for fp32, then
     x·Wᵀ on top). Backward (the benchmark's frozen bias: no db): lora_B transposed once, dB
     (fp16/bf16: round(xa)ᵀ for the wide GEMM's split-M partials + its fixed-order reduce;
-    fp32: the SIMT GEMM, 64-rank tiles, no tensor cores), dx (reads g; fp32 reads Wᵀ,
-    transposed once), which for r ≤ 32 also computes gb = g·B from the g tiles it streams
+    fp32: the SIMT GEMM, 64-rank tiles, no tensor cores), dx (reads g and W as stored, fp32
+    included), which for r ≤ 32 also computes gb = g·B from the g tiles it streams
     (each of its K/128 column tiles repeats that 32-rank product; one writes gb) — for larger
     r the tall gb GEMM reads g once more first —, dA (fp16/bf16: round(gb)ᵀ for the wide GEMM,
     reads x once per 32-rank tile; fp32: SIMT) + reduce. With dropout (p > 0) the fp16/bf16
@@ -215,7 +215,6 @@ def cuda_plan(M, K, N, r, elt, p, hopper=False):
         simt_db_tiles, simt_da_tiles = -(-(r + 1) // 64), -(-r // 64)
         backward += [_op("dB partials (SIMT)", y * simt_db_tiles + xa * -(-N // 64), dB_partials),
                      _op("dB reduce", dB_partials, N * r * elt),
-                     _op("W transpose", w, w),
                      _op(dx_name + ", TF32", dx_reads, dx_writes, 2 * M * N * K + 2 * M * K * r_lora + dx_gb_flops),
                      _op("dA partials (SIMT)", x * simt_da_tiles + gb * -(-K // 64), dA_partials),
                      _op("dA reduce", dA_partials, r * K * elt)]

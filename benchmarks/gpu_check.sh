@@ -193,8 +193,8 @@ fi
 # Every CUDA kernel instantiation once (issue 11's "parity first"), then every backend x dtype.
 # No tuned-config dump here: with one config per kernel nothing is tuned, and a record of these
 # choices would pass for tuned ones.
-stage smoke 120 env -u LORA_FUSED_TRITON_TUNED_OUT LORA_FUSED_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_gpu_smoke.py tests/test_cuda_gpu.py \
-    tests/test_cuda_sm90_gpu.py -k "float64_reference or every_instantiation or sm90_parity or fallback_to_sm80" \
+stage smoke 120 env -u LORA_FUSED_TRITON_TUNED_OUT LORA_FUSED_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_cuda_gpu.py tests/test_cuda_sm90_gpu.py \
+    tests/test_gpu_smoke.py -k "float64_reference or every_instantiation or sm90_parity or fallback_to_sm80" \
     -q -rfEs -p no:cacheprovider --junitxml="$WORK/smoke.xml"
 
 # -- layer benchmark --------------------------------------------------------------------

@@ -50,7 +50,6 @@ struct BackwardArgs {
   const void* x;
   int64_t ldx;
   const void* weight;
-  const void* weight_t;  // [K, N]: W transposed (fp32 on TF32 only: the dx GEMM's K-major operand)
   const void* lora_A;
   const void* lora_B;
   const void* lora_B_t;  // [r, N]: lora_B transposed (tensor-core gb only: its K-major operand)
@@ -114,7 +113,7 @@ cudaError_t simt_dA(const BackwardArgs& args, cudaStream_t stream);      // dA =
 // cuda_sm80.cu, the two large GEMMs:
 // y = x·Wᵀ + b + s·(round(xa)·Bᵀ), xa read from args.xa (sm80_xa first).
 cudaError_t sm80_forward(const ForwardArgs& args, cudaStream_t stream);
-// dx = g·W + s·(round(gb)·A) ⊙ keep/(1-p); fp32 reads weight_t. For r <= 32 it computes gb
+// dx = g·W + s·(round(gb)·A) ⊙ keep/(1-p), W read as stored. For r <= 32 it computes gb
 // itself from the g tiles it streams (reads lora_B_t, writes args.gb for dA), so sm80_gb is
 // not needed; for larger r it reads args.gb (sm80_gb first). Writes args.keep_bits when given.
 cudaError_t sm80_dx(const BackwardArgs& args, cudaStream_t stream);

@@ -175,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   const Sizes s = check_backward_args(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed);
   const auto dtype = x.scalar_type();
   // fp16/bf16: every product on tensor cores. TF32: gb and dx on tensor cores, dB|db and dA
-  // on SIMT in fp32 (their MN-major operand has no 32-bit ldmatrix.trans).
+  // on SIMT in fp32 (the wide thin GEMM is instantiated for fp16/bf16 only).
   const bool all_tensor_cores = is_16bit(dtype), tf32 = uses_tf32(dtype);
   check_grid_limits(op, s, all_tensor_cores || tf32, !all_tensor_cores);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -195,11 +195,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   const at::Tensor xa_c = xa.contiguous();
   at::Tensor gb = poison_(at::empty({s.M, s.r}, acc_options));
   at::Tensor partials = poison_(at::empty({cuda::backward_workspace_elems(s.M, s.N, s.K, s.r)}, acc_options));
-  // The tensor-core operands: lora_B as a K-major [r, N] operand of gb = g·B; fp16/bf16's
-  // round(xa)ᵀ / round(gb)ᵀ [r + 1, ld] for dB|db and dA, in turn; TF32's Wᵀ [K, N], dx's
-  // K-major operand (copies of parameters, not outputs: nothing to poison).
+  // The tensor-core operands: lora_B as a K-major [r, N] operand of gb = g·B (a copy of a
+  // parameter, not an output: nothing to poison); fp16/bf16's round(xa)ᵀ / round(gb)ᵀ
+  // [r + 1, ld] for dB|db and dA, in turn. dx reads W as stored, TF32 included.
   const at::Tensor b_t = all_tensor_cores || tf32 ? lora_B.t().contiguous() : at::Tensor();
-  const at::Tensor weight_t = tf32 && compute_dx ? weight.t().contiguous() : at::Tensor();
   at::Tensor rank_operand = all_tensor_cores
                                 ? poison_(at::empty({(s.r + 1) * cuda::rank_operand_ld(s.M)}, x.options()))
                                 : at::Tensor();
@@ -211,7 +210,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   args.x = x_k.data_ptr();
   args.ldx = row_stride(x_k);
   args.weight = weight_c.data_ptr();
-  args.weight_t = weight_t.defined() ? weight_t.data_ptr() : nullptr;
   args.lora_A = a_c.data_ptr();
   args.lora_B = b_c.data_ptr();
   args.lora_B_t = b_t.defined() ? b_t.data_ptr() : nullptr;

@@ -33,10 +33,10 @@
 // fp32 runs here on TF32 tensor cores when PyTorch allows TF32 matmuls (cuda_ops.cpp reads
 // the flag per call): the same tiles in bytes (16-deep k-tiles of 4-element chunks), the
 // operands rounded to TF32 as they leave shared memory (round_operands_to_tf32 in the
-// mainloop), everything else fp32. ldmatrix cannot transpose 32-bit values, so fp32 dx
-// reads W transposed ([K, N], which the op layer makes once per backward: N·K elements,
-// a few percent of g's traffic) as a K-major operand, and lora_A goes into a K-major LoRA
-// stage too (fill_lora_b writes any layout). 6 kernels per architecture in all.
+// mainloop), everything else fp32. dx reads W as stored, as for fp16/bf16: its MN-major
+// stages go to registers by 32-bit shared-memory loads instead of ldmatrix.trans (the
+// mainloop argues their swizzle and banks), so no transposed copy of W is made per
+// backward. 6 kernels per architecture in all.
 #include "cuda_common.cuh"
 #include "cuda_keep_bits.cuh"
 #include "cuda_sm80_mainloop.cuh"
@@ -63,7 +63,7 @@ struct ForwardParams80 {
 template <class T>
 struct DxParams80 {
   Operand<T> grad_y;  // [M, N], K-major (the reduction runs over N)
-  Operand<T> weight;  // element (c, n): W[n * K + c] (MN-major), or Wᵀ[c * N + n] (K-major, fp32)
+  Operand<T> weight;  // element (c, n): W[n * K + c], MN-major
   Operand<T> lora_B_t;  // [r, N], K-major, when dx computes gb itself (ptr nullptr otherwise)
   float* gb;          // [M, r] fp32: written here when lora_B_t.ptr, else read (sm80_gb's)
   const T* lora_A;    // [r, K]: element (c, j) at A[j * K + c], MN-major
@@ -161,7 +161,7 @@ struct RankRowsFromMemory {
 // the TF32 forward (cvt.rna on every operand fragment) spills 8 on sm_80, and dx (the
 // MN-major W operand's ldmatrix.trans partitions, the mask's index arithmetic, and since
 // the fused gb its 16 more accumulators and their fragments) spills at 128 on both, so
-// those keep one block per SM (forward 161-204, dx 147-228 registers, no spills).
+// those keep one block per SM (forward 161-204, dx 175-228 registers, no spills).
 // sm_86/sm_89 fit one 80 KB block per SM anyway.
 template <class T>
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -216,10 +216,10 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm<T>) forward_kern
   store_tile(acc, thr_mma, reinterpret_cast<T*>(smem), p.y, p.N, m0, p.M, n0, p.N, p.vec_out);
 }
 
-// kWKMajor: W is read transposed (fp32); otherwise as stored, MN-major (fp16/bf16).
-template <class T, bool kWKMajor>
+template <class T>
 __global__ void __launch_bounds__(kThreads, 1) dx_kernel(DxParams80<T> p) {
   extern __shared__ __align__(128) unsigned char smem[];
+  constexpr bool kWKMajor = false;  // W as stored: MN-major for every dtype
   using Block = BlockMma<T, kWKMajor>;
   using GbBlock = TallBlock<T>;  // gb = g·B: 128 rows × 32 ranks over the same g stages
   using Plan = SmemPlan<T, kWKMajor, true>;
@@ -363,17 +363,11 @@ cudaError_t forward_t(const ForwardArgs& a, cudaStream_t stream) {
   return launch<forward_kernel<T>>(p, tiles, 1, SmemPlan<T, true>::bytes, stream, kThreads);
 }
 
-template <class T, bool kWKMajor>
+template <class T>
 cudaError_t dx_t(const BackwardArgs& a, cudaStream_t stream) {
   DxParams80<T> p;
   p.grad_y = {static_cast<const T*>(a.grad_y), a.ldg, a.M, a.N, vector_loadable<T>(a.grad_y, a.ldg, a.N)};
-  if (kWKMajor) {  // Wᵀ [K, N]: element (c, n) at c * N + n
-    const T* w_t = static_cast<const T*>(a.weight_t);
-    if (w_t == nullptr) return cudaErrorInvalidValue;
-    p.weight = {w_t, a.N, a.K, a.N, vector_loadable<T>(w_t, a.N, a.N)};
-  } else {
-    p.weight = {static_cast<const T*>(a.weight), a.K, a.K, a.N, vector_loadable<T>(a.weight, a.K, a.K)};
-  }
+  p.weight = {static_cast<const T*>(a.weight), a.K, a.K, a.N, vector_loadable<T>(a.weight, a.K, a.K)};
   p.lora_B_t = {nullptr, a.N, a.r, a.N, false};
   if (sm80_dx_computes_gb(a.r)) {
     const T* b_t = static_cast<const T*>(a.lora_B_t);
@@ -390,7 +384,7 @@ cudaError_t dx_t(const BackwardArgs& a, cudaStream_t stream) {
   p.keep_ld = keep_words_per_row(a.K);
   p.vec_out = a.K % kChunkOf<T> == 0 && aligned16(a.dx);
   const int64_t tiles = ceil_div(a.M, kBM) * ceil_div(a.K, kBN);
-  return launch<dx_kernel<T, kWKMajor>>(p, tiles, 1, SmemPlan<T, kWKMajor, true>::bytes, stream, kThreads);
+  return launch<dx_kernel<T>>(p, tiles, 1, SmemPlan<T, false, true>::bytes, stream, kThreads);
 }
 
 }  // namespace
@@ -406,9 +400,9 @@ cudaError_t sm80_forward(const ForwardArgs& a, cudaStream_t stream) {
 
 cudaError_t sm80_dx(const BackwardArgs& a, cudaStream_t stream) {
   switch (a.dtype) {
-    case DType::kHalf: return dx_t<cute::half_t, false>(a, stream);
-    case DType::kBFloat16: return dx_t<cute::bfloat16_t, false>(a, stream);
-    case DType::kFloat: return dx_t<float, true>(a, stream);
+    case DType::kHalf: return dx_t<cute::half_t>(a, stream);
+    case DType::kBFloat16: return dx_t<cute::bfloat16_t>(a, stream);
+    case DType::kFloat: return dx_t<float>(a, stream);
     default: return cudaErrorInvalidValue;
   }
 }

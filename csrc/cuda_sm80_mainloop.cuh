@@ -39,16 +39,31 @@
 //
 // fp32 on TF32 (issue 11 point 3; cuda_ops.cpp picks it when PyTorch allows TF32 matmuls):
 // the same tiles in bytes — a 16-byte chunk is 4 floats (kChunkOf), a k-tile 16 deep
-// (kBKOf: 64-byte rows, so four stages stay 64 KB and the swizzles, re-based on 4-element
-// chunks, keep the same bank pattern) — with SM80_16x8x8_F32TF32TF32F32_TN. cp.async lands
-// plain fp32 in shared memory; ldmatrix (U32x4, K-major rows of 4 floats) fills tfloat32_t
-// fragments and round_operands_to_tf32 rounds each register with cvt.rna.tf32.f32 before
-// the mma: round to nearest (ties away), at most 2^-11 relative error per operand. Raw
-// fp32 bits handed to a .tf32 mma are not rounded by it (at best their low 13 mantissa
-// bits are dropped: up to 2^-10, biased toward zero), which could exceed the 2x of
-// PyTorch's own TF32 matmul error that DESIGN.md §5 allows. Accumulation, xa/gb, s, mask and the final
-// rounding stay fp32. MN-major fp32 operands are not supported (ldmatrix.trans moves 16-bit
-// values only): dx reads a transposed copy of W, and dB|db / dA stay on SIMT for fp32.
+// (kBKOf: 64-byte rows, so four stages stay 64 KB and the K-major swizzle, re-based on
+// 4-element chunks, keeps the same bank pattern) — with SM80_16x8x8_F32TF32TF32F32_TN. cp.async
+// lands plain fp32 in shared memory; K-major operands reach tfloat32_t fragments through
+// ldmatrix (U32x4: K-major rows of 4 floats), MN-major ones (dx's W, read as stored) through
+// 32-bit shared-memory loads, one per fragment value (ldmatrix.trans moves 16-bit values
+// only), and round_operands_to_tf32 rounds each register with cvt.rna.tf32.f32 before the
+// mma: round to nearest (ties away), at most 2^-11 relative error per operand. Raw fp32 bits
+// handed to a .tf32 mma are not rounded by it (at best their low 13 mantissa bits are
+// dropped: up to 2^-10, biased toward zero), which could exceed the 2x of PyTorch's own TF32
+// matmul error that DESIGN.md §5 allows. Accumulation, xa/gb, s, mask and the final rounding
+// stay fp32. dB|db and dA (cuda_sm80_thin.cu's wide GEMM) are instantiated for fp16/bf16
+// only and stay on SIMT for fp32.
+//
+// The fp32 MN-major layout and its banks. A k-line is 32 floats (128 bytes, all 32 banks)
+// of consecutive rows, 8 lines per atom; element (n, k) of an atom sits at n + 32·k, and the
+// swizzle XORs bits 1-2 of the chunk index (n bits 3-4) with k bits 0-1 (Swizzle<2, 3, 2>),
+// so its bank is n mod 8 + 8·((n / 8 mod 4) XOR (k mod 4)). Reads: one 32-bit load of an
+// m16n8k8 B fragment value gives lane l the element (n0 + l / 4, k0 + l mod 4) (n0 a
+// multiple of 8, k0 of 4): banks l / 4 + 8·(c XOR l mod 4), 32 distinct, no conflict (the
+// 16-bit layout's Swizzle<3, 2, 3> re-based on 4-float chunks would pair lanes 2-way: chunk
+// bit 0 would carry both l / 16 and k bit 0). Writes: 8 consecutive threads' 16-byte
+// cp.async chunks are the 8 chunks of one k-line, permuted by the XOR: 8 distinct 16-byte
+// bank groups. tests/cuda/sm80_layout_check.cu checks both on the real partitions. Cost: a
+// warp's 32 columns of B per 8-deep k-block are 8 such loads, one 128-byte wavefront each:
+// the same 1 KB and 8 wavefronts as 2 ldmatrix.x4 would be, in 4x the load instructions.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -106,8 +121,9 @@ static_assert(kThreads == 8 * 32, "2x4 MMA atoms of one warp each");
 // Shared-memory layouts (rows, k, stages). K-major: rows of kBK values (64 bytes) in
 // 8-row atoms; the swizzle XORs a row's four 16-byte chunk indices with row bits 1-2, so
 // ldmatrix's 8 row reads of one chunk column hit 8 distinct bank groups. MN-major: 128
-// bytes of contiguous rows per k in 8-k atoms, the 8 chunk indices XORed with the k index,
-// read with ldmatrix.trans (16-bit types only). Both keep each chunk contiguous and 16-byte
+// bytes of contiguous rows per k in 8-k atoms; 16-bit: the 8 chunk indices XORed with the
+// k index, read with ldmatrix.trans; fp32: chunk index bits 1-2 XORed with k bits 0-1, read
+// with 32-bit loads (the bank argument above). All keep each chunk contiguous and 16-byte
 // aligned (one cp.async each; tests/cuda/sm80_layout_check.cu). The swizzle's base is the
 // chunk: log2(kChunk) element bits.
 template <class T>
@@ -116,10 +132,11 @@ template <class T, int kRows, int kDepth>
 using KMajorSmem = decltype(tile_to_shape(
     composition(Swizzle<2, kChunkBits<T>, 3>{}, Layout<Shape<_8, Int<kBKOf<T>>>, Stride<Int<kBKOf<T>>, _1>>{}),
     Shape<Int<kRows>, Int<kBKOf<T>>, Int<kDepth>>{}));
+template <class T>
+using MNMajorSwizzle = std::conditional_t<sizeof(T) == 2, Swizzle<3, kChunkBits<T>, 3>, Swizzle<2, 3, 2>>;
 template <class T, int kRows, int kDepth>
 using MNMajorSmem = decltype(tile_to_shape(
-    composition(Swizzle<3, kChunkBits<T>, 3>{},
-                Layout<Shape<Int<8 * kChunkOf<T>>, _8>, Stride<_1, Int<8 * kChunkOf<T>>>>{}),
+    composition(MNMajorSwizzle<T>{}, Layout<Shape<Int<8 * kChunkOf<T>>, _8>, Stride<_1, Int<8 * kChunkOf<T>>>>{}),
     Shape<Int<kRows>, Int<kBKOf<T>>, Int<kDepth>>{}));
 
 template <class T, bool kKMajor, int kRows, int kDepth>
@@ -133,14 +150,15 @@ struct OperandSmemOf<T, false, kRows, kDepth> {
 template <class T, bool kKMajor, int kRows, int kDepth>
 using OperandSmem = typename OperandSmemOf<T, kKMajor, kRows, kDepth>::type;
 
-// ldmatrix from shared memory into MMA fragments: 16-byte rows of a K-major operand (any
-// element width: for TF32 each row is 4 values), transposed 16-bit ones for MN-major.
-// ldmatrix cannot transpose 32-bit elements, so fp32 operands are K-major only.
+// Shared memory into MMA fragments: ldmatrix rows of 16 bytes for a K-major operand (any
+// element width: for TF32 each row is 4 values), ldmatrix.trans for a 16-bit MN-major one,
+// and for an fp32 MN-major one a 32-bit load per fragment value (ldmatrix cannot transpose
+// 32-bit elements; CuTe's UniversalCopy, as CUTLASS's own MN-major TF32 configurations).
 template <bool kKMajor, class T>
 struct S2RAtomOf {
-  static_assert(kKMajor || sizeof(T) == 2, "MN-major operands need 16-bit elements (ldmatrix.trans)");
   using V = typename MmaOp<T>::value;
-  using type = std::conditional_t<kKMajor, Copy_Atom<SM75_U32x4_LDSM_N, V>, Copy_Atom<SM75_U16x8_LDSM_T, V>>;
+  using MNMajor = std::conditional_t<sizeof(T) == 2, Copy_Atom<SM75_U16x8_LDSM_T, V>, Copy_Atom<UniversalCopy<uint32_t>, V>>;
+  using type = std::conditional_t<kKMajor, Copy_Atom<SM75_U32x4_LDSM_N, V>, MNMajor>;
 };
 template <bool kKMajor, class T>
 using S2RAtom = typename S2RAtomOf<kKMajor, T>::type;

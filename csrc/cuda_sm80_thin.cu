@@ -27,8 +27,8 @@
 //
 // fp32 (TF32 tensor cores, when PyTorch allows TF32 matmuls): xa and gb only, on the same
 // tiles in bytes (16-deep k-tiles, m16n8k8 TF32 MMAs, operands rounded to TF32 as they leave
-// shared memory); dB|db and dA stay on SIMT in fp32, since their MN-major operand would need
-// a transposing copy that ldmatrix cannot do for 32-bit values.
+// shared memory); dB|db and dA stay on SIMT in fp32 (the wide GEMM is instantiated for
+// fp16/bf16 only; its MN-major fp32 operand would take the mainloop's 32-bit loads, as dx's W).
 //
 // Tiles. 256 threads, 8 warps of m16n8k16 (m16n8k8 for TF32). Tall: 128 rows × 32 ranks, the warps stacked
 // along rows (16 rows each, all 32 ranks: 16 fp32 accumulators per thread). Wide: 32 ranks

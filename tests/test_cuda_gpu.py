@@ -90,8 +90,9 @@ def test_every_instantiation_parity(case, dtype):
 # ---- fp32 on TF32 tensor cores ---------------------------------------------------------
 #
 # With torch.backends.cuda.matmul.allow_tf32 (or float32 matmul precision "high"/"medium")
-# fp32 runs forward_kernel<float>, dx_kernel<float, true> (W transposed), and
-# tall_kernel<float> (xa with the mask, gb) on TF32 mma.sync; dB|db and dA stay SIMT. The
+# fp32 runs forward_kernel<float>, dx_kernel<float> (W read as stored: MN-major stages, 32-bit
+# shared-memory loads), and tall_kernel<float> (xa with the mask, gb) on TF32 mma.sync; dB|db
+# and dA stay SIMT. The
 # same-dtype PyTorch reference then runs its matmuls on TF32 too, so DESIGN.md §5's budget
 # is PyTorch's own TF32 error; with TF32 off everything is the exact fp32 SIMT path.
 TF32_CASES = {
@@ -121,14 +122,17 @@ def _cublas_runs_tf32(rows, depth, cols):
     return (got.double().cpu() - exact).abs().max().item() > 64 * torch.finfo(torch.float32).eps * depth ** 0.5
 
 
-def _check_float32_with_tf32_allowed(M, K, N, r, bias, require_tf32_reference=True):
+def _check_float32_with_tf32_allowed(M, K, N, r, bias, require_tf32_reference=True, grad_y_transform=None):
     """The extension's fp32 results with TF32 allowed (the caller set it): every output written
     (finite under the poison switch) and shaped; each within 2x PyTorch's own error where
     PyTorch's products behind it ran on TF32 too (y, dx: the [M, K]x[K, N] and [M, N]x[N, K]
     matmuls, asserted when `require_tf32_reference`; xa, dA, dB, db: the rank-thin ones,
-    which cuBLAS may run without TF32 at small r)."""
+    which cuBLAS may run without TF32 at small r). grad_y_transform: a same-valued view of
+    grad_y to pass instead (another row stride)."""
     x, weight, b, lora_A, lora_B = make_inputs(M, K, N, r, torch.float32, device="cuda", bias=bias)
     grad_y = make_inputs(M, N, 1, 1, torch.float32, device="cuda", seed=1)[0]
+    if grad_y_transform is not None:
+        grad_y = grad_y_transform(grad_y)
     got = run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.25, 1234, grad_y)
     shapes = ((M, N), (M, r), (M, K), (r, K), (N, r), (N if bias else 0,))
     for name, value, shape in zip(OUTPUT_NAMES, got, shapes, strict=True):
@@ -151,6 +155,44 @@ def test_float32_parity_with_tf32_on_and_off(case, allow_tf32):
         _check_float32_with_tf32_allowed(M, K, N, r, bias)
     else:  # the exact fp32 SIMT path, every output
         check_parity(M, K, N, r, torch.float32, bias, dropout_p=0.25, device="cuda")
+
+
+# dx on TF32 reads W [N, K] as stored (no transposed copy): its MN-major stages take 4-float
+# cp.async chunks along K when K is a multiple of 4 and element loads otherwise, and 32-bit
+# shared-memory loads into the B fragments; the cases put residues on both of dx's tile edges
+# (K against the 128-column tile and 4-float chunks, N against the 16-deep k-tile) and give
+# grad_y an odd row stride (element loads of g), with TF32 on and off (then SIMT).
+TF32_DX_CASES = {
+    # (M, K, N, r, extra grad_y row stride beyond N)
+    "K260-vector-W-N100-k-residue-fused-gb": (384, 260, 100, 8, 0),
+    "K141-element-W-N77-k-residue-r40-gb-first": (384, 141, 77, 40, 0),
+    "odd-grad_y-row-stride-99": (384, 136, 96, 16, 3),
+}
+
+
+def _with_row_stride(t, row_stride):
+    """A view of t's values whose rows are `row_stride` elements apart."""
+    wide = torch.full((t.shape[0], row_stride), float("nan"), device=t.device, dtype=t.dtype)
+    wide[:, : t.shape[1]] = t
+    view = wide[:, : t.shape[1]]
+    assert view.stride(0) == row_stride
+    return view
+
+
+@pytest.mark.parametrize("case", list(TF32_DX_CASES), ids=str)
+def test_every_instantiation_tf32_dx_reads_weight_as_stored(case, allow_tf32):
+    """In the GPU check's first (smoke) stage with the other instantiation cases (its -k filter)."""
+    M, K, N, r, extra = TF32_DX_CASES[case]
+    transform = (lambda g: _with_row_stride(g, N + extra)) if extra else None
+    if allow_tf32:
+        _check_float32_with_tf32_allowed(M, K, N, r, True, grad_y_transform=transform)
+        return
+    x, weight, b, lora_A, lora_B = make_inputs(M, K, N, r, torch.float32, device="cuda", bias=True)
+    grad_y = make_inputs(M, N, 1, 1, torch.float32, device="cuda", seed=1)[0]
+    if transform is not None:
+        grad_y = transform(grad_y)
+    got = run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.25, 1234, grad_y)
+    _parity_of(got, (x, weight, b, lora_A, lora_B), SCALING, 0.25, 1234, grad_y)
 
 
 @pytest.mark.parametrize("case", list(INSTANTIATION_CASES), ids=str)

@@ -1,7 +1,9 @@
 """Host-side checks of what csrc/cuda_sm80_mainloop.cuh assumes of CuTe's layouts, which
 no GPU here can test by running the kernels: the swizzled shared-memory layouts are
-bijections whose 8-element chunks (one cp.async each) stay contiguous and 16-byte
-aligned, the MMA's accumulator partition covers the block tile once, and the grouped
+bijections whose chunks (8 fp16/bf16 or 4 fp32 elements: one cp.async each) stay contiguous
+and 16-byte aligned, the MMA's accumulator partition covers the block tile once, the fp32
+MN-major operand (TF32 dx's W, read as stored) reaches its MMA fragment slots through 32-bit
+loads without bank conflicts and takes its cp.async chunks without them, and the grouped
 raster visits every tile once. tests/cuda/sm80_layout_check.cu includes the kernel header
 itself, compiled by nvcc for the host only (about 10 s of CPU); tests/cuda/sm90_layout_check.cu
 does the same for the Hopper kernel's layouts (csrc/cuda_sm90.cu), and
