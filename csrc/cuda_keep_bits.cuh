@@ -71,7 +71,9 @@ LORA_HD constexpr int mma80_word_byte(int column_of_value0) { return (column_of_
 template <class FromLane>
 LORA_HD uint32_t quad_transpose(uint32_t compact, int q, FromLane&& from_lane) {
   uint32_t out = ((compact >> (2 * q)) & 0x03030303u) << (2 * q);
+#if defined(__CUDACC__)  // (host compilers of cuda_kernels.h warn on the pragma)
 #pragma unroll
+#endif
   for (int d = 1; d < 4; ++d) out |= ((from_lane(d) >> (2 * q)) & 0x03030303u) << (2 * (q ^ d));
   return out;
 }

@@ -161,7 +161,8 @@ struct RankRowsFromMemory {
 // the TF32 forward (cvt.rna on every operand fragment) spills 8 on sm_80, and dx (the
 // MN-major W operand's ldmatrix.trans partitions, the mask's index arithmetic, and since
 // the fused gb its 16 more accumulators and their fragments) spills at 128 on both, so
-// those keep one block per SM (forward 161-204, dx 175-228 registers, no spills).
+// those keep one block per SM (forward 161-204, dx 174-202 registers with the keep-bit
+// packing, no spills).
 // sm_86/sm_89 fit one 80 KB block per SM anyway.
 template <class T>
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -23,7 +23,9 @@
 // element of x per rank tile (once for r ≤ 32). dA reads the keep bits the dx kernel wrote
 // (cuda_keep_bits.cuh) whenever dx ran: the same thread cp.asyncs each chunk's 4-byte keep word
 // beside the chunk (8 KB of words over the 4 stages: 48 KB per block, still two per SM), so
-// the backward hashes x once; without dx it hashes once per element per rank tile.
+// the backward hashes x once; without dx it hashes once per element per rank tile. The
+// keep-bit variant is its own instantiation (wide_kernel<T, true>): 128 registers on sm_80 and
+// sm_90a, no spills, at the cap of two blocks per SM, so re-read ptxas -v after changing it.
 //
 // fp32 (TF32 tensor cores, when PyTorch allows TF32 matmuls): xa and gb only, on the same
 // tiles in bytes (16-deep k-tiles, m16n8k8 TF32 MMAs, operands rounded to TF32 as they leave
@@ -37,7 +39,8 @@
 // more rank tiles (blockIdx); the padding costs MMA issue, not memory: per 32-deep k-tile a
 // block moves 8 KB of the wide operand for 2·128·32·32 flops (32 flop/byte, a fifth of
 // mma.sync's rate on an A100 at its DRAM bandwidth), so both GEMMs stay bound by reading x
-// or g once. One rank tile size keeps the build at 4 thin kernels per architecture.
+// or g once. One rank tile size keeps the build at 4 thin kernels per architecture (and the
+// wide one's keep-bit variant for dA).
 //
 // Pipeline and shared memory. kStages = 4 stages of 8 KB (the 128-wide operand) + 2 KB (the
 // rank operand): 40 KB per block, so two blocks fit on every sm_80+ SM (sm_86/sm_89's 100
