@@ -203,6 +203,17 @@ struct StageLayoutOf<T, false> {
 };
 template <class T, bool kKMajor>
 using StageLayout = typename StageLayoutOf<T, kKMajor>::type;
+// Element offset, from the start of the K-major stages, of (row, k, stage): where TMA's
+// SWIZZLE_128B writes and wgmma's SW128 descriptor reads that element. The layout's
+// Swizzle<3,4,3> acts on BYTE addresses (CuTe applies it through a smem_ptr); calling the
+// layout on its own would apply it to element offsets. The position-independent form moves
+// the swizzle to element bits (Swizzle<3,3,3> for 16-bit T), exact because every stage starts
+// on a 1024-byte boundary (the swizzle's period). The fused-gb dx writes round(gb) here and
+// tests/cuda/sm90_layout_check.cu compares it with the address CuTe's smem_ptr path gives.
+template <class T>
+CUTE_HOST_DEVICE int k_major_stage_offset(int row, int k, int stage) {
+  return as_position_independent_swizzle_layout(StageLayout<T, true>{})(row, k, stage);
+}
 // The fused gb's third operand, lora_Bᵀ [r, N] K-major: 32 rank rows × kBK per stage (4 KB,
 // a multiple of the swizzle's 1024-byte period, so every stage stays aligned).
 template <class T>
@@ -531,9 +542,9 @@ __device__ __forceinline__ void fused_gb_rank_product(const Params<T, false>& p,
   CUTE_UNROLL
   for (int i = 0; i < size(gb_acc); i += 2) {  // values i, i + 1: ranks j, j + 1 of one row, j even
     const uint32_t packed = uint32_t{T(gb_acc(i)).raw()} | (uint32_t{T(gb_acc(i + 1)).raw()} << 16);
-    // The offset from the layout, added to the shared array itself (not through a CuTe
-    // smem_ptr), so the store stays a shared-memory STS rather than a generic one.
-    const int offset = StageLayout<T, true>{}(get<0>(gb_coords(i)), get<1>(gb_coords(i)), stage);
+    // The offset added to the shared array itself (not through a CuTe smem_ptr), so the
+    // store stays a shared-memory STS rather than a generic one.
+    const int offset = k_major_stage_offset<T>(get<0>(gb_coords(i)), get<1>(gb_coords(i)), stage);
     *reinterpret_cast<uint32_t*>(a_stages + offset) = packed;
   }
   cutlass::arch::fence_view_async_shared();            // generic writes → wgmma's async proxy

@@ -7,8 +7,9 @@
 // stage and the depth tiles number ceil(depth / 64); shared memory within sm_90's 227 KB.
 // The fused-gb dx (r <= 32): lora_Bᵀ's 32-row stages, the 64x32 gb TiledMMA's partition
 // (rows per warpgroup, column pairs), the shared-memory offsets round(gb) is written to
-// (a rank pair is one aligned 32-bit word in the stage's A buffer), the transaction bytes of
-// its k-stages and rank stage, and its shared-memory total.
+// (k_major_stage_offset, compared with the address TMA/wgmma use: CuTe's smem_ptr path and
+// the SW128 formula; a rank pair is one aligned 32-bit word in the stage's A buffer), the
+// transaction bytes of its k-stages and rank stage, and its shared-memory total.
 // Prints the counts, exits non-zero on a problem.
 #include "cuda_sm90.cu"
 
@@ -94,13 +95,46 @@ int check_tma_partition(const char* name, int rows, int depth) {
   return bad;
 }
 
-// Where the fused-gb dx writes round(gb): thread t's gb values (i, i + 1) go to
-// StageLayout<T, true>(row, j, stage) and (row, j + 1), one aligned 32-bit store, inside
-// stage `stage`'s A buffer, in the writing warpgroup's rows, ranks [0, 32) of each row once.
+// The element offset TMA's SWIZZLE_128B writes and wgmma's SW128 descriptor reads for
+// (row, k, stage) of the K-major stages, two independent ways: CuTe's smem_ptr path over a
+// 1024-byte-aligned (fake) shared base, where the swizzle acts on byte addresses; and the
+// swizzle's definition for 16-bit elements: 8-row atoms of 128-byte rows, the 16-byte chunk
+// k / 8 of row r XORed with r % 8.
+template <class T>
+int address_through_smem_ptr(int row, int k, int stage) {
+  T* base = reinterpret_cast<T*>(uintptr_t{1} << 20);
+  Tensor stages = make_tensor(make_smem_ptr(base), StageLayout<T, true>{});
+  return int(raw_pointer_cast(&stages(row, k, stage)) - base);
+}
+int sw128_formula(int row, int k, int stage) {
+  return stage * kBM * kBK + (row / 8) * 512 + (row % 8) * 64 + ((k / 8) ^ (row % 8)) * 8 + k % 8;
+}
+
+// k_major_stage_offset, the one offset function the fused-gb dx writes round(gb) with, is
+// the address TMA and wgmma use, at every element of every stage.
+template <class T>
+int check_k_major_stage_offset(const char* name) {
+  static_assert(sizeof(T) == 2, "sw128_formula counts 64 elements per 128-byte row");
+  int reference_bad = 0, bad = 0;
+  for (int stage = 0; stage < kStages; ++stage)
+    for (int row = 0; row < kBM; ++row)
+      for (int k = 0; k < kBK; ++k) {
+        const int expected = sw128_formula(row, k, stage);
+        reference_bad += address_through_smem_ptr<T>(row, k, stage) != expected;
+        bad += k_major_stage_offset<T>(row, k, stage) != expected;
+      }
+  printf("%s: smem_ptr addresses vs the SW128 formula: %d mismatches; k_major_stage_offset vs both: %d of %d\n",
+         name, reference_bad, bad, kStages * kBM * kBK);
+  return reference_bad + bad;
+}
+
+// Where the fused-gb dx writes round(gb): thread t's gb values (i, i + 1), ranks (j, j + 1)
+// of one row, go to k_major_stage_offset(row, j, stage), one aligned 32-bit store whose
+// second half is where wgmma reads (row, j + 1); inside stage `stage`'s A buffer, in the
+// writing warpgroup's rows; ranks [0, 32) of each row written once, as wgmma addresses them.
 template <class T>
 int check_gb_writes(const char* name) {
   GbTiledMmaOf<T> gb_mma;
-  StageLayout<T, true> layout{};
   int bad = 0;
   for (int stage = 0; stage < kStages; ++stage) {
     std::vector<int> seen(kBM * kBK, 0);
@@ -108,18 +142,20 @@ int check_gb_writes(const char* name) {
       Tensor c = gb_mma.get_slice(t).partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kGbRanks>>{}));
       for (int i = 0; i < size(c); i += 2) {
         const int row = get<0>(c(i)), j = get<1>(c(i));
-        const int offset = layout(row, j, stage);
-        bad += offset % 2 != 0 || layout(get<0>(c(i + 1)), get<1>(c(i + 1)), stage) != offset + 1;
+        const int offset = k_major_stage_offset<T>(row, j, stage);
+        bad += offset != address_through_smem_ptr<T>(row, j, stage);
+        bad += offset % 2 != 0 || address_through_smem_ptr<T>(get<0>(c(i + 1)), get<1>(c(i + 1)), stage) != offset + 1;
         bad += offset / (kBM * kBK) != stage || row / (kBM / 2) != t / 128;
         seen[offset - stage * kBM * kBK] += 1;
         seen[offset + 1 - stage * kBM * kBK] += 1;
       }
     }
     for (int row = 0; row < kBM; ++row)
-      for (int j = 0; j < kBK; ++j) bad += seen[layout(row, j, 0)] != (j < kGbRanks ? 1 : 0);
+      for (int j = 0; j < kBK; ++j)
+        bad += seen[address_through_smem_ptr<T>(row, j, stage) - stage * kBM * kBK] != (j < kGbRanks ? 1 : 0);
   }
-  printf("%s: round(gb) pairs as aligned 32-bit words, ranks [0, 32) of each row once per stage: problems %d\n",
-         name, bad);
+  printf("%s: round(gb) pairs as aligned 32-bit words at wgmma's addresses, ranks [0, 32) of each row once per "
+         "stage: problems %d\n", name, bad);
   return bad;
 }
 
@@ -133,7 +169,10 @@ int main() {
   bad += check_partition_c<TiledMmaOf<H, true>, kBN>("forward TiledMMA (K-major B)");
   bad += check_partition_c<TiledMmaOf<B, false>, kBN>("dx TiledMMA (MN-major B)");
   bad += check_partition_c<GbTiledMmaOf<B>, kGbRanks>("fused gb TiledMMA (64x32 per warpgroup)");
-  bad += check_gb_writes<B>("fused gb: round(gb) into the rank stage's A buffer");
+  bad += check_k_major_stage_offset<H>("K-major stage offsets (half)");
+  bad += check_k_major_stage_offset<B>("K-major stage offsets (bf16)");
+  bad += check_gb_writes<H>("fused gb (half): round(gb) into the rank stage's A buffer");
+  bad += check_gb_writes<B>("fused gb (bf16): round(gb) into the rank stage's A buffer");
   const size_t stage_bytes = (cosize_v<StageLayout<H, true>> + cosize_v<StageLayout<H, false>>) * sizeof(H) / kStages;
   bad += stage_bytes != kStageBytes;
   printf("transaction bytes per stage %u, stage holds %zu: problems %d\n", kStageBytes, stage_bytes,
