@@ -44,8 +44,9 @@
 // for the epilogue (2 × 17 KB) and the 10 barriers: 196 KB with the 1 KB alignment slack
 // (tests/cuda/sm90_layout_check.cu prints it), within sm_90's 227 KB per block
 // (static_assert below); a sixth stage would not fit. One block per SM. The fused-gb dx adds
-// lora_Bᵀ's 32 × 64 tile (4 KB) to each stage: 5 × 36 KB + 34 KB staging = 216 KB (221184
-// bytes with the slack), still five stages within 227 KB (a sixth would need 252 KB).
+// lora_Bᵀ's 32 × 64 tile (4 KB) to each stage: 5 × 36 KB + 34 KB staging + 80 bytes of
+// barriers = 214.1 KB, 215 KB rounded to the storage's 1024-byte alignment, 216 KB (221184
+// bytes) with the slack; still five stages within 227 KB (a sixth would need 252 KB).
 // Layouts: K-major operands in GMMA::Layout_K_SW128_Atom, MN-major ones (dx's W and lora_A)
 // in Layout_MN_SW128_Atom tiled K-first (what TMA's 128-byte swizzle writes and wgmma's
 // descriptors read); every stage starts on a 1024-byte boundary (the swizzle's period). TMA
@@ -55,11 +56,13 @@
 // Synchronisation. PipelineTmaAsync: a full barrier per stage (the producer arrives once with
 // the stage's transaction bytes, TMA completes them) and an empty barrier per stage (all 256
 // consumer threads arrive when their wgmmas on the stage are done). Producer: acquire(empty)
-// → TMA both operands onto the full barrier → next stage. Consumers: wait(full) → warpgroup_
-// arrive, 4 wgmma (k = 16 each; fewer on a rank or depth residue tile: the 16-deep blocks past
-// r or the depth are skipped by branching around the whole batch, one compile-time count per
-// branch, so ptxas keeps each batch in flight), commit → warpgroup_wait<1> (the previous batch is done, so
-// its stage is released, while this one still runs). After the last tile wait<0> and release
+// → TMA both operands (a fused-gb dx k-stage: three, g, W and lora_Bᵀ) onto the full
+// barrier → next stage. Consumers: wait(full) → warpgroup_arrive, 4 wgmma (a fused-gb dx
+// k-stage: 8, four 64x128 and four 64x32; k = 16 each; fewer on a rank or depth residue
+// tile: the 16-deep blocks past r or the depth are skipped by branching around the whole
+// batch, one compile-time count per branch, so ptxas keeps each batch in flight), commit →
+// warpgroup_wait<1> (the previous batch is done, so its stage is released, while this one
+// still runs). After the last tile wait<0> and release
 // the last stage. The epilogue writes each warpgroup's rows to its own staging tile, a named
 // barrier of that warpgroup's 128 threads publishes them, and the same threads store them
 // with 16-byte stores; the producer warp takes no part (it ends after producer_tail, which
@@ -137,7 +140,8 @@
 //    run on one, then forward/dx timings at (16384, 768, 2304, 16), p = 0 and 0.1, and
 //    K = 64 against K = 768 to separate epilogue from main loop.
 //
-// Tile order: persistent — one block per SM (196 KB of shared memory allow no second), block
+// Tile order: persistent — one block per SM (196 KB of shared memory, 216 KB for the fused-gb
+// dx, allow no second), block
 // b taking output tiles b, b + gridDim.x, ... of sm80's grouped raster (grouped_tile: 8 row
 // tiles per group, column by column), so the 132 tiles in flight at a time share their x/g
 // row tiles and W column tiles in L2. Producer and consumers walk the same tiles with one
@@ -258,7 +262,7 @@ auto make_tma(const T* ptr, int rows, int depth, int64_t ld) {
 template <class T, bool kKMajor, class Stages = StageLayout<T, kKMajor>>
 using TmaOf = decltype(make_tma<T, kKMajor, Stages>(nullptr, 1, 1, 8));
 template <class T>
-using GbTmaOf = TmaOf<T, true, GbStageLayout<T>>;  // 64 × 32 boxes of lora_Bᵀ
+using GbTmaOf = TmaOf<T, true, GbStageLayout<T>>;  // boxes of lora_Bᵀ: 32 rank rows × 64 deep
 
 template <class T, bool kBKMajor>
 struct Params {

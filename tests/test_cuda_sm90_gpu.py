@@ -224,14 +224,16 @@ def test_sm90_sam_vit_b_qkv_shape(dtype):
 # stages (a 64x32 wgmma beside the main one), the blocks of column tile 0 write fp32 gb for dA,
 # and round(gb) feeds the rank product; r = 33 keeps the tall gb GEMM. dA (which reads gb) and
 # dB are checked with dx by check_parity. (M, K, N): M, K residues of the 128x128 tile, N
-# residues of the 64-deep k-tile (one 16-deep block: 200; two: 280; all four: 1096), several
-# column tiles (K = 264: 3, so columns tiles 1, 2 compute gb and drop it).
+# residues of the 64-deep k-tile (200 % 64 = 8: one 16-deep block; 280 % 64 = 24: two; a full
+# k-tile is SAM qkv's N = 2304, three blocks the padded test's N = 45), several column tiles
+# (K = 264: 3, so column tiles 1, 2 compute gb and drop it). Ranks: one and two 16-deep rank
+# blocks, each full (16, 32) and partial (1, 8; 17, 31), and r = 33 past the switch.
 FUSED_GB_SHAPES = {"n200": (300, 264, 200), "n280-k136": (257, 136, 280)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-@pytest.mark.parametrize("r", [1, 8, 16, 17, 32, 33])
+@pytest.mark.parametrize("r", [1, 8, 16, 17, 31, 32, 33])
 @pytest.mark.parametrize("shape", list(FUSED_GB_SHAPES), ids=str)
 def test_sm90_dx_computes_gb_for_ranks_up_to_32(shape, r, dropout_p, dtype):
     M, K, N = FUSED_GB_SHAPES[shape]
@@ -245,14 +247,17 @@ def test_sm90_dx_computes_gb_for_ranks_up_to_32(shape, r, dropout_p, dtype):
 
 @pytest.mark.parametrize("blocks", [1, 3])
 @pytest.mark.parametrize("r", [8, 32])
-def test_sm90_fused_gb_grid_capped_walks_every_tile(r, blocks, monkeypatch):
-    """1 or 3 persistent blocks walk all 3 x 3 tiles of the fused-gb dx (k-stages plus a rank
-    stage per tile against 5 stages: stage indices and phases wrap mid-tile, the rank stage
-    lands on every stage index in turn, and tile column 0 is reached by different blocks)."""
+@pytest.mark.parametrize("N", [136, 280])
+def test_sm90_fused_gb_grid_capped_walks_every_tile(N, r, blocks, monkeypatch):
+    """1 or 3 persistent blocks walk all 3 x 3 tiles of the fused-gb dx. A tile takes
+    ceil(N / 64) k-stages plus a rank stage: 4 (N = 136) or 6 (N = 280) against 5 stages, a
+    count prime to 5, so stage indices and phases wrap mid-tile and a block's successive rank
+    stages land on different stage indices (one block: on all five); tile column 0 is reached
+    by different blocks. (N = 200 or 520 would put every rank stage on index 4.)"""
     monkeypatch.setenv("LORA_FUSED_SM90_MAX_BLOCKS", str(blocks))
-    check_parity(300, 264, 200, r, torch.bfloat16, False, dropout_p=0.1, device="cuda")
-    x, weight, _, lora_A, lora_B = make_inputs(300, 264, 200, r, torch.bfloat16, device="cuda")
-    grad_y = make_inputs(300, 200, 1, 1, torch.bfloat16, device="cuda", seed=1)[0]
+    check_parity(300, 264, N, r, torch.bfloat16, False, dropout_p=0.1, device="cuda")
+    x, weight, _, lora_A, lora_B = make_inputs(300, 264, N, r, torch.bfloat16, device="cuda")
+    grad_y = make_inputs(300, N, 1, 1, torch.bfloat16, device="cuda", seed=1)[0]
     assert _backward_gb_launches(grad_y, x, weight, lora_A, lora_B, 0.1, 5)["dx+gb"] == 1
 
 
