@@ -225,15 +225,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   args.scaling = scaling;
   args.dropout = dropout_spec(dropout_p, seed);
 
-  // Hopper: dx on the TMA kernel. For r <= 32 it computes gb itself from its g tiles (reading
+  // Hopper: dx on the TMA kernel. For r <= 32 and K <= 1024 (sm90_dx_computes_gb) it
+  // computes gb itself from its g tiles (reading
   // lora_Bᵀ with 16-byte rows: b_t, or a padded copy when N % 8 != 0) and writes the fp32 gb
-  // for dA; for larger r it reads round(gb) from a T-typed workspace with 16-byte rows that
+  // for dA; otherwise it reads round(gb) from a T-typed workspace with 16-byte rows that
   // the tall gb GEMM writes beside the fp32 gb.
   at::Tensor gb_rounded, a_tma, b_t_tma;
   bool sm90_dx = false;
   if (compute_dx && sm90_device(x)) {
     args.rank_ld = cuda::tma_rank_ld(s.r);
-    if (cuda::sm90_dx_computes_gb(s.r)) {
+    if (cuda::sm90_dx_computes_gb(s.r, s.K)) {
       std::tie(b_t_tma, args.lora_B_t_tma_ld) = rank_rows_for_tma(b_t);
       args.lora_B_t_tma = b_t_tma.data_ptr();
     } else {
@@ -258,13 +259,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   }
 
   // gb before dA (and before dx, unless dx computes gb itself from the g tiles it streams:
-  // r <= 32 on the sm80 or the sm90 kernel). dB|db and dA share the partial-sum and
+  // r <= 32 on the sm80 kernel, also K <= 1024 on the sm90 one). dB|db and dA share the partial-sum and
   // rank-operand workspaces; the stream orders them. dx before dA on every path: dA reads
-  // dx's gb (r <= 32) and its keep bits.
+  // dx's gb (when dx computes it) and its keep bits.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (all_tensor_cores || tf32) {
     const bool gb_in_dx = compute_dx && s.K > 0 &&  // K = 0: no dx blocks
-                          (sm90_dx ? cuda::sm90_dx_computes_gb(s.r) : cuda::sm80_dx_computes_gb(s.r));
+                          (sm90_dx ? cuda::sm90_dx_computes_gb(s.r, s.K) : cuda::sm80_dx_computes_gb(s.r));
     if (!gb_in_dx) check_launch(cuda::sm80_gb(args, stream), op, "tensor-core gb = grad_y·lora_B");
     if (all_tensor_cores) {
       check_launch(cuda::sm80_dB_db(args, stream), op, "tensor-core dB, db");

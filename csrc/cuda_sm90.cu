@@ -14,8 +14,9 @@
 //            dropout_hash.h, bit-identical to lora_fused/dropout.py, and written as keep bits
 //            for sm80_dA (cuda_keep_bits.cuh: two compact registers per thread, a quad
 //            transpose by shuffles, one 4-byte store per word), which then hashes nothing; no
-//            bias. For r ≤ 32 (sm90_dx_computes_gb) the kernel computes gb = g·B itself from
-//            its g stages ("Fused gb" below); for larger r the tall gb GEMM writes round(gb) first.
+//            bias. For r ≤ 32 and K ≤ 1024 (sm90_dx_computes_gb) the kernel computes gb = g·B
+//            itself from its g stages ("Fused gb" below); otherwise the tall gb GEMM writes
+//            round(gb) first.
 //
 // The LoRA term by composition: the producer streams the rank tiles (L, R) first, then the
 // k-tiles of (P, Q), through the SAME stages and barriers; the consumers accumulate the rank
@@ -83,7 +84,7 @@
 // encode with assert(false), which would abort the process: an input the driver rejects
 // takes the sm80 kernels instead.
 //
-// Fused gb (dx, r ≤ 32; the sm80 dx fuses the same range). Per k-stage the producer loads g,
+// Fused gb (dx, r ≤ 32 and K ≤ 1024; the sm80 dx fuses r ≤ 32 at any K). Per k-stage the producer loads g,
 // W and lora_Bᵀ's [32 ranks, 64] tile (K-major, TMA zero-fills ranks ≥ r and n ≥ N); each
 // consumer warpgroup issues, in ONE batch per stage, the main 64x128x16 wgmma and a 64x32x16
 // one on the same g descriptors into a 64×32 fp32 gb accumulator (16 values per thread), so g
@@ -103,9 +104,13 @@
 // uses 165-166 registers, no spills, no C75xx (tests/test_cuda_ptxas.py also checks in the
 // SASS that the 64x32 HGMMAs share the main batches). Cost: each of the K/128 column tiles
 // repeats gb's MMAs, 32 of every 160 columns (+25 % of dx's main-loop MMA issue), against one
-// read of g fewer (M·N·2 bytes: at M = 16384 qkv 75 MB, ~23 µs at 3.35 TB/s, vs ~15 µs of MMA
-// at the dense peak) and one launch fewer; a GPU measurement is to confirm it,
-// sm90_dx_computes_gb (cuda_kernels.h) is the one switch.
+// read of g fewer (M·N·2 bytes) and the gb GEMM's launch and MMA. The saving does not grow
+// with K, the repeated MMA does: in the cost model (M = 4096, r = 16) the fused backward is
+// cheaper up to 9 column tiles on the H100 and 6 on the H200, so sm90_dx_computes_gb
+// (cuda_kernels.h, the one switch) fuses up to 8 (K ≤ 1024). ViT-B qkv (K = 768): 27.3 µs
+// fused against 29.4 separate on the H100, 24.6 against 24.9 on the H200; lin2 (K = 3072, N =
+// 768) is past it: fused would be 35.8 against 32.9 (H100), 32.5 against 29.0 (H200). A GPU
+// measurement is to confirm where the break-even lies.
 //
 // Not done (second reading of cuda4, csrc notes for the next GPU session):
 //  - In-place scaling (review item B3/4): after the rank tile(s), warpgroup_wait<0> and
@@ -184,7 +189,7 @@ using sm80::write_staged_rows;
 
 constexpr int kBM = 128, kBN = 128, kBK = 64, kStages = 5;
 constexpr int kGbRanks = 32;  // dx's fused gb: one 32-rank tile (r <= 32), a 64x32 wgmma per warpgroup
-static_assert(sm90_dx_computes_gb(kGbRanks) && !sm90_dx_computes_gb(kGbRanks + 1),
+static_assert(sm90_dx_computes_gb(kGbRanks, kBN) && !sm90_dx_computes_gb(kGbRanks + 1, kBN),
               "the fused gb covers exactly the ranks of one kGbRanks tile");
 constexpr int kConsumerThreads = 256;                 // two warpgroups
 constexpr int kThreads = kConsumerThreads + 32;       // + the producer warp
@@ -751,7 +756,7 @@ Operands forward_operands(const ForwardArgs& a) {
 }
 
 Operands dx_operands(const BackwardArgs& a) {
-  const bool fused_gb = sm90_dx_computes_gb(a.r);
+  const bool fused_gb = sm90_dx_computes_gb(a.r, a.K);
   const TmaOperand l = fused_gb ? TmaOperand{a.lora_B_t_tma, a.r, a.N, a.lora_B_t_tma_ld, true, 2}
                                 : TmaOperand{a.gb_rounded, a.M, a.r, a.rank_ld, true, 2};
   return {{a.grad_y, a.M, a.N, a.ldg, true, 2},

@@ -2,10 +2,10 @@
 that chooses it (csrc/cuda_ops.cpp): on a compute-capability-9.0 device, in a build with
 sm_90a, fp16/bf16 forward runs it when x and W meet TMA's alignment (K % 8 == 0, 16-byte
 aligned bases, x's row stride a multiple of 8), and dx when g and W do (also N % 8 == 0 for
-g's rows); every other case runs the sm80 kernels. For r <= 32 the sm90 dx computes gb itself
-from its g tiles (the fused-gb instantiation; no tall gb GEMM in the backward), for larger r it
-reads the tall gb GEMM's round(gb). Which kernel ran is read from the CUDA profiler's kernel
-names, so a case meant for one path cannot silently test the other.
+g's rows); every other case runs the sm80 kernels. For r <= 32 and K <= 1024 the sm90 dx
+computes gb itself from its g tiles (the fused-gb instantiation; no tall gb GEMM in the
+backward), otherwise it reads the tall gb GEMM's round(gb). Which kernel ran is read from the
+CUDA profiler's kernel names, so a case meant for one path cannot silently test the other.
 
 Parity follows DESIGN.md §5 (tests/parity.py): each output within 2x PyTorch's own
 same-dtype error of a float64 reference. Everything skips without a Hopper GPU and the
@@ -153,7 +153,7 @@ SM90_CASES = {
 # (M, K, N, r, bias, dropout_p)
 SM90_MULTI_TILE_CASES = {
     "fwd-216-tiles-r65": (3000, 200, 1096, 65, True, 0.2),  # forward 24 x 9 tiles, dx 24 x 2
-    "dx-216-tiles-r17": (3000, 1096, 520, 17, False, 0.2),  # forward 24 x 5, dx 24 x 9
+    "dx-216-tiles-r17": (3000, 1096, 520, 17, False, 0.2),  # forward 24 x 5, dx 24 x 9 (not fused: K > 1024)
 }
 
 
@@ -259,6 +259,23 @@ def test_sm90_fused_gb_grid_capped_walks_every_tile(N, r, blocks, monkeypatch):
     x, weight, _, lora_A, lora_B = make_inputs(300, 264, N, r, torch.bfloat16, device="cuda")
     grad_y = make_inputs(300, N, 1, 1, torch.bfloat16, device="cuda", seed=1)[0]
     assert _backward_gb_launches(grad_y, x, weight, lora_A, lora_B, 0.1, 5)["dx+gb"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("K", [1016, 1032])
+def test_sm90_fused_gb_switch_on_column_tiles(K, dtype):
+    """sm90_dx_computes_gb (csrc/cuda_kernels.h) fuses gb for r <= 32 up to 8 column tiles of
+    128 (K = 1016: fused) and runs the tall gb GEMM first from 9 on (K = 1032), where the cost
+    model prices the gb MMA every column tile repeats above the read of g it saves (lin2).
+    Both sides correct, over 24 x 8 and 24 x 9 dx tiles (more than the 132 SMs: the
+    persistent blocks walk several each, M, K, N and rank residues)."""
+    M, N, r = 3000, 200, 17
+    check_parity(M, K, N, r, dtype, False, dropout_p=0.2, device="cuda")
+    x, weight, _, lora_A, lora_B = make_inputs(M, K, N, r, dtype, device="cuda")
+    grad_y = make_inputs(M, N, 1, 1, dtype, device="cuda", seed=1)[0]
+    fused = K <= 1024
+    assert _backward_gb_launches(grad_y, x, weight, lora_A, lora_B, 0.2, 5) == {
+        "dx+gb": int(fused), "dx": int(not fused), "gb GEMM": int(not fused)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
