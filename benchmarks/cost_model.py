@@ -236,13 +236,40 @@ def keep_bits_bytes(M, K, p):
     return M * -(-K // 32) * 4 if p > 0 else 0
 
 
-def _cuda_sm90_plan(M, K, N, r, elt, p):
+# csrc/cuda_kernels.h's sm90_dx_computes_gb, the dispatch rule this model prices (the
+# constants are read from the header by tests/test_cost_model.py, so the two cannot drift).
+SM90_FUSED_GB_MAX_RANK = 32  # kSm90FusedGbMaxRank: one 32-rank wgmma tile
+SM90_FUSED_GB_MAX_COLUMN_TILES = 8  # kSm90FusedGbMaxColumnTiles: K <= 1024
+
+
+def sm90_dx_computes_gb(r: int, K: int) -> bool:
+    """Whether the sm90 dx accumulates gb = g·B itself (else the tall gb GEMM runs first): r ≤ 32
+    and at most 8 column tiles of 128 (K ≤ 1024). Each column tile repeats gb's 64x32 MMA
+    (2·M·N·32 flops) to save one read of g (2·M·N bytes) and the gb GEMM's launch and MMA. In
+    this model (M = 4096, r = 16, N = 768 or 3072) fusing is cheaper up to 9 column tiles on
+    the H100 (3.35 TB/s) and up to 6 on the H200 (4.8 TB/s): 8 lies between
+    (test_sm90_fused_gb_switch_follows_the_cost_model). ViT-B's lin2 (K = 3072, 24 column
+    tiles) is past it on both: fused 35.8 µs against 32.9 µs separate on the H100, 32.5 against
+    29.0 on the H200 (backward, N = 768, p = 0)."""
+    return r <= SM90_FUSED_GB_MAX_RANK and -(-K // 128) <= SM90_FUSED_GB_MAX_COLUMN_TILES
+
+
+def _cuda_sm90_plan(M, K, N, r, elt, p, fused_gb=None):
     """fp16/bf16 on Hopper: the tall xa GEMM also writes round(xa) (the input dtype, rows padded
     to 8 ranks: TMA's 16-byte row stride), and the sm90 forward reads it with x, W and lora_B
-    (64-deep rank tiles whose wgmmas past r are skipped, then x·Wᵀ, through one TMA pipeline). Backward: lora_B transposed, the
-    tall gb GEMM (reads g once more; writes fp32 gb for dA and round(gb) for dx), dB as on sm80,
-    the sm90 dx (g, W, round(gb), lora_A; the mask in its epilogue, written as keep bits with
-    dropout), dA as on sm80 (reading those keep bits)."""
+    (64-deep rank tiles whose wgmmas past r are skipped, then x·Wᵀ, through one TMA pipeline).
+    Backward: lora_B transposed, dB as on sm80, the sm90 dx (g, W, lora_A; the mask in its
+    epilogue, written as keep bits with dropout), dA as on sm80 (reading those keep bits). For
+    r ≤ 32 and K ≤ 1024 (sm90_dx_computes_gb below) the sm90 dx also accumulates gb = g·B
+    from its g stages (a 32-rank wgmma beside the main one, repeated by each of its K/128
+    column tiles, and lora_Bᵀ's 32-row tiles per k-stage; the blocks of column tile 0 write
+    fp32 gb), so g is read by dB and dx only; otherwise the tall gb GEMM reads g once more
+    first and writes round(gb) for dx. ``fused_gb``: None for the dispatch rule, True/False
+    to price one side."""
+    if fused_gb is None:
+        fused_gb = sm90_dx_computes_gb(r, K)
+    if fused_gb and r > SM90_FUSED_GB_MAX_RANK:
+        raise ValueError(f"the fused-gb sm90 dx holds {SM90_FUSED_GB_MAX_RANK} ranks, not r = {r}")
     tiles = -(-r // 32)
     r_tile = tiles * 32
     r_sm90 = -(-r // 16) * 16  # the rank tiles' wgmmas (16 deep) past r are skipped
@@ -255,15 +282,22 @@ def _cuda_sm90_plan(M, K, N, r, elt, p):
     forward = [_op("xa + round(xa) (CuTe thin)", x * tiles + a, xa + rounded, 2 * M * K * r_tile),
                _op("forward (sm90 TMA + wgmma)", x + w + b + N * elt + rounded, y,
                    2 * M * N * K + 2 * M * N * r_sm90)]
-    backward = [_op("lora_B transpose", b, b),
-                _op("gb + round(gb) (CuTe thin)", y * tiles + b, gb + rounded, 2 * M * N * r_tile),
-                _op("round(xa)ᵀ", xa, rank_operand),
-                _op("dB partials (CuTe thin)", y * tiles + rank_operand, dB_partials, 2 * M * N * r_tile),
-                _op("dB reduce", dB_partials, N * r * elt),
-                _op("dx (sm90 TMA + wgmma)", y + w + rounded + a, x + keep, 2 * M * N * K + 2 * M * K * r_sm90),
-                _op("round(gb)ᵀ", gb, rank_operand),
-                _op("dA partials (CuTe thin)", (x + keep) * tiles + rank_operand, dA_partials, 2 * M * K * r_tile),
-                _op("dA reduce", dA_partials, r * K * elt)]
+    backward = [_op("lora_B transpose", b, b)]
+    dx_flops = 2 * M * N * K + 2 * M * K * r_sm90
+    if fused_gb:
+        column_tiles = -(-K // 128)
+        dx = _op("dx + gb (sm90 TMA + wgmma)", y + w + a + b * column_tiles, x + gb + keep,
+                 dx_flops + 2 * M * N * 32 * column_tiles)
+    else:
+        backward.append(_op("gb + round(gb) (CuTe thin)", y * tiles + b, gb + rounded, 2 * M * N * r_tile))
+        dx = _op("dx (sm90 TMA + wgmma)", y + w + rounded + a, x + keep, dx_flops)
+    backward += [_op("round(xa)ᵀ", xa, rank_operand),
+                 _op("dB partials (CuTe thin)", y * tiles + rank_operand, dB_partials, 2 * M * N * r_tile),
+                 _op("dB reduce", dB_partials, N * r * elt),
+                 dx,
+                 _op("round(gb)ᵀ", gb, rank_operand),
+                 _op("dA partials (CuTe thin)", (x + keep) * tiles + rank_operand, dA_partials, 2 * M * K * r_tile),
+                 _op("dA reduce", dA_partials, r * K * elt)]
     return {"forward": forward, "backward": backward}
 
 

@@ -61,8 +61,12 @@ struct BackwardArgs {
   void* gb;         // workspace [M, r]
   void* partials;   // workspace of backward_workspace_elems() accumulator elements
   void* rank_operand;  // fp16/bf16 workspace of (r + 1) × rank_operand_ld(M) elements of the dtype
-  void* gb_rounded = nullptr;  // sm90 dx: round(gb) in the input dtype, [M, r], row stride rank_ld
+  void* gb_rounded = nullptr;  // sm90 dx, r > 32: round(gb) in the input dtype, [M, r], row stride rank_ld
   int64_t rank_ld = 0;         // (sm80_gb writes it when not null)
+  // sm90 dx, r <= 32 (it computes gb): lora_Bᵀ [r, N] with a row stride lora_B_t_tma_ld that
+  // is a multiple of 8 elements (lora_B_t itself, or a padded copy).
+  const void* lora_B_t_tma = nullptr;
+  int64_t lora_B_t_tma_ld = 0;
   // Dropout with dx (fp16/bf16): the keep-bit workspace uint32 [M][keep_words_per_row(K)]
   // (cuda_keep_bits.cuh) that the dx kernel (sm80 or sm90) writes and sm80_dA reads instead of
   // hashing; nullptr otherwise (dA hashes itself).
@@ -132,9 +136,21 @@ bool sm90_forward_supported(const ForwardArgs& args);
 bool sm90_dx_supported(const BackwardArgs& args);
 // y = x·Wᵀ + b + s·(round(xa)·Bᵀ): reads xa_rounded (sm80_xa first) and lora_B_tma.
 cudaError_t sm90_forward(const ForwardArgs& args, cudaStream_t stream);
-// dx = g·W + s·(round(gb)·A) ⊙ keep/(1-p): reads gb_rounded (sm80_gb first); writes
-// args.keep_bits when given.
+// dx = g·W + s·(round(gb)·A) ⊙ keep/(1-p); writes args.keep_bits when given. When
+// sm90_dx_computes_gb(r, K) it computes gb itself from the g tiles it streams (reads
+// lora_B_t_tma, writes args.gb for dA), so sm80_gb is not needed; otherwise it reads
+// gb_rounded (sm80_gb first).
 cudaError_t sm90_dx(const BackwardArgs& args, cudaStream_t stream);
+// The fused gb holds one 32-rank wgmma tile, and each of dx's ceil(K/128) column tiles repeats
+// its 64x32 MMA (+25 % of the main loop's) to save one read of g and the gb GEMM. In the cost
+// model (benchmarks/cost_model.py's sm90_dx_computes_gb, which tests/test_cost_model.py
+// checks against these constants) fusing is cheaper up to 9 column tiles on the H100 and 6
+// on the H200: 8 lies between. ViT-B's lin2 (K = 3072: 24) takes the gb GEMM.
+constexpr int64_t kSm90FusedGbMaxRank = 32;
+constexpr int64_t kSm90FusedGbMaxColumnTiles = 8;  // K <= 1024
+constexpr bool sm90_dx_computes_gb(int64_t r, int64_t K) {
+  return r <= kSm90FusedGbMaxRank && (K + 127) / 128 <= kSm90FusedGbMaxColumnTiles;
+}
 
 }  // namespace cuda
 }  // namespace lora_fused

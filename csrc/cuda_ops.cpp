@@ -80,9 +80,10 @@ bool sm90_device(const at::Tensor& t) {
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
-// A [rows, r] parameter (lora_B) as a TMA operand: itself when its row stride (r elements) is
-// a multiple of 16 bytes and its base 16-byte aligned, else a copy whose rows are padded to
-// tma_rank_ld(r) elements (the padding is never read: the descriptor's extent is r).
+// A contiguous [rows, cols] parameter (lora_B [N, r], or the fused-gb dx's lora_Bᵀ [r, N]) as a
+// TMA operand: itself when its row stride (cols elements) is a multiple of 16 bytes and its
+// base 16-byte aligned, else a copy whose rows are padded to tma_rank_ld(cols) elements (the
+// padding is never read: the descriptor's extent is cols).
 std::pair<at::Tensor, int64_t> rank_rows_for_tma(const at::Tensor& contiguous) {
   const int64_t rows = contiguous.size(0), r = contiguous.size(1);
   if (aligned16(contiguous) && (r * contiguous.element_size()) % 16 == 0) return {contiguous, r};
@@ -225,15 +226,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   args.scaling = scaling;
   args.dropout = dropout_spec(dropout_p, seed);
 
-  // Hopper: dx on the TMA kernel, which reads round(gb) from a T-typed workspace with 16-byte
-  // rows that the tall gb GEMM writes beside the fp32 gb (dA's operand).
-  at::Tensor gb_rounded, a_tma;
+  // Hopper: dx on the TMA kernel. For r <= 32 and K <= 1024 (sm90_dx_computes_gb) it
+  // computes gb itself from its g tiles (reading
+  // lora_Bᵀ with 16-byte rows: b_t, or a padded copy when N % 8 != 0) and writes the fp32 gb
+  // for dA; otherwise it reads round(gb) from a T-typed workspace with 16-byte rows that
+  // the tall gb GEMM writes beside the fp32 gb.
+  at::Tensor gb_rounded, a_tma, b_t_tma;
   bool sm90_dx = false;
   if (compute_dx && sm90_device(x)) {
     args.rank_ld = cuda::tma_rank_ld(s.r);
-    gb_rounded = poison_(at::empty({s.M, args.rank_ld}, x.options()));
+    if (cuda::sm90_dx_computes_gb(s.r, s.K)) {
+      std::tie(b_t_tma, args.lora_B_t_tma_ld) = rank_rows_for_tma(b_t);
+      args.lora_B_t_tma = b_t_tma.data_ptr();
+    } else {
+      gb_rounded = poison_(at::empty({s.M, args.rank_ld}, x.options()));
+      args.gb_rounded = gb_rounded.data_ptr();
+    }
     a_tma = aligned16(a_c) ? a_c : a_c.clone();  // lora_A [r, K] viewed [K, r]: needs an aligned base
-    args.gb_rounded = gb_rounded.data_ptr();
     args.lora_A = a_tma.data_ptr();
     sm90_dx = cuda::sm90_dx_supported(args);
     if (!sm90_dx) args.gb_rounded = nullptr;  // g or W misaligned for TMA (K % 8, ldg % 8), or N = 0
@@ -252,13 +261,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   }
 
   // gb before dA (and before dx, unless dx computes gb itself from the g tiles it streams:
-  // sm80 tensor cores, r <= 32). dB|db and dA share the partial-sum and rank-operand
-  // workspaces; the stream orders them. dx before dA on every path: dA reads dx's gb (r <= 32
-  // on sm80) and its keep bits.
+  // r <= 32 on the sm80 kernel, also K <= 1024 on the sm90 one). dB|db and dA share the partial-sum and
+  // rank-operand workspaces; the stream orders them. dx before dA on every path: dA reads
+  // dx's gb (when dx computes it) and its keep bits.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (all_tensor_cores || tf32) {
-    const bool gb_in_dx =
-        compute_dx && !sm90_dx && s.K > 0 && cuda::sm80_dx_computes_gb(s.r);  // K = 0: no dx blocks
+    const bool gb_in_dx = compute_dx && s.K > 0 &&  // K = 0: no dx blocks
+                          (sm90_dx ? cuda::sm90_dx_computes_gb(s.r, s.K) : cuda::sm80_dx_computes_gb(s.r));
     if (!gb_in_dx) check_launch(cuda::sm80_gb(args, stream), op, "tensor-core gb = grad_y·lora_B");
     if (all_tensor_cores) {
       check_launch(cuda::sm80_dB_db(args, stream), op, "tensor-core dB, db");
@@ -266,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
       check_launch(cuda::simt_dB_db(args, stream), op, "dB, db");
     }
     if (sm90_dx) {
-      check_launch(cuda::sm90_dx(args, stream), op, "sm90 TMA + wgmma dx");
+      check_launch(cuda::sm90_dx(args, stream), op, gb_in_dx ? "sm90 TMA + wgmma dx and gb" : "sm90 TMA + wgmma dx");
     } else if (compute_dx) {
       check_launch(cuda::sm80_dx(args, stream), op, gb_in_dx ? "tensor-core dx and gb" : "tensor-core dx");
     }

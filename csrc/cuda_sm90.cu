@@ -9,18 +9,22 @@
 //   forward: P = x [M, K], Q = W [N, K] (K-major), L = round(xa) [M, r] (the xa pre-pass
 //            writes this T-typed copy), R = lora_B [N, r]; factor = s; bias.
 //   dx:      P = g [M, N], Q = W viewed [K, N] (MN-major: element (c, n) at W[n·K + c]),
-//            L = round(gb) [M, r] (the tall gb GEMM writes it first), R = lora_A viewed [K, r]
-//            (MN-major); factor = s·keep(m, c)/(1 − p), the mask hashed once per element of dx
-//            from dropout_hash.h, bit-identical to lora_fused/dropout.py, and written as keep
-//            bits for sm80_dA (cuda_keep_bits.cuh: two compact registers per thread, a quad
-//            transpose by shuffles, one 4-byte store per word), which then hashes nothing; no bias.
+//            L = round(gb) [M, r], R = lora_A viewed [K, r] (MN-major); factor =
+//            s·keep(m, c)/(1 − p), the mask hashed once per element of dx from
+//            dropout_hash.h, bit-identical to lora_fused/dropout.py, and written as keep bits
+//            for sm80_dA (cuda_keep_bits.cuh: two compact registers per thread, a quad
+//            transpose by shuffles, one 4-byte store per word), which then hashes nothing; no
+//            bias. For r ≤ 32 and K ≤ 1024 (sm90_dx_computes_gb) the kernel computes gb = g·B
+//            itself from its g stages ("Fused gb" below); otherwise the tall gb GEMM writes
+//            round(gb) first.
 //
 // The LoRA term by composition: the producer streams the rank tiles (L, R) first, then the
 // k-tiles of (P, Q), through the SAME stages and barriers; the consumers accumulate the rank
 // tiles into acc_lora and the k-tiles into acc_main (two accumulators: the dx epilogue needs
 // acc_lora apart from acc_main to apply the mask; the forward uses the same epilogue with a
 // constant factor). That is the reference's rounding order: L enters rounded to T, unscaled;
-// s (and the mask) multiply the fp32 product; one rounding at the end.
+// s (and the mask) multiply the fp32 product; one rounding at the end. The fused-gb dx runs
+// the rank tile last instead (it needs gb, which the k-tiles produce).
 //
 // Tiles. 128×128 output tile, k-tiles 64 deep (128 bytes of fp16/bf16: one SW128 swizzle
 // row). Consumer warpgroup w computes rows [64w, 64w + 64) with SM90_64x128x16 GMMA (F32
@@ -40,7 +44,10 @@
 // plus one rank tile per output tile). Plus a 64 × 136 staging tile per consumer warpgroup
 // for the epilogue (2 × 17 KB) and the 10 barriers: 196 KB with the 1 KB alignment slack
 // (tests/cuda/sm90_layout_check.cu prints it), within sm_90's 227 KB per block
-// (static_assert below); a sixth stage would not fit. One block per SM.
+// (static_assert below); a sixth stage would not fit. One block per SM. The fused-gb dx adds
+// lora_Bᵀ's 32 × 64 tile (4 KB) to each stage: 5 × 36 KB + 34 KB staging + 80 bytes of
+// barriers = 214.1 KB, 215 KB rounded to the storage's 1024-byte alignment, 216 KB (221184
+// bytes) with the slack; still five stages within 227 KB (a sixth would need 252 KB).
 // Layouts: K-major operands in GMMA::Layout_K_SW128_Atom, MN-major ones (dx's W and lora_A)
 // in Layout_MN_SW128_Atom tiled K-first (what TMA's 128-byte swizzle writes and wgmma's
 // descriptors read); every stage starts on a 1024-byte boundary (the swizzle's period). TMA
@@ -50,11 +57,13 @@
 // Synchronisation. PipelineTmaAsync: a full barrier per stage (the producer arrives once with
 // the stage's transaction bytes, TMA completes them) and an empty barrier per stage (all 256
 // consumer threads arrive when their wgmmas on the stage are done). Producer: acquire(empty)
-// → TMA both operands onto the full barrier → next stage. Consumers: wait(full) → warpgroup_
-// arrive, 4 wgmma (k = 16 each; fewer on a rank or depth residue tile: the 16-deep blocks past
-// r or the depth are skipped by branching around the whole batch, one compile-time count per
-// branch, so ptxas keeps each batch in flight), commit → warpgroup_wait<1> (the previous batch is done, so
-// its stage is released, while this one still runs). After the last tile wait<0> and release
+// → TMA both operands (a fused-gb dx k-stage: three, g, W and lora_Bᵀ) onto the full
+// barrier → next stage. Consumers: wait(full) → warpgroup_arrive, 4 wgmma (a fused-gb dx
+// k-stage: 8, four 64x128 and four 64x32; k = 16 each; fewer on a rank or depth residue
+// tile: the 16-deep blocks past r or the depth are skipped by branching around the whole
+// batch, one compile-time count per branch, so ptxas keeps each batch in flight), commit →
+// warpgroup_wait<1> (the previous batch is done, so its stage is released, while this one
+// still runs). After the last tile wait<0> and release
 // the last stage. The epilogue writes each warpgroup's rows to its own staging tile, a named
 // barrier of that warpgroup's 128 threads publishes them, and the same threads store them
 // with 16-byte stores; the producer warp takes no part (it ends after producer_tail, which
@@ -75,13 +84,33 @@
 // encode with assert(false), which would abort the process: an input the driver rejects
 // takes the sm80 kernels instead.
 //
-// gb is not fused into this dx (sm80's dx computes it from its own g tiles for r ≤ 32): the
-// tall gb GEMM reads g once more. At M = 4096 (ViT-B qkv, N = 2304) that is 19 MB, about
-// 6 µs at an H100's 3.35 TB/s; at M = 16384 it is 75 MB, about 23 µs, against about 59 µs
-// for dx's 58 GFLOP at the dense wgmma peak (80+ µs in practice): 25-40 % on top of dx, and
-// g is read again by dB|db. Fusing gb here (a third operand per stage, one stage fewer, and
-// round(gb) written to shared memory for the rank wgmmas after the main loop) is planned,
-// not done; a GPU measurement is to decide.
+// Fused gb (dx, r ≤ 32 and K ≤ 1024; the sm80 dx fuses r ≤ 32 at any K). Per k-stage the producer loads g,
+// W and lora_Bᵀ's [32 ranks, 64] tile (K-major, TMA zero-fills ranks ≥ r and n ≥ N); each
+// consumer warpgroup issues, in ONE batch per stage, the main 64x128x16 wgmma and a 64x32x16
+// one on the same g descriptors into a 64×32 fp32 gb accumulator (16 values per thread), so g
+// is read from memory by dB and dx only. After the main loop (wait<0>): the blocks of column
+// tile 0 write fp32 gb for dA; the producer's LAST stage of the tile carries only lora_A's
+// [128 columns, r] tile (MN-major, as for r > 32) into the B buffer, and each warpgroup writes
+// round(gb) for its own 64 rows into that stage's A buffer (K-major, ranks [0, 32): those
+// past r are exact zeros), fences the generic proxy to the async one (fence.proxy.async),
+// syncs its 128 threads on its named barrier, and runs the rank wgmmas (ceil(r/16) ≤ 2 deep,
+// one batch, wait<0>) into acc_lora; the epilogue is unchanged. The other warpgroup never
+// reads these rows, and the producer cannot refill the stage before both warpgroups release
+// it. Transaction bytes: the pipeline's per-stage count is the rank stage's 16 KB; each
+// k-stage adds the g and lora_Bᵀ boxes (20 KB) with producer_expect_transaction before its
+// TMA. Registers: gb's 16 accumulators live only in the main loop, where acc_lora is not yet
+// live (80 accumulators against 128 before), and die (stored) before acc_lora is cleared, so
+// the peak is the unchanged epilogue's 128 and nothing needs parking in shared memory: ptxas
+// uses 165-166 registers, no spills, no C75xx (tests/test_cuda_ptxas.py also checks in the
+// SASS that the 64x32 HGMMAs share the main batches). Cost: each of the K/128 column tiles
+// repeats gb's MMAs, 32 of every 160 columns (+25 % of dx's main-loop MMA issue), against one
+// read of g fewer (M·N·2 bytes) and the gb GEMM's launch and MMA. The saving does not grow
+// with K, the repeated MMA does: in the cost model (M = 4096, r = 16) the fused backward is
+// cheaper up to 9 column tiles on the H100 and 6 on the H200, so sm90_dx_computes_gb
+// (cuda_kernels.h, the one switch) fuses up to 8 (K ≤ 1024). ViT-B qkv (K = 768): 27.3 µs
+// fused against 29.4 separate on the H100, 24.6 against 24.9 on the H200; lin2 (K = 3072, N =
+// 768) is past it: fused would be 35.8 against 32.9 (H100), 32.5 against 29.0 (H200). A GPU
+// measurement is to confirm where the break-even lies.
 //
 // Not done (second reading of cuda4, csrc notes for the next GPU session):
 //  - In-place scaling (review item B3/4): after the rank tile(s), warpgroup_wait<0> and
@@ -105,13 +134,19 @@
 //    at the 168-register cap), and a 1-bit mask written by the forward's xa pre-pass for dx
 //    to read instead of re-hashing (the backward's own keep bits, written here for dA, are
 //    done: the backward hashes x once).
+//  - Fused gb: the K/128 column tiles of a row tile all compute the same gb (only column
+//    tile 0 stores it); computing it once per row tile would need the other column tiles to
+//    wait for it (a cross-block dependency) or a 128×256 tile (see above). Not measured.
+//  - The sm90_*_supported check has the driver encode each descriptor, and CuTe encodes it
+//    again when the kernel's Params are built: two host encodes per operand and call.
 //  - A 2×1 cluster multicasting the shared operand (review B3: L2→SM bandwidth at 128×128),
 //    and the per-call padded lora_B copy when r·2 bytes is not a multiple of 16 (B5).
 //  - Nothing here has run on a GPU yet: tests/test_cuda_sm90_gpu.py is the first thing to
 //    run on one, then forward/dx timings at (16384, 768, 2304, 16), p = 0 and 0.1, and
 //    K = 64 against K = 768 to separate epilogue from main loop.
 //
-// Tile order: persistent — one block per SM (196 KB of shared memory allow no second), block
+// Tile order: persistent — one block per SM (196 KB of shared memory, 216 KB for the fused-gb
+// dx, allow no second), block
 // b taking output tiles b, b + gridDim.x, ... of sm80's grouped raster (grouped_tile: 8 row
 // tiles per group, column by column), so the 132 tiles in flight at a time share their x/g
 // row tiles and W column tiles in L2. Producer and consumers walk the same tiles with one
@@ -153,6 +188,9 @@ using sm80::TileCoord;
 using sm80::write_staged_rows;
 
 constexpr int kBM = 128, kBN = 128, kBK = 64, kStages = 5;
+constexpr int kGbRanks = 32;  // dx's fused gb: one 32-rank tile (r <= 32), a 64x32 wgmma per warpgroup
+static_assert(sm90_dx_computes_gb(kGbRanks, kBN) && !sm90_dx_computes_gb(kGbRanks + 1, kBN),
+              "the fused gb covers exactly the ranks of one kGbRanks tile");
 constexpr int kConsumerThreads = 256;                 // two warpgroups
 constexpr int kThreads = kConsumerThreads + 32;       // + the producer warp
 constexpr int kProducerThread = kConsumerThreads;     // lane 0 of the producer warp issues all TMA
@@ -174,6 +212,22 @@ struct StageLayoutOf<T, false> {
 };
 template <class T, bool kKMajor>
 using StageLayout = typename StageLayoutOf<T, kKMajor>::type;
+// Element offset, from the start of the K-major stages, of (row, k, stage): where TMA's
+// SWIZZLE_128B writes and wgmma's SW128 descriptor reads that element. The layout's
+// Swizzle<3,4,3> acts on BYTE addresses (CuTe applies it through a smem_ptr); calling the
+// layout on its own would apply it to element offsets. The position-independent form moves
+// the swizzle to element bits (Swizzle<3,3,3> for 16-bit T), exact because every stage starts
+// on a 1024-byte boundary (the swizzle's period). The fused-gb dx writes round(gb) here and
+// tests/cuda/sm90_layout_check.cu compares it with the address CuTe's smem_ptr path gives.
+template <class T>
+CUTE_HOST_DEVICE int k_major_stage_offset(int row, int k, int stage) {
+  return as_position_independent_swizzle_layout(StageLayout<T, true>{})(row, k, stage);
+}
+// The fused gb's third operand, lora_Bᵀ [r, N] K-major: 32 rank rows × kBK per stage (4 KB,
+// a multiple of the swizzle's 1024-byte period, so every stage stays aligned).
+template <class T>
+using GbStageLayout = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                             Shape<Int<kGbRanks>, Int<kBK>, Int<kStages>>{}));
 
 // The wgmma of a warpgroup: 64 rows × 128 columns × 16 deep, fp32 accumulators, both
 // operands from shared memory; two warpgroups stacked along rows make the 128×128 tile.
@@ -181,6 +235,12 @@ template <class T, bool kBKMajor>
 using TiledMmaOf = decltype(make_tiled_mma(
     SM90::GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kBN>, Int<kBK>>, GMMA::Major::K,
                                kBKMajor ? GMMA::Major::K : GMMA::Major::MN>(),
+    Layout<Shape<_2, _1, _1>>{}));
+// The fused gb's wgmma: g's rows of the warpgroup (the same A descriptors as the main product)
+// times 32 ranks of lora_Bᵀ, 16 deep: a 64x32 fp32 accumulator, 16 values per thread.
+template <class T>
+using GbTiledMmaOf = decltype(make_tiled_mma(
+    SM90::GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kGbRanks>, Int<kBK>>, GMMA::Major::K, GMMA::Major::K>(),
     Layout<Shape<_2, _1, _1>>{}));
 
 // A global operand as TMA sees it: rows × depth, unit stride along depth (K-major) or along
@@ -199,18 +259,22 @@ auto gmem_operand(const T* ptr, int rows, int depth, int64_t ld) {
   return make_tensor(make_gmem_ptr(ptr), make_layout(make_shape(rows, depth), stride));
 }
 
-template <class T, bool kKMajor>
+template <class T, bool kKMajor, class Stages = StageLayout<T, kKMajor>>
 auto make_tma(const T* ptr, int rows, int depth, int64_t ld) {
   return make_tma_copy(SM90_TMA_LOAD{}, gmem_operand<T, kKMajor>(ptr, rows, depth, ld),
-                       StageLayout<T, kKMajor>{}(_, _, Int<0>{}));  // one stage, statically
+                       Stages{}(_, _, Int<0>{}));  // one stage, statically: the box
 }
-template <class T, bool kKMajor>
-using TmaOf = decltype(make_tma<T, kKMajor>(nullptr, 1, 1, 8));
+template <class T, bool kKMajor, class Stages = StageLayout<T, kKMajor>>
+using TmaOf = decltype(make_tma<T, kKMajor, Stages>(nullptr, 1, 1, 8));
+template <class T>
+using GbTmaOf = TmaOf<T, true, GbStageLayout<T>>;  // boxes of lora_Bᵀ: 32 rank rows × 64 deep
 
 template <class T, bool kBKMajor>
 struct Params {
-  TmaOf<T, true> tma_p, tma_l;  // A side: P [M, depth], L [M, r]
+  TmaOf<T, true> tma_p, tma_l;  // A side: P [M, depth], L [M, r] (unused by the fused-gb dx)
   TmaOf<T, kBKMajor> tma_q, tma_r;  // B side: Q [Nc, depth], R [Nc, r]
+  GbTmaOf<T> tma_gb;  // fused-gb dx only: lora_Bᵀ [r, depth]
+  float* gb;          // fused-gb dx only: gb [M, r] fp32 for dA (the blocks of column tile 0 write it)
   int M, Nc, depth, r;
   const T* bias;  // [Nc] or nullptr
   T* out;         // [M, Nc], leading dimension ld_out
@@ -225,33 +289,52 @@ struct Params {
   bool vec_out;
 };
 
-template <class T, bool kBKMajor>
-struct SharedStorage {
+// The fused gb's lora_Bᵀ stages (an empty base otherwise: no bytes).
+template <class T, bool kFusedGb>
+struct GbStages {};
+template <class T>
+struct GbStages<T, true> {
+  alignas(1024) T gb_b[cosize_v<GbStageLayout<T>>];
+};
+
+template <class T, bool kBKMajor, bool kFusedGb = false>
+struct SharedStorage : GbStages<T, kFusedGb> {
   alignas(1024) T a[cosize_v<StageLayout<T, true>>];
   alignas(1024) T b[cosize_v<StageLayout<T, kBKMajor>>];
   alignas(16) T staging[2][kBM / 2 * kStagingLd<T>];
   alignas(16) typename Pipeline::SharedStorage pipeline;
 };
-template <class T, bool kBKMajor>
+template <class T, bool kBKMajor, bool kFusedGb = false>
 constexpr size_t smem_bytes() {
-  return sizeof(SharedStorage<T, kBKMajor>) + 1024;  // slack to align the dynamic base to 1024
+  return sizeof(SharedStorage<T, kBKMajor, kFusedGb>) + 1024;  // slack to align the dynamic base to 1024
 }
+static_assert(smem_bytes<cute::bfloat16_t, false, true>() <= 227 * 1024, "sm_90 allows 227 KB per block");
 static_assert(smem_bytes<cute::bfloat16_t, false>() <= 227 * 1024, "sm_90 allows 227 KB per block");
 static_assert(smem_bytes<cute::half_t, true>() <= 227 * 1024, "sm_90 allows 227 KB per block");
 
-constexpr uint32_t kStageBytes = (kBM + kBN) * kBK * 2;  // both 16-bit boxes, zero-filled parts included
+// Transaction bytes of a stage: the full boxes, zero-filled parts included. Forward and dx
+// without fused gb: two 128 × 64 boxes per stage (L and R, or P and Q). Fused-gb dx: the
+// pipeline's per-stage count is the rank stage's one box (lora_A); its k-stages expect the
+// g and lora_Bᵀ boxes on top (producer_expect_transaction, before any TMA of the stage).
+constexpr uint32_t kStageBytes = (kBM + kBN) * kBK * 2;
+constexpr uint32_t kRankStageBytes = kBN * kBK * 2;
+constexpr uint32_t kGbKStageExtraBytes = (kBM + kGbRanks) * kBK * 2;
+template <bool kFusedGb>
+constexpr uint32_t kPipelineStageBytes = kFusedGb ? kRankStageBytes : kStageBytes;
 
 #if defined(LORA_FUSED_SM90A_DEVICE)
 
 // The producer: for each output tile of this block (persistent: tiles blockIdx.x,
 // blockIdx.x + gridDim.x, ... in grouped order), the rank tiles of (L, R), then the k-tiles
-// of (P, Q), each pair into the next free stage, onto that stage's full barrier. It runs
-// ahead into the next output tile as soon as stages are released, while the consumers store.
-template <class T, bool kBKMajor>
-__device__ void produce(const Params<T, kBKMajor>& p, SharedStorage<T, kBKMajor>& smem, Pipeline& pipeline) {
+// of (P, Q), each pair into the next free stage, onto that stage's full barrier; with the
+// fused gb (dx, r <= 32), the k-tiles of (P, Q, lora_Bᵀ) first and then R's one rank tile
+// (L is round(gb), which the consumers write into that stage). It runs ahead into the next
+// output tile as soon as stages are released, while the consumers store.
+template <class T, bool kBKMajor, bool kFusedGb>
+__device__ void produce(const Params<T, kBKMajor>& p, SharedStorage<T, kBKMajor, kFusedGb>& smem,
+                        Pipeline& pipeline) {
   prefetch_tma_descriptor(p.tma_p.get_tma_descriptor());
   prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
-  prefetch_tma_descriptor(p.tma_l.get_tma_descriptor());
   prefetch_tma_descriptor(p.tma_r.get_tma_descriptor());
   Tensor sA = make_tensor(make_smem_ptr(smem.a), StageLayout<T, true>{});
   Tensor sB = make_tensor(make_smem_ptr(smem.b), StageLayout<T, kBKMajor>{});
@@ -260,13 +343,10 @@ __device__ void produce(const Params<T, kBKMajor>& p, SharedStorage<T, kBKMajor>
                          make_coord(_, _));
   Tensor gQ = local_tile(p.tma_q.get_tma_tensor(make_shape(p.Nc, p.depth)), Shape<Int<kBN>, Int<kBK>>{},
                          make_coord(_, _));
-  Tensor gL = local_tile(p.tma_l.get_tma_tensor(make_shape(p.M, p.r)), Shape<Int<kBM>, Int<kBK>>{},
-                         make_coord(_, _));
   Tensor gR = local_tile(p.tma_r.get_tma_tensor(make_shape(p.Nc, p.r)), Shape<Int<kBN>, Int<kBK>>{},
                          make_coord(_, _));
   auto tma_p = p.tma_p.get_slice(0);
   auto tma_q = p.tma_q.get_slice(0);
-  auto tma_l = p.tma_l.get_slice(0);
   auto tma_r = p.tma_r.get_slice(0);
   // (TMA, TMA rows, TMA depth, row tiles, depth tiles) sources, (TMA, TMA rows, TMA depth,
   // stages) destinations.
@@ -274,51 +354,85 @@ __device__ void produce(const Params<T, kBKMajor>& p, SharedStorage<T, kBKMajor>
   Tensor tPs = tma_p.partition_D(sA);
   Tensor tQg = tma_q.partition_S(gQ);
   Tensor tQs = tma_q.partition_D(sB);
-  Tensor tLg = tma_l.partition_S(gL);
-  Tensor tLs = tma_l.partition_D(sA);
   Tensor tRg = tma_r.partition_S(gR);
   Tensor tRs = tma_r.partition_D(sB);
 
   const int rank_tiles = ceil_div(p.r, kBK), k_tiles = ceil_div(p.depth, kBK);
   const int64_t tiles_m = ceil_div(int64_t{p.M}, kBM), tiles_n = ceil_div(int64_t{p.Nc}, kBN);
   auto state = cutlass::make_producer_start_state<Pipeline>();
-  for (int64_t index = blockIdx.x; index < tiles_m * tiles_n; index += gridDim.x) {
-    const TileCoord tile = grouped_tile(index, tiles_m, tiles_n);
-    const int m = static_cast<int>(tile.m), n = static_cast<int>(tile.n);
-    for (int t = 0; t < rank_tiles + k_tiles; ++t) {
-      pipeline.producer_acquire(state);
-      auto* barrier = pipeline.producer_get_barrier(state);
-      const int stage = state.index();
-      if (t < rank_tiles) {
-        copy(p.tma_l.with(*barrier), tLg(_, _, _, m, t), tLs(_, _, _, stage));
-        copy(p.tma_r.with(*barrier), tRg(_, _, _, n, t), tRs(_, _, _, stage));
-      } else {
-        copy(p.tma_p.with(*barrier), tPg(_, _, _, m, t - rank_tiles), tPs(_, _, _, stage));
-        copy(p.tma_q.with(*barrier), tQg(_, _, _, n, t - rank_tiles), tQs(_, _, _, stage));
-      }
-      ++state;
+  auto for_each_tile = [&](auto&& fill_tile) {
+    for (int64_t index = blockIdx.x; index < tiles_m * tiles_n; index += gridDim.x) {
+      const TileCoord tile = grouped_tile(index, tiles_m, tiles_n);
+      fill_tile(static_cast<int>(tile.m), static_cast<int>(tile.n));
     }
+  };
+  if constexpr (kFusedGb) {
+    prefetch_tma_descriptor(p.tma_gb.get_tma_descriptor());
+    Tensor sGb = make_tensor(make_smem_ptr(smem.gb_b), GbStageLayout<T>{});
+    Tensor gGb = local_tile(p.tma_gb.get_tma_tensor(make_shape(p.r, p.depth)), Shape<Int<kGbRanks>, Int<kBK>>{},
+                            make_coord(_, _));  // one row tile: r <= 32
+    auto tma_gb = p.tma_gb.get_slice(0);
+    Tensor tGg = tma_gb.partition_S(gGb);
+    Tensor tGs = tma_gb.partition_D(sGb);
+    for_each_tile([&](int m, int n) {
+      for (int t = 0; t < k_tiles; ++t) {
+        pipeline.producer_acquire(state);  // expects kRankStageBytes
+        pipeline.producer_expect_transaction(state, kGbKStageExtraBytes);
+        auto* barrier = pipeline.producer_get_barrier(state);
+        const int stage = state.index();
+        copy(p.tma_p.with(*barrier), tPg(_, _, _, m, t), tPs(_, _, _, stage));
+        copy(p.tma_q.with(*barrier), tQg(_, _, _, n, t), tQs(_, _, _, stage));
+        copy(p.tma_gb.with(*barrier), tGg(_, _, _, 0, t), tGs(_, _, _, stage));
+        ++state;
+      }
+      pipeline.producer_acquire(state);  // the rank stage: lora_A's tile only
+      copy(p.tma_r.with(*pipeline.producer_get_barrier(state)), tRg(_, _, _, n, 0), tRs(_, _, _, state.index()));
+      ++state;
+    });
+  } else {
+    prefetch_tma_descriptor(p.tma_l.get_tma_descriptor());
+    Tensor gL = local_tile(p.tma_l.get_tma_tensor(make_shape(p.M, p.r)), Shape<Int<kBM>, Int<kBK>>{},
+                           make_coord(_, _));
+    auto tma_l = p.tma_l.get_slice(0);
+    Tensor tLg = tma_l.partition_S(gL);
+    Tensor tLs = tma_l.partition_D(sA);
+    for_each_tile([&](int m, int n) {
+      for (int t = 0; t < rank_tiles + k_tiles; ++t) {
+        pipeline.producer_acquire(state);
+        auto* barrier = pipeline.producer_get_barrier(state);
+        const int stage = state.index();
+        if (t < rank_tiles) {
+          copy(p.tma_l.with(*barrier), tLg(_, _, _, m, t), tLs(_, _, _, stage));
+          copy(p.tma_r.with(*barrier), tRg(_, _, _, n, t), tRs(_, _, _, stage));
+        } else {
+          copy(p.tma_p.with(*barrier), tPg(_, _, _, m, t - rank_tiles), tPs(_, _, _, stage));
+          copy(p.tma_q.with(*barrier), tQg(_, _, _, n, t - rank_tiles), tQs(_, _, _, stage));
+        }
+        ++state;
+      }
+    });
   }
   pipeline.producer_tail(state);  // every stage filled has been consumed before the block ends
 }
 
-// The consumers' wgmma loop: acc += the products of the pipeline tiles covering `depth`
-// (ceil(depth / 64) consecutive stages). One batch stays in flight across calls: after
-// issuing a tile's batch, warpgroup_wait<1> proves the previous batch done, and its stage is
-// released. The 16-deep k-blocks wholly past `depth` hold TMA's zeros and are skipped: a
-// rank tile of r = 4..16 costs one wgmma per warpgroup instead of four.
-template <class TiledMma, class FragA, class FragB, class Acc>
-__device__ void consume(TiledMma& mma, const FragA& tCrA, const FragB& tCrB, Acc& acc, int depth, Pipeline& pipeline,
+// The consumers' wgmma loop: the products of the pipeline tiles covering `depth`
+// (ceil(depth / 64) consecutive stages); `issue(kb, stage)` issues the wgmma(s) of 16-deep
+// k-block kb of a stage (one product, or dx's main product and its fused gb), `fence()`
+// fences their accumulators. One batch stays in flight across calls: after issuing a tile's
+// batch, warpgroup_wait<1> proves the previous batch done, and its stage is released. The
+// 16-deep k-blocks wholly past `depth` hold TMA's zeros and are skipped: a rank tile of
+// r = 4..16 costs one wgmma per warpgroup instead of four.
+template <class Issue, class Fence>
+__device__ void consume(Issue&& issue, Fence&& fence, int depth, Pipeline& pipeline,
                         cutlass::PipelineState<kStages>& read, cutlass::PipelineState<kStages>& release,
                         bool& batch_in_flight) {
-  constexpr int kBlockDepth = kBK / size<2>(FragA{});  // 16: one wgmma's k
-  static_assert(kBlockDepth == 16, "SM90 16-bit GMMA is 16 deep");
+  constexpr int kBlockDepth = 16;  // one 16-bit wgmma's k
   const int count = ceil_div(depth, kBK);
   for (int t = 0; t < count; ++t) {
     pipeline.consumer_wait(read);
     const int stage = read.index();
     const int k_blocks = ceil_div(depth - t * kBK, kBlockDepth);  // >= 1; at least 4 on all but the last tile
-    warpgroup_fence_operand(acc);
+    fence();
     // The branch goes AROUND arrive → wgmmas → commit → wait, each branch with a compile-time
     // count: a wgmma under its own `if` inside the batch makes ptxas unable to count the
     // batch's scoreboard groups (C7519): it fences every wgmma and appends a dummy one, so
@@ -326,13 +440,10 @@ __device__ void consume(TiledMma& mma, const FragA& tCrA, const FragB& tCrB, Acc
     auto batch = [&](auto blocks) {
       warpgroup_arrive();
       CUTE_UNROLL
-      for (int kb = 0; kb < decltype(blocks)::value; ++kb) {
-        cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), acc);
-      }
+      for (int kb = 0; kb < decltype(blocks)::value; ++kb) issue(kb, stage);
       warpgroup_commit_batch();
       warpgroup_wait<1>();
     };
-    static_assert(decltype(size<2>(tCrA))::value == 4, "a 64-deep stage is four 16-deep wgmmas");
     if (k_blocks >= 4) {
       batch(Int<4>{});
     } else if (k_blocks == 1) {
@@ -342,7 +453,7 @@ __device__ void consume(TiledMma& mma, const FragA& tCrA, const FragB& tCrB, Acc
     } else {
       batch(Int<3>{});
     }
-    warpgroup_fence_operand(acc);
+    fence();
     if (batch_in_flight) {
       pipeline.consumer_release(release);
       ++release;
@@ -413,10 +524,67 @@ __device__ __forceinline__ void stage_tile(const Params<T, kBKMajor>& p, const A
   }
 }
 
+// Fused gb (dx, r <= 32), after a tile's main loop: the blocks of column tile 0 write gb
+// (fp32, for dA); then round(gb) goes into the A buffer of the tile's rank stage (K-major,
+// ranks [0, 32): those past r are exact zeros, lora_Bᵀ's rows past r having loaded as
+// zeros), whose B buffer holds lora_A's tile; the warpgroup's rows only, so a fence from the
+// generic to the async proxy and the warpgroup's named barrier suffice before its wgmmas
+// read them. acc_lora = round(gb)·A over ceil(r / 16) k-blocks; the stage is released.
+template <class T, class TiledMma, class FragA, class FragB, class GbAcc, class GbCoords, class Acc>
+__device__ __forceinline__ void fused_gb_rank_product(const Params<T, false>& p, TiledMma& mma, const FragA& tCrA,
+                                                      const FragB& tCrB, const GbAcc& gb_acc,
+                                                      const GbCoords& gb_coords, Acc& acc_lora, T* a_stages,
+                                                      const TileCoord& tile, int warpgroup, Pipeline& pipeline,
+                                                      cutlass::PipelineState<kStages>& read,
+                                                      cutlass::PipelineState<kStages>& release) {
+  const int64_t m0 = tile.m * kBM;
+  if (tile.n == 0) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(gb_acc); ++i) {
+      const int64_t m = m0 + get<0>(gb_coords(i));
+      const int j = get<1>(gb_coords(i));
+      if (m < p.M && j < p.r) p.gb[m * p.r + j] = gb_acc(i);
+    }
+  }
+  pipeline.consumer_wait(read);  // lora_A's tile has landed
+  const int stage = read.index();
+  CUTE_UNROLL
+  for (int i = 0; i < size(gb_acc); i += 2) {  // values i, i + 1: ranks j, j + 1 of one row, j even
+    const uint32_t packed = uint32_t{T(gb_acc(i)).raw()} | (uint32_t{T(gb_acc(i + 1)).raw()} << 16);
+    // The offset added to the shared array itself (not through a CuTe smem_ptr), so the
+    // store stays a shared-memory STS rather than a generic one.
+    const int offset = k_major_stage_offset<T>(get<0>(gb_coords(i)), get<1>(gb_coords(i)), stage);
+    *reinterpret_cast<uint32_t*>(a_stages + offset) = packed;
+  }
+  cutlass::arch::fence_view_async_shared();            // generic writes → wgmma's async proxy
+  cutlass::arch::NamedBarrier::sync(128, warpgroup);  // the warpgroup's 64 rows are written
+  clear(acc_lora);
+  warpgroup_fence_operand(acc_lora);
+  auto batch = [&](auto blocks) {
+    warpgroup_arrive();
+    CUTE_UNROLL
+    for (int kb = 0; kb < decltype(blocks)::value; ++kb) {
+      cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), acc_lora);
+    }
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+  };
+  static_assert(kGbRanks == 32, "the rank product is one or two 16-deep k-blocks");
+  if (p.r <= 16) {
+    batch(Int<1>{});
+  } else {
+    batch(Int<2>{});
+  }
+  warpgroup_fence_operand(acc_lora);
+  pipeline.consumer_release(read);
+  ++read;
+  ++release;
+}
+
 // The consumers: for each output tile of this block (the producer's order), both products
 // through the pipeline, then the epilogue.
-template <class T, bool kBKMajor>
-__device__ void consume_and_store(const Params<T, kBKMajor>& p, SharedStorage<T, kBKMajor>& smem,
+template <class T, bool kBKMajor, bool kFusedGb>
+__device__ void consume_and_store(const Params<T, kBKMajor>& p, SharedStorage<T, kBKMajor, kFusedGb>& smem,
                                   Pipeline& pipeline) {
   using TiledMma = TiledMmaOf<T, kBKMajor>;
   TiledMma mma;
@@ -437,6 +605,11 @@ __device__ void consume_and_store(const Params<T, kBKMajor>& p, SharedStorage<T,
   T* staging = smem.staging[warpgroup];
   const int row_base = warpgroup * (kBM / 2);
   mma.accumulate_ = GMMA::ScaleOut::One;
+  static_assert(decltype(size<2>(tCrA))::value == kBK / 16, "a 64-deep stage is four 16-deep wgmmas");
+  auto issue_main = [&](int kb, int stage) { cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), acc_main); };
+  auto issue_lora = [&](int kb, int stage) { cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), acc_lora); };
+  auto fence_main = [&] { warpgroup_fence_operand(acc_main); };
+  auto fence_lora = [&] { warpgroup_fence_operand(acc_lora); };
 
   cutlass::PipelineState<kStages> read{}, release{};
   const int64_t tiles_m = ceil_div(int64_t{p.M}, kBM), tiles_n = ceil_div(int64_t{p.Nc}, kBN);
@@ -445,18 +618,54 @@ __device__ void consume_and_store(const Params<T, kBKMajor>& p, SharedStorage<T,
     // Zeroed here, before this tile's first wgmma (the previous tile's are all complete), and
     // every wgmma accumulates (ScaleOut::One): a runtime zeroing flag, or a register defined
     // between warpgroup_arrive and wait, would make ptxas serialise the wgmmas (C7515).
-    clear(acc_lora);
-    clear(acc_main);
-    warpgroup_fence_operand(acc_lora);
-    warpgroup_fence_operand(acc_main);
     bool batch_in_flight = false;
-    consume(mma, tCrA, tCrB, acc_lora, p.r, pipeline, read, release, batch_in_flight);
-    consume(mma, tCrA, tCrB, acc_main, p.depth, pipeline, read, release, batch_in_flight);
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc_lora);
-    warpgroup_fence_operand(acc_main);
-    pipeline.consumer_release(release);  // the tile's last stage: the producer may refill it
-    ++release;                           // == read: the next tile's first stage
+    if constexpr (kFusedGb) {
+      // g·W and gb = g·B in one batch per k-stage (the same g descriptors), then the rank
+      // product from round(gb); acc_lora is live only after the main loop.
+      using GbTiledMma = GbTiledMmaOf<T>;
+      GbTiledMma gb_mma;
+      gb_mma.accumulate_ = GMMA::ScaleOut::One;
+      Tensor sGb = make_tensor(make_smem_ptr(smem.gb_b), GbStageLayout<T>{});
+      auto wg_gb_mma = gb_mma.get_slice(warpgroup * 128);
+      Tensor tGrA = wg_gb_mma.make_fragment_A(wg_gb_mma.partition_A(sA));
+      Tensor tGrB = wg_gb_mma.make_fragment_B(wg_gb_mma.partition_B(sGb));
+      Tensor gb_acc = partition_fragment_C(gb_mma, Shape<Int<kBM>, Int<kGbRanks>>{});
+      Tensor gb_coords =
+          gb_mma.get_slice(thread).partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kGbRanks>>{}));
+      clear(acc_main);
+      clear(gb_acc);
+      warpgroup_fence_operand(acc_main);
+      warpgroup_fence_operand(gb_acc);
+      consume(
+          [&](int kb, int stage) {
+            issue_main(kb, stage);
+            cute::gemm(gb_mma, tGrA(_, _, kb, stage), tGrB(_, _, kb, stage), gb_acc);
+          },
+          [&] {
+            fence_main();
+            warpgroup_fence_operand(gb_acc);
+          },
+          p.depth, pipeline, read, release, batch_in_flight);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_main);
+      warpgroup_fence_operand(gb_acc);
+      pipeline.consumer_release(release);  // the last k-stage
+      ++release;                           // == read: the rank stage
+      fused_gb_rank_product(p, mma, tCrA, tCrB, gb_acc, gb_coords, acc_lora, smem.a, tile, warpgroup, pipeline,
+                            read, release);
+    } else {
+      clear(acc_lora);
+      clear(acc_main);
+      warpgroup_fence_operand(acc_lora);
+      warpgroup_fence_operand(acc_main);
+      consume(issue_lora, fence_lora, p.r, pipeline, read, release, batch_in_flight);
+      consume(issue_main, fence_main, p.depth, pipeline, read, release, batch_in_flight);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_lora);
+      warpgroup_fence_operand(acc_main);
+      pipeline.consumer_release(release);  // the tile's last stage: the producer may refill it
+      ++release;                           // == read: the next tile's first stage
+    }
 
     // Epilogue: out = round(acc_main + factor·acc_lora + bias), through this warpgroup's
     // staging rows, then 16-byte stores of them. Only the forward's bias reads memory per
@@ -498,7 +707,7 @@ __device__ void consume_and_store(const Params<T, kBKMajor>& p, SharedStorage<T,
 
 #endif  // LORA_FUSED_SM90A_DEVICE
 
-template <class T, bool kBKMajor>
+template <class T, bool kBKMajor, bool kFusedGb>
 __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const __grid_constant__ Params<T, kBKMajor> p) {
 #if defined(LORA_FUSED_SM90A_DEVICE)
   extern __shared__ unsigned char smem_raw[];
@@ -506,11 +715,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const __grid_constant
   // integer), so the compiler keeps the shared address space: STS/LDS, not generic stores.
   const unsigned misalignment = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw)) & 1023u;
   unsigned char* base = smem_raw + ((1024u - misalignment) & 1023u);
-  auto& smem = *reinterpret_cast<SharedStorage<T, kBKMajor>*>(base);
+  auto& smem = *reinterpret_cast<SharedStorage<T, kBKMajor, kFusedGb>*>(base);
 
   const bool producer = threadIdx.x >= kConsumerThreads;
   typename Pipeline::Params pipe_params;
-  pipe_params.transaction_bytes = kStageBytes;
+  pipe_params.transaction_bytes = kPipelineStageBytes<kFusedGb>;
   pipe_params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pipe_params.is_leader = threadIdx.x == kProducerThread;
   pipe_params.num_consumers = kConsumerThreads;
@@ -530,9 +739,13 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const __grid_constant
 // ---- host side ------------------------------------------------------------------------
 
 // The four operands of each product as TMA describes them (the order of Params: P, Q, L, R).
-// One list serves the dispatch check and the descriptors, so they cannot disagree.
+// One list serves the dispatch check and the descriptors, so they cannot disagree. L is
+// round(xa) or round(gb) [M, r] (128-row boxes), except in the fused-gb dx, where it is
+// lora_Bᵀ [r, N] (32-row boxes: tma_gb) and round(gb) never leaves the kernel.
 struct Operands {
   TmaOperand p, q, l, r;
+  bool fused_gb = false;
+  int l_box_rows() const { return fused_gb ? kGbRanks : kBM; }
 };
 
 Operands forward_operands(const ForwardArgs& a) {
@@ -543,10 +756,14 @@ Operands forward_operands(const ForwardArgs& a) {
 }
 
 Operands dx_operands(const BackwardArgs& a) {
+  const bool fused_gb = sm90_dx_computes_gb(a.r, a.K);
+  const TmaOperand l = fused_gb ? TmaOperand{a.lora_B_t_tma, a.r, a.N, a.lora_B_t_tma_ld, true, 2}
+                                : TmaOperand{a.gb_rounded, a.M, a.r, a.rank_ld, true, 2};
   return {{a.grad_y, a.M, a.N, a.ldg, true, 2},
-          {a.weight, a.K, a.N, a.K, false, 2},   // W viewed [K, N]: (c, n) at W[n·K + c]
-          {a.gb_rounded, a.M, a.r, a.rank_ld, true, 2},
-          {a.lora_A, a.K, a.r, a.K, false, 2}};  // lora_A viewed [K, r]: (c, j) at A[j·K + c]
+          {a.weight, a.K, a.N, a.K, false, 2},  // W viewed [K, N]: (c, n) at W[n·K + c]
+          l,
+          {a.lora_A, a.K, a.r, a.K, false, 2},  // lora_A viewed [K, r]: (c, j) at A[j·K + c]
+          fused_gb};
 }
 
 // cuTensorMapEncodeTiled from the driver, looked up once per process (nullptr without a
@@ -573,12 +790,12 @@ EncodeTiled encode_tiled() {
 
 // Whether the driver accepts the descriptor make_tma will ask CuTe for, with the same
 // arguments CuTe passes (copy_traits_sm90_tma.hpp: rank 2, the unit-stride extent first,
-// box 64 × 128 K-major or 64 × 64 MN-major, 128-byte swizzle, L2 promotion 128B, no OOB
+// box 64 × box_rows K-major (128, or 32 for lora_Bᵀ) or 64 × 64 MN-major, 128-byte swizzle, L2 promotion 128B, no OOB
 // fill). CuTe itself answers a failed encode with assert(false), i.e. abort() of the whole
 // process: this check runs first, so a failure means "use the sm80 kernels" instead. The
 // driver's encode is a pure host function, deterministic in its arguments.
 template <class T>
-bool tma_encodable(const TmaOperand& o) {
+bool tma_encodable(const TmaOperand& o, int box_rows) {
   const EncodeTiled encode = encode_tiled();
   if (encode == nullptr) return false;
   const CUtensorMapDataType format =
@@ -586,7 +803,7 @@ bool tma_encodable(const TmaOperand& o) {
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(o.k_major ? o.depth : o.rows),
                               static_cast<cuuint64_t>(o.k_major ? o.rows : o.depth)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(o.ld) * sizeof(T)};
-  const cuuint32_t box[2] = {kBK, o.k_major ? uint32_t{kBM} : uint32_t{kBK}};
+  const cuuint32_t box[2] = {kBK, o.k_major ? static_cast<cuuint32_t>(box_rows) : uint32_t{kBK}};
   const cuuint32_t element_strides[2] = {1, 1};
   CUtensorMap map;
   const CUresult result = encode(&map, format, 2, const_cast<void*>(o.ptr), dims, strides, box, element_strides,
@@ -603,16 +820,14 @@ bool operands_ok(const Operands& o, bool encode) {
     if (!tma_operand_ok(*operand)) return false;
   }
   if (!encode) return true;
-  for (const TmaOperand* operand : {&o.p, &o.q, &o.l, &o.r}) {
-    if (!tma_encodable<T>(*operand)) return false;
-  }
-  return true;
+  return tma_encodable<T>(o.p, kBM) && tma_encodable<T>(o.q, kBN) && tma_encodable<T>(o.l, o.l_box_rows()) &&
+         tma_encodable<T>(o.r, kBN);
 }
 
-template <class T, bool kKMajor>
+template <class T, bool kKMajor, class Stages = StageLayout<T, kKMajor>>
 auto make_tma(const TmaOperand& o) {
-  return make_tma<T, kKMajor>(static_cast<const T*>(o.ptr), static_cast<int>(o.rows), static_cast<int>(o.depth),
-                              o.ld);
+  return make_tma<T, kKMajor, Stages>(static_cast<const T*>(o.ptr), static_cast<int>(o.rows),
+                                      static_cast<int>(o.depth), o.ld);
 }
 
 // The SM count of a device, queried once per device (a per-call attribute query is host
@@ -642,7 +857,7 @@ int64_t max_blocks_override() {
 
 // Persistent: one block per SM (its shared memory allows no more), each walking the output
 // tiles blockIdx.x, blockIdx.x + gridDim.x, ...; fewer blocks when there are fewer tiles.
-template <class T, bool kBKMajor>
+template <class T, bool kBKMajor, bool kFusedGb = false>
 cudaError_t run(const Params<T, kBKMajor>& p, cudaStream_t stream) {
   const int64_t tiles = ceil_div(int64_t{p.M}, kBM) * ceil_div(int64_t{p.Nc}, kBN);
   int sms = 0;
@@ -651,47 +866,53 @@ cudaError_t run(const Params<T, kBKMajor>& p, cudaStream_t stream) {
   int64_t blocks = tiles < sms ? tiles : sms;
   const int64_t cap = max_blocks_override();
   if (cap > 0 && cap < blocks) blocks = cap;
-  return launch<gemm_kernel<T, kBKMajor>>(p, blocks, 1, smem_bytes<T, kBKMajor>(), stream, kThreads);
+  return launch<gemm_kernel<T, kBKMajor, kFusedGb>>(p, blocks, 1, smem_bytes<T, kBKMajor, kFusedGb>(), stream,
+                                                    kThreads);
+}
+
+// The fields both products fill alike: the sizes, the P, Q, R descriptors (and L's, except
+// in the fused-gb dx, whose L is lora_Bᵀ in tma_gb), the output and s. Output [M, Nc] with
+// Nc columns per row.
+template <class T, bool kBKMajor>
+Params<T, kBKMajor> product_params(const Operands& o, int64_t M, int64_t Nc, int64_t depth, int64_t r, void* out,
+                                   double scaling) {
+  Params<T, kBKMajor> p{};
+  p.M = static_cast<int>(M), p.Nc = static_cast<int>(Nc), p.depth = static_cast<int>(depth);
+  p.r = static_cast<int>(r);
+  p.tma_p = make_tma<T, true>(o.p);
+  p.tma_q = make_tma<T, kBKMajor>(o.q);
+  if (o.fused_gb) {
+    p.tma_gb = make_tma<T, true, GbStageLayout<T>>(o.l);
+  } else {
+    p.tma_l = make_tma<T, true>(o.l);
+  }
+  p.tma_r = make_tma<T, kBKMajor>(o.r);
+  p.out = static_cast<T*>(out);
+  p.ld_out = Nc;
+  p.scaling = static_cast<float>(scaling);
+  p.vec_out = Nc % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  return p;
 }
 
 template <class T>
 cudaError_t forward_t(const ForwardArgs& a, cudaStream_t stream) {
-  const Operands o = forward_operands(a);
-  Params<T, true> p;
-  p.M = static_cast<int>(a.M), p.Nc = static_cast<int>(a.N), p.depth = static_cast<int>(a.K);
-  p.r = static_cast<int>(a.r);
-  p.tma_p = make_tma<T, true>(o.p);
-  p.tma_q = make_tma<T, true>(o.q);
-  p.tma_l = make_tma<T, true>(o.l);
-  p.tma_r = make_tma<T, true>(o.r);
+  Params<T, true> p = product_params<T, true>(forward_operands(a), a.M, a.N, a.K, a.r, a.y, a.scaling);
   p.bias = static_cast<const T*>(a.bias);
-  p.out = static_cast<T*>(a.y);
-  p.ld_out = a.N;
-  p.scaling = static_cast<float>(a.scaling);
   p.drop = DropoutSpec{};  // the forward's mask is in xa already
   p.keep_bits = nullptr;
   p.keep_ld = 0;
   p.kept_factor = p.scaling;
   p.small_index = true;
   p.bias_pairs = reinterpret_cast<uintptr_t>(a.bias) % 4 == 0;
-  p.vec_out = a.N % 8 == 0 && reinterpret_cast<uintptr_t>(a.y) % 16 == 0;
   return run(p, stream);
 }
 
 template <class T>
 cudaError_t dx_t(const BackwardArgs& a, cudaStream_t stream) {
   const Operands o = dx_operands(a);
-  Params<T, false> p;
-  p.M = static_cast<int>(a.M), p.Nc = static_cast<int>(a.K), p.depth = static_cast<int>(a.N);
-  p.r = static_cast<int>(a.r);
-  p.tma_p = make_tma<T, true>(o.p);
-  p.tma_q = make_tma<T, false>(o.q);
-  p.tma_l = make_tma<T, true>(o.l);
-  p.tma_r = make_tma<T, false>(o.r);
+  Params<T, false> p = product_params<T, false>(o, a.M, a.K, a.N, a.r, a.dx, a.scaling);
+  p.gb = static_cast<float*>(a.gb);  // written by the fused-gb dx (column tile 0)
   p.bias = nullptr;
-  p.out = static_cast<T*>(a.dx);
-  p.ld_out = a.K;
-  p.scaling = static_cast<float>(a.scaling);
   p.drop = a.dropout;  // hash index m·K + c: x's element (m, c)
   p.keep_bits = static_cast<uint32_t*>(a.keep_bits);  // written here, read by sm80_dA
   p.keep_ld = keep_words_per_row(a.K);
@@ -699,8 +920,7 @@ cudaError_t dx_t(const BackwardArgs& a, cudaStream_t stream) {
   p.kept_factor = p.scaling * static_cast<float>(a.dropout.scale);
   p.small_index = static_cast<uint64_t>(a.M) * static_cast<uint64_t>(a.K) <= (uint64_t{1} << 32);
   p.bias_pairs = false;
-  p.vec_out = a.K % 8 == 0 && reinterpret_cast<uintptr_t>(a.dx) % 16 == 0;
-  return run(p, stream);
+  return o.fused_gb ? run<T, false, true>(p, stream) : run<T, false, false>(p, stream);
 }
 
 bool is_half(DType dtype) { return dtype == DType::kHalf || dtype == DType::kBFloat16; }

@@ -7,6 +7,7 @@ entries describe what the launchers really do.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -162,13 +163,62 @@ def test_cuda_plan_runs_the_sm90_kernel_on_hopper_16bit_only():
         return [launch.kernel for launch in plan["forward"] + plan["backward"]]
 
     for key in ("H100-SXM", "H200"):
-        hopper = names(cost_model.GPUS[key], 2)
-        assert "forward (sm90 TMA + wgmma)" in hopper and "dx (sm90 TMA + wgmma)" in hopper
-        assert "gb + round(gb) (CuTe thin)" in hopper  # the sm90 dx reads round(gb), written first
+        hopper = names(cost_model.GPUS[key], 2)  # r = 16: the sm90 dx computes gb itself
+        assert "forward (sm90 TMA + wgmma)" in hopper and "dx + gb (sm90 TMA + wgmma)" in hopper
+        assert not any("(CuTe thin)" in name and name.startswith("gb") for name in hopper)
         assert not any("sm90" in name for name in names(cost_model.GPUS[key], 4))
+        plan = cost_model.provider_plan("cuda", 4096, 768, 2304, 33, 2, 0.1, sms=132, hopper=True)
+        names_33 = [launch.kernel for launch in plan["backward"]]
+        assert "dx (sm90 TMA + wgmma)" in names_33  # r = 33: the tall gb GEMM writes round(gb) first
+        assert "gb + round(gb) (CuTe thin)" in names_33
     a100 = names(cost_model.GPUS["A100-SXM"], 2)
     assert "forward (CuTe sm80)" in a100 and "dx + gb (CuTe sm80)" in a100
     assert not any("sm90" in name for name in a100)
+
+
+def test_sm90_fused_gb_rule_is_the_headers():
+    """The model's sm90_dx_computes_gb is csrc/cuda_kernels.h's: the same constants, and the
+    plan's dx is the fused one exactly where the rule says."""
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "cuda_kernels.h").read_text()
+
+    def constant(name):
+        match = re.search(rf"constexpr int64_t {name} = (\d+);", header)
+        assert match, f"{name} not found in csrc/cuda_kernels.h"
+        return int(match.group(1))
+
+    assert constant("kSm90FusedGbMaxRank") == cost_model.SM90_FUSED_GB_MAX_RANK
+    assert constant("kSm90FusedGbMaxColumnTiles") == cost_model.SM90_FUSED_GB_MAX_COLUMN_TILES
+    for r, K, fused in [(16, 768, True), (32, 1024, True), (1, 1025, False), (16, 3072, False), (33, 768, False)]:
+        assert cost_model.sm90_dx_computes_gb(r, K) == fused, (r, K)
+        names = [launch.kernel for launch in cost_model.cuda_plan(4096, K, 768, r, 2, 0.0, hopper=True)["backward"]]
+        assert ("dx + gb (sm90 TMA + wgmma)" in names) == fused, (r, K, names)
+        assert ("gb + round(gb) (CuTe thin)" in names) == (not fused), (r, K, names)
+
+
+def _sm90_backward_us(gpu, M, K, N, r, fused_gb):
+    launches = cost_model._cuda_sm90_plan(M, K, N, r, 2, 0.0, fused_gb=fused_gb)["backward"]
+    return cost_model.roofline_ms(launches, gpu, 2) * 1e3
+
+
+@pytest.mark.parametrize("N", [768, 3072])
+def test_sm90_fused_gb_switch_follows_the_cost_model(N):
+    """The rule's K bound lies between the two Hoppers' modelled break-evens: every K it fuses
+    is no loss on the H100 (3.35 TB/s), every K it does not fuse is a loss to fuse on the H200
+    (4.8 TB/s); on both, the ViT-B shapes (M = 4096, r = 16) take the cheaper side, lin2
+    (K = 3072, N = 768) the separate gb GEMM."""
+    h100, h200 = cost_model.GPUS["H100-SXM"], cost_model.GPUS["H200"]
+    for K in range(128, 4097, 128):
+        fused = cost_model.sm90_dx_computes_gb(16, K)
+        gpu = h100 if fused else h200
+        fused_us, separate_us = (_sm90_backward_us(gpu, 4096, K, N, 16, side) for side in (True, False))
+        assert (fused_us <= separate_us) == fused, (K, N, gpu.name, fused_us, separate_us)
+    vit_b = {"qkv": (768, 2304), "proj": (768, 768), "lin1": (768, 3072), "lin2": (3072, 768)}
+    for gpu in (h100, h200):
+        for name, (K, n) in vit_b.items():
+            fused_us, separate_us = (_sm90_backward_us(gpu, 4096, K, n, 16, side) for side in (True, False))
+            assert cost_model.sm90_dx_computes_gb(16, K) == (fused_us < separate_us), (gpu.name, name)
+    with pytest.raises(ValueError, match="32 ranks, not r = 33"):
+        cost_model._cuda_sm90_plan(4096, 768, 768, 33, 2, 0.0, fused_gb=True)
 
 
 @pytest.mark.parametrize("hopper", [False, True])

@@ -111,13 +111,15 @@ def test_no_spills_and_shared_memory_within_limits(ptx):
 
 # ---- the Hopper kernel (csrc/cuda_sm90.cu) --------------------------------------------
 #
-# gemm_kernel<T, kBKMajor> for T in {half, bfloat16} and W K-major (forward) or MN-major (dx):
-# four instantiations in the sm_90a PTX. 288 threads (two consumer warpgroups and a producer
-# warp) under __launch_bounds__(288, 1) get at most 168 registers each from ptxas (it spills
-# rather than exceed 168: 65536 / 384, the 9 warps allocated as 3 warpgroups); the consumers
-# need two 64-value fp32 accumulators (the main product and the LoRA term), so fewer than 128
-# would mean the accumulators were not kept in registers.
+# gemm_kernel<T, kBKMajor, kFusedGb> for T in {half, bfloat16}: the forward (K-major W), dx
+# (MN-major W, r > 32) and dx computing gb itself (r <= 32): six instantiations in the sm_90a
+# PTX. 288 threads (two consumer warpgroups and a producer warp) under
+# __launch_bounds__(288, 1) get at most 168 registers each from ptxas (it spills rather than
+# exceed 168: 65536 / 384, the 9 warps allocated as 3 warpgroups); the consumers need two
+# 64-value fp32 accumulators (the main product and the LoRA term), so fewer than 128 would
+# mean the accumulators were not kept in registers.
 SM90_KERNEL = re.compile(r"_ZN10lora_fused4cuda4sm9011gemm_kernel\S*")
+SM90_FUSED_GB = re.compile(r"gemm_kernel\S*ELb0ELb1E")  # <T, false, true>: dx with fused gb
 SM90_PTX = [p for p in KEPT.get("90a", []) if p.name.startswith("cuda_sm90.")]
 # ptxas's wgmma diagnostics (C75xx: "wgmma.mma_async instructions are serialized ..." C7515,
 # "warpgroup.arrive is injected ... to allow use of registers in GMMA" C7519, and the rest of
@@ -181,11 +183,17 @@ def _sm90_entries(ptx: Path) -> dict[str, str]:
 def test_sm90_kernels_registers_wgmma_and_tma():
     (ptx,) = SM90_PTX
     bodies = _sm90_entries(ptx)
-    assert len(bodies) == 4, f"expected gemm_kernel<half|bfloat16, true|false>, found {sorted(bodies)}"
+    assert len(bodies) == 6, f"expected gemm_kernel<half|bfloat16, forward|dx|dx+gb>, found {sorted(bodies)}"
+    assert sum(bool(SM90_FUSED_GB.search(name)) for name in bodies) == 2, sorted(bodies)
     for name, body in bodies.items():
         assert "wgmma.mma_async" in body, f"{name}: no wgmma in its PTX"
         assert "cp.async.bulk.tensor" in body, f"{name}: no TMA load in its PTX"
         assert "setmaxnreg" not in body, f"{name}: register budget argued without setmaxnreg"
+        fused = bool(SM90_FUSED_GB.search(name))
+        # The fused gb: 64x32 wgmmas, and round(gb) written by the consumers is fenced into
+        # the async proxy before the rank wgmmas read it.
+        assert ("m64n32k16" in body) == fused, f"{name}: 64x32 gb wgmma {'missing' if fused else 'unexpected'}"
+        assert not fused or "fence.proxy.async.shared::cta" in body, f"{name}: no proxy fence before the rank wgmma"
     output = ptxas_output(ptx, "90a")
     report = ptxas_report(ptx, "90a", output)
     for name in bodies:
@@ -197,20 +205,69 @@ def test_sm90_kernels_registers_wgmma_and_tma():
         "flight):\n" + "\n".join(diagnostics[:20])
 
 
-@pytest.mark.skipif(not SM90_PTX, reason="the build did not compile sm_90a (LORA_FUSED_CUDA_ARCHS without 9.0a)")
-def test_sm90_sass_has_no_dummy_wgmma(tmp_path):
-    """In the SASS, no HGMMA writing RZ: the dummy group ptxas appends when it cannot count a
-    batch, turning warpgroup_wait<1> into a full drain (review of cuda4, item B1)."""
+def _sm90_sass(tmp_path: Path) -> str:
+    """The sm_90a SASS of cuda_sm90.cu (ptxas, then cuobjdump -sass); skips without cuobjdump."""
     cuobjdump = _cuobjdump()
     if cuobjdump is None:
         pytest.skip("no cuobjdump (CUDA toolkit or triton wheel) to disassemble the cubin")
     (ptx,) = SM90_PTX
     cubin = tmp_path / "cuda_sm90.cubin"
     subprocess.run([_ptxas(), "-arch=sm_90a", str(ptx), "-o", str(cubin)], check=True, capture_output=True)
-    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    return subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.skipif(not SM90_PTX, reason="the build did not compile sm_90a (LORA_FUSED_CUDA_ARCHS without 9.0a)")
+def test_sm90_sass_has_no_dummy_wgmma(tmp_path):
+    """In the SASS, no HGMMA writing RZ: the dummy group ptxas appends when it cannot count a
+    batch, turning warpgroup_wait<1> into a full drain (review of cuda4, item B1)."""
+    sass = _sm90_sass(tmp_path)
     assert "HGMMA" in sass, "no HGMMA in the sm_90a SASS"
     dummies = [line.strip() for line in sass.splitlines() if DUMMY_HGMMA.search(line)]
     assert not dummies, "dummy HGMMA groups in the sm90 kernel:\n" + "\n".join(dummies[:10])
+
+
+def _sass_functions(sass: str) -> dict[str, str]:
+    """{function name: its SASS} from `cuobjdump -sass` output."""
+    parts = re.split(r"^\s*Function : (\S+)\s*$", sass, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def wgmma_batches(function_sass: str) -> list[list[str]]:
+    """The HGMMA shapes of each batch: from WARPGROUP.ARRIVE to the HGMMA that ends the
+    batch (the one that sets the scoreboard, gsb0)."""
+    batches, current = [], None
+    for line in function_sass.splitlines():
+        if "WARPGROUP.ARRIVE" in line:
+            current = []
+        elif (match := re.search(r"HGMMA\.(\d+x\d+x\d+)", line)) and current is not None:
+            current.append(match.group(1))
+            if "gsb0" in line:
+                batches.append(current)
+                current = None
+    return batches
+
+
+def test_wgmma_batches_are_recognised():
+    sass = ("WARPGROUP.ARRIVE ;\nHGMMA.64x128x16.F32.BF16 R88, gdesc[UR4].tnspB, R88 ;\n"
+            "HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], R24, gsb0 ;\nWARPGROUP.DEPBAR.LE gsb0, 0x1 ;\n"
+            "WARPGROUP.ARRIVE ;\nHGMMA.64x128x16.F32.BF16 R24, gdesc[UR12].tnspB, R24, gsb0 ;\n")
+    assert wgmma_batches(sass) == [["64x128x16", "64x32x16"], ["64x128x16"]]
+
+
+@pytest.mark.skipif(not SM90_PTX, reason="the build did not compile sm_90a (LORA_FUSED_CUDA_ARCHS without 9.0a)")
+def test_sm90_fused_gb_wgmma_shares_the_main_batch(tmp_path):
+    """In the fused-gb dx's SASS, gb's 64x32 HGMMAs are issued in the same batches as the main
+    64x128 ones (a full k-stage: four of each, one scoreboard group), never in batches of
+    their own: g's stage is read once per k-step and no extra drain is added (issue 11)."""
+    sass = _sm90_sass(tmp_path)
+    fused = {name: body for name, body in _sass_functions(sass).items() if SM90_FUSED_GB.search(name)}
+    assert len(fused) == 2, sorted(_sass_functions(sass))
+    for name, body in fused.items():
+        batches = wgmma_batches(body)
+        gb_batches = [b for b in batches if "64x32x16" in b]
+        assert gb_batches, f"{name}: no gb wgmma batch"
+        assert all(b.count("64x32x16") == b.count("64x128x16") for b in gb_batches), (name, gb_batches)
+        assert ["64x128x16", "64x32x16"] * 4 in gb_batches, f"{name}: no full k-stage batch: {gb_batches}"
 
 
 @pytest.mark.skipif(not SM90_PTX, reason="the build did not compile sm_90a (LORA_FUSED_CUDA_ARCHS without 9.0a)")

@@ -2,8 +2,10 @@
 that chooses it (csrc/cuda_ops.cpp): on a compute-capability-9.0 device, in a build with
 sm_90a, fp16/bf16 forward runs it when x and W meet TMA's alignment (K % 8 == 0, 16-byte
 aligned bases, x's row stride a multiple of 8), and dx when g and W do (also N % 8 == 0 for
-g's rows); every other case runs the sm80 kernels. Which kernel ran is read from the CUDA
-profiler's kernel names, so a case meant for one path cannot silently test the other.
+g's rows); every other case runs the sm80 kernels. For r <= 32 and K <= 1024 the sm90 dx
+computes gb itself from its g tiles (the fused-gb instantiation; no tall gb GEMM in the
+backward), otherwise it reads the tall gb GEMM's round(gb). Which kernel ran is read from the
+CUDA profiler's kernel names, so a case meant for one path cannot silently test the other.
 
 Parity follows DESIGN.md §5 (tests/parity.py): each output within 2x PyTorch's own
 same-dtype error of a float64 reference. Everything skips without a Hopper GPU and the
@@ -12,6 +14,8 @@ CUDA kernels; nothing here runs on the machines that build this project, which h
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -58,24 +62,61 @@ def _sm90_launches(fn) -> dict[str, int]:
     return counts
 
 
-def _sm90_instantiation(kernel_name: str) -> str | None:
-    """"forward" or "dx" for lora_fused::cuda::sm90::gemm_kernel<T, kBKMajor> (kBKMajor true:
-    the forward's K-major W; false: dx's MN-major W), demangled or not; None for others."""
+def _sm90_instantiation(kernel_name: str, fused_gb_apart: bool = False) -> str | None:
+    """"forward" or "dx" for lora_fused::cuda::sm90::gemm_kernel<T, kBKMajor, kFusedGb>
+    (kBKMajor true: the forward's K-major W; false: dx's MN-major W; kFusedGb: dx computes gb),
+    demangled or not; with fused_gb_apart, "dx+gb" for the fused-gb dx; None for others."""
     if "lora_fused::cuda::sm90::gemm_kernel<" in kernel_name:
-        return "forward" if ", true>" in kernel_name else "dx"
-    if "4sm9011gemm_kernel" in kernel_name:  # mangled: ...ELb1EE (true) / ...ELb0EE (false)
-        return "forward" if "Lb1E" in kernel_name else "dx"
-    return None
+        flags = kernel_name.split("gemm_kernel<", 1)[1].split(">", 1)[0].split(", ")[1:3]
+    elif "4sm9011gemm_kernel" in kernel_name:  # mangled: ...ELb1ELb0EE: <T, true, false>
+        flags = ["true" if bit == "1" else "false"
+                 for bit in re.findall(r"Lb([01])E", kernel_name.split("4sm9011gemm_kernel", 1)[1])[:2]]
+    else:
+        return None
+    assert len(flags) == 2, f"unexpected sm90 kernel name {kernel_name!r}"
+    if flags[0] == "true":
+        return "forward"
+    return "dx+gb" if fused_gb_apart and flags[1] == "true" else "dx"
 
 
 def test_kernel_name_parsing():
-    mangled = "_ZN10lora_fused4cuda4sm9011gemm_kernelIN7cutlass10bfloat16_tELb{}EEEvNS1_6ParamsIT_XT0_EEE"
-    assert _sm90_instantiation(mangled.format(1)) == "forward"
-    assert _sm90_instantiation(mangled.format(0)) == "dx"
-    demangled = "void lora_fused::cuda::sm90::gemm_kernel<cutlass::half_t, {}>(lora_fused::cuda::sm90::Params<...>)"
-    assert _sm90_instantiation(demangled.format("true")) == "forward"
-    assert _sm90_instantiation(demangled.format("false")) == "dx"
+    mangled = "_ZN10lora_fused4cuda4sm9011gemm_kernelIN7cutlass10bfloat16_tELb{}ELb{}EEEvNS1_6ParamsIT_XT0_EEE"
+    assert _sm90_instantiation(mangled.format(1, 0)) == "forward"
+    assert _sm90_instantiation(mangled.format(0, 0)) == "dx"
+    assert _sm90_instantiation(mangled.format(0, 1)) == "dx"
+    assert _sm90_instantiation(mangled.format(0, 1), fused_gb_apart=True) == "dx+gb"
+    assert _sm90_instantiation(mangled.format(0, 0), fused_gb_apart=True) == "dx"
+    demangled = ("void lora_fused::cuda::sm90::gemm_kernel<cutlass::half_t, {}, {}>"
+                 "(lora_fused::cuda::sm90::Params<cutlass::half_t, {}>)")
+    assert _sm90_instantiation(demangled.format("true", "false", "true")) == "forward"
+    assert _sm90_instantiation(demangled.format("false", "false", "false")) == "dx"
+    assert _sm90_instantiation(demangled.format("false", "true", "false"), fused_gb_apart=True) == "dx+gb"
     assert _sm90_instantiation("void lora_fused::cuda::(anonymous namespace)::dx_kernel<cutlass::half_t, false>") is None
+
+
+def _is_tall_gemm(kernel_name: str) -> bool:
+    """cuda_sm80_thin.cu's tall_kernel: in a backward, the separate gb = g·B GEMM."""
+    return "tall_kernel" in kernel_name
+
+
+def _backward_gb_launches(grad_y, x, weight, lora_A, lora_B, dropout_p, seed) -> dict[str, int]:
+    """{"dx+gb": fused-gb sm90 dx launches, "dx": other sm90 dx launches, "gb GEMM": tall gb
+    GEMM launches} of one backward (the forward, whose xa pre-pass is a tall GEMM too, runs
+    outside the profiled region)."""
+    seed_t = torch.tensor(seed)
+    _, xa = FORWARD(x, weight, None, lora_A, lora_B, SCALING, dropout_p, seed_t)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        BACKWARD(grad_y, x, weight, lora_A, lora_B, xa, SCALING, dropout_p, seed_t, True, True)
+        torch.cuda.synchronize()
+    counts = {"dx+gb": 0, "dx": 0, "gb GEMM": 0}
+    for event in prof.events():
+        kind = _sm90_instantiation(event.name, fused_gb_apart=True)
+        if kind in counts:
+            counts[kind] += 1
+        elif _is_tall_gemm(event.name):
+            counts["gb GEMM"] += 1
+    return counts
 
 
 def _launches_for(M, K, N, r, dtype, x_transform=None):
@@ -112,7 +153,7 @@ SM90_CASES = {
 # (M, K, N, r, bias, dropout_p)
 SM90_MULTI_TILE_CASES = {
     "fwd-216-tiles-r65": (3000, 200, 1096, 65, True, 0.2),  # forward 24 x 9 tiles, dx 24 x 2
-    "dx-216-tiles-r17": (3000, 1096, 520, 17, False, 0.2),  # forward 24 x 5, dx 24 x 9
+    "dx-216-tiles-r17": (3000, 1096, 520, 17, False, 0.2),  # forward 24 x 5, dx 24 x 9 (not fused: K > 1024)
 }
 
 
@@ -159,9 +200,12 @@ def test_sm90_dx_keep_bits_feed_dA(case, blocks, monkeypatch):
     x, weight, b, lora_A, lora_B = make_inputs(M, K, N, r, torch.bfloat16, device="cuda")
     grad_y = make_inputs(M, N, 1, 1, torch.bfloat16, device="cuda", seed=1)[0]
     with_dx = run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.5, 8, grad_y)
-    # Without dx, dA hashes the mask itself from the same gb (the tall GEMM's on Hopper): same bits.
-    without_dx = run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.5, 8, grad_y, compute_dx=False)
-    assert torch.equal(with_dx[3], without_dx[3]), "dA from the sm90 dx's keep bits differs from dA hashing"
+    if r > 32:
+        # Without dx, dA hashes the mask itself from the same gb (the tall GEMM's both times):
+        # same bits. For r <= 32 the sm90 dx computes gb itself (another computation of gb):
+        # parity only, above.
+        without_dx = run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.5, 8, grad_y, compute_dx=False)
+        assert torch.equal(with_dx[3], without_dx[3]), "dA from the sm90 dx's keep bits differs from dA hashing"
     launches = _sm90_launches(lambda: run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.5, 8, grad_y))
     assert launches == {"forward": 1, "dx": 1}
 
@@ -174,6 +218,79 @@ def test_sm90_sam_vit_b_qkv_shape(dtype):
     (dx: 32 x 6 = 192 tiles)."""
     check_parity(4096, 768, 2304, 16, dtype, True, dropout_p=0.1, device="cuda")
     assert _launches_for(4096, 768, 2304, 16, dtype) == {"forward": 1, "dx": 1}, "both products must run on sm90"
+
+
+# The fused gb (issue 11, item 1): for r <= 32 the sm90 dx accumulates gb = g·B from its own g
+# stages (a 64x32 wgmma beside the main one), the blocks of column tile 0 write fp32 gb for dA,
+# and round(gb) feeds the rank product; r = 33 keeps the tall gb GEMM. dA (which reads gb) and
+# dB are checked with dx by check_parity. (M, K, N): M, K residues of the 128x128 tile, N
+# residues of the 64-deep k-tile (200 % 64 = 8: one 16-deep block; 280 % 64 = 24: two; a full
+# k-tile is SAM qkv's N = 2304, three blocks the padded test's N = 45), several column tiles
+# (K = 264: 3, so column tiles 1, 2 compute gb and drop it). Ranks: one and two 16-deep rank
+# blocks, each full (16, 32) and partial (1, 8; 17, 31), and r = 33 past the switch.
+FUSED_GB_SHAPES = {"n200": (300, 264, 200), "n280-k136": (257, 136, 280)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+@pytest.mark.parametrize("r", [1, 8, 16, 17, 31, 32, 33])
+@pytest.mark.parametrize("shape", list(FUSED_GB_SHAPES), ids=str)
+def test_sm90_dx_computes_gb_for_ranks_up_to_32(shape, r, dropout_p, dtype):
+    M, K, N = FUSED_GB_SHAPES[shape]
+    check_parity(M, K, N, r, dtype, True, dropout_p=dropout_p, device="cuda")
+    x, weight, _, lora_A, lora_B = make_inputs(M, K, N, r, dtype, device="cuda")
+    grad_y = make_inputs(M, N, 1, 1, dtype, device="cuda", seed=1)[0]
+    fused = r <= 32
+    assert _backward_gb_launches(grad_y, x, weight, lora_A, lora_B, dropout_p, 5) == {
+        "dx+gb": int(fused), "dx": int(not fused), "gb GEMM": int(not fused)}
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+@pytest.mark.parametrize("r", [8, 32])
+@pytest.mark.parametrize("N", [136, 280])
+def test_sm90_fused_gb_grid_capped_walks_every_tile(N, r, blocks, monkeypatch):
+    """1 or 3 persistent blocks walk all 3 x 3 tiles of the fused-gb dx. A tile takes
+    ceil(N / 64) k-stages plus a rank stage: 4 (N = 136) or 6 (N = 280) against 5 stages, a
+    count prime to 5, so stage indices and phases wrap mid-tile and a block's successive rank
+    stages land on different stage indices (one block: on all five); tile column 0 is reached
+    by different blocks. (N = 200 or 520 would put every rank stage on index 4.)"""
+    monkeypatch.setenv("LORA_FUSED_SM90_MAX_BLOCKS", str(blocks))
+    check_parity(300, 264, N, r, torch.bfloat16, False, dropout_p=0.1, device="cuda")
+    x, weight, _, lora_A, lora_B = make_inputs(300, 264, N, r, torch.bfloat16, device="cuda")
+    grad_y = make_inputs(300, N, 1, 1, torch.bfloat16, device="cuda", seed=1)[0]
+    assert _backward_gb_launches(grad_y, x, weight, lora_A, lora_B, 0.1, 5)["dx+gb"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("K", [1016, 1032])
+def test_sm90_fused_gb_switch_on_column_tiles(K, dtype):
+    """sm90_dx_computes_gb (csrc/cuda_kernels.h) fuses gb for r <= 32 up to 8 column tiles of
+    128 (K = 1016: fused) and runs the tall gb GEMM first from 9 on (K = 1032), where the cost
+    model prices the gb MMA every column tile repeats above the read of g it saves (lin2).
+    Both sides correct, over 24 x 8 and 24 x 9 dx tiles (more than the 132 SMs: the
+    persistent blocks walk several each, M, K, N and rank residues)."""
+    M, N, r = 3000, 200, 17
+    check_parity(M, K, N, r, dtype, False, dropout_p=0.2, device="cuda")
+    x, weight, _, lora_A, lora_B = make_inputs(M, K, N, r, dtype, device="cuda")
+    grad_y = make_inputs(M, N, 1, 1, dtype, device="cuda", seed=1)[0]
+    fused = K <= 1024
+    assert _backward_gb_launches(grad_y, x, weight, lora_A, lora_B, 0.2, 5) == {
+        "dx+gb": int(fused), "dx": int(not fused), "gb GEMM": int(not fused)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+def test_sm90_fused_gb_with_padded_lora_b_t(dtype):
+    """g a column slice ([M, 45] of rows 48 apart: TMA takes it) makes lora_Bᵀ [r, 45], whose
+    rows are not 16-byte multiples: the op layer pads a copy (rank_rows_for_tma), and the
+    fused-gb dx still runs and stays correct (dx, dA, dB, db)."""
+    M, K, N, r = 200, 136, 45, 16
+    x, weight, b, lora_A, lora_B = make_inputs(M, K, N, r, dtype, device="cuda")
+    wide = make_inputs(M, 48, 1, 1, dtype, device="cuda", seed=1)[0]
+    grad_y = wide[:, :N]
+    inputs = (x, weight, b, lora_A, lora_B)
+    got = run_extension(*inputs, SCALING, 0.2, 9, grad_y)
+    _parity_of(got, inputs, SCALING, 0.2, 9, grad_y)
+    assert _backward_gb_launches(grad_y, x, weight, lora_A, lora_B, 0.2, 9) == {"dx+gb": 1, "dx": 0, "gb GEMM": 0}
 
 
 # The fallback: operands TMA cannot take keep the sm80 kernels (same parity rule).
