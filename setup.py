@@ -30,8 +30,9 @@ wall (6 min 07 s CPU) when another nvcc job shared the two cores. Before the sm9
 wide_kernel<float, false>, rank_transpose<float>, the two fp32 reduces, per architecture):
 8 min 39 s wall, 4 min 54 s CPU (load 4.3-6.2: other engineers' builds on the two cores).
 The CUDA kernels: cuda_sm80.cu (forward, dx: fp16, bf16 and fp32 on TF32), cuda_sm80_thin.cu
-(tall, wide, rank transpose, 2 reduces: fp16, bf16 and fp32 on TF32; the wide kernel's
-keep-bit variant fp16/bf16 only), cuda_sm90.cu (sm_90a only), cuda_simt.cu (fp32/fp64 only).
+(tall, rank transpose, 2 reduces: fp16, bf16 and fp32 on TF32; wide: dB|db and dA hashing
+the mask in all three, and dA reading dx's keep bits in fp16/bf16 only), cuda_sm90.cu
+(sm_90a only), cuda_simt.cu (fp32/fp64 only).
 Each architecture listed adds its share, so a GPU machine builds just its own ("9.0a"). When
 the list compiles sm_90a SASS, LORA_FUSED_SM90A is defined and the extension dispatches the
 fp16/bf16 forward and dx to the sm90 kernel on compute-capability-9.0 devices

@@ -17,7 +17,8 @@
 #   deps    installs missing peft/segment_anything/pytest(-benchmark) from WHEELS  (60 s)
 #   build   the extension for this GPU's architecture only (9.0 -> 9.0a)          (240 s)
 #   smoke   every CUDA kernel instantiation once (tests/test_cuda_gpu.py; on H100/H200 the
-#           sm90 kernel's parity and fallback cases, tests/test_cuda_sm90_gpu.py), then every
+#           sm90 kernel's parity and fallback cases, tests/test_cuda_sm90_gpu.py), the
+#           keep-bit tests (dx's dropout mask read by dA, both files), then every
 #           backend x dtype x dropout on odd shapes (tests/test_gpu_smoke.py), with
 #           LORA_FUSED_TRITON_AUTOTUNE=0 (one config per kernel: no autotuning)  (120 s)
 #   layer   bench_layer.py on ViT-B's four linears at 1024 px, batch 4, bf16,
@@ -190,11 +191,13 @@ fi
     > "$WORK/backends.json" 2>&1 || true
 
 # -- smoke ------------------------------------------------------------------------------
-# Every CUDA kernel instantiation once (issue 11's "parity first"), then every backend x dtype.
+# Every CUDA kernel instantiation once (issue 11's "parity first"), the keep-bit tests (dx's
+# dropout mask read by dA: parity, and dA from the bits bitwise against dA hashing; small shapes,
+# a few seconds), then every backend x dtype.
 # No tuned-config dump here: with one config per kernel nothing is tuned, and a record of these
 # choices would pass for tuned ones.
 stage smoke 120 env -u LORA_FUSED_TRITON_TUNED_OUT LORA_FUSED_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_cuda_gpu.py tests/test_cuda_sm90_gpu.py \
-    tests/test_gpu_smoke.py -k "float64_reference or every_instantiation or sm90_parity or fallback_to_sm80" \
+    tests/test_gpu_smoke.py -k "float64_reference or every_instantiation or sm90_parity or fallback_to_sm80 or keep_bits" \
     -q -rfEs -p no:cacheprovider --junitxml="$WORK/smoke.xml"
 
 # -- layer benchmark --------------------------------------------------------------------

@@ -7,8 +7,8 @@
 // TF32 tensor cores (every product, as fp16/bf16) when PyTorch allows TF32 matmuls at the
 // time of the call, exact fp32 SIMT otherwise; fp64 on SIMT (cuda_simt.cu).
 // Dropout masks are hashed once per element in the forward (the xa pre-pass, r ≤ 32) and in
-// the fp16/bf16 backward (dx's epilogue, which writes keep bits that dA reads); the TF32
-// backward hashes in dx and again in dA (r ≤ 32: once each).
+// the fp16/bf16 backward (dx's epilogue, which writes keep bits that dA reads) when dx is
+// computed; otherwise, and on TF32 (whose dx writes none), dA hashes (once per 32-rank tile).
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -241,8 +241,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   // Dropout with dx on fp16/bf16: the mask is hashed once, by the dx kernel (sm80 or sm90),
   // which writes it as keep bits [M][ceil(K/32)] (cuda_keep_bits.cuh) that sm80_dA reads
   // instead of hashing again; dx runs before dA on every path below. Poisoned like every
-  // workspace: all ones ("keep everything"), so a word dx failed to write changes dA and fails
-  // the GPU parity tests. Without dx, or on TF32/SIMT (whose dA hashes), there is none.
+  // workspace: all ones ("keep everything"), so a word dx failed to write changes dA (the GPU
+  // tests compare it bitwise with dA hashing). Without dx, or on TF32/SIMT (whose dA hashes),
+  // there is none.
   at::Tensor keep_bits;
   if (is_16bit(dtype) && compute_dx && args.dropout.enabled && s.K > 0) {
     keep_bits = poison_(at::empty({s.M, cuda::keep_words_per_row(s.K)}, x.options().dtype(at::kInt)));

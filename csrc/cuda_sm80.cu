@@ -98,12 +98,12 @@ struct SmemPlan {
   static_assert(gb_b_off % 128 == 0, "stages stay 128-byte aligned");
   static_assert(bytes <= kMaxDynamicSmem, "shared-memory plan exceeds sm_86/sm_89's 99 KB per block");
   static_assert(lora_a_off % 128 == 0 && lora_b_off % 128 == 0, "stages stay 128-byte aligned");
-  // dx's keep-bit tile (128 rows × 4 words) in the drained LoRA stage, past the parked g·W
-  // and the staging tile, which both start at 0 (fp32's staging reaches into the LoRA stage).
-  static constexpr size_t keep_tile_off =
-      ((staging_bytes<T>() > lora_a_off ? staging_bytes<T>() : lora_a_off) + 127) & ~size_t{127};
-  static_assert(keep_tile_off + kBM * keep_bits::kTileWords * 4 <= gb_b_off,
-                "the keep-bit tile fits in the LoRA stage");
+  // fp16/bf16 dx's keep-bit tile (128 rows × 4 words) in the drained LoRA stage, past the
+  // parked g·W and the staging tile, which both start at 0.
+  static constexpr size_t keep_tile_off = lora_a_off;
+  static_assert(sizeof(T) != 2 || (staging_bytes<T>() <= keep_tile_off &&
+                                   keep_tile_off + kBM * keep_bits::kTileWords * 4 <= gb_b_off),
+                "the keep-bit tile fits in the LoRA stage, past the staging tile");
 };
 
 // Everything a block needs to run MMAs over its shared memory: the TiledMMA, the
@@ -164,8 +164,8 @@ struct RankRowsFromMemory {
 // the TF32 forward (cvt.rna on every operand fragment) spills 8 on sm_80, and dx (the
 // MN-major W operand's shared-to-register partitions, the mask's index arithmetic, and since
 // the fused gb its 16 more accumulators and their fragments) spills at 128 on both, so
-// those keep one block per SM (forward 161-204, dx 174-202 registers with the keep-bit
-// packing, no spills).
+// those keep one block per SM (forward 161-204 registers; dx 192-202 for fp16/bf16 with the
+// keep-bit packing, 175-178 for TF32 without it; no spills).
 // sm_86/sm_89 fit one 80 KB block per SM anyway.
 template <class T>
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -234,6 +234,9 @@ __global__ void __launch_bounds__(kThreads, 1) dx_kernel(DxParams80<T> p) {
   const TileCoord tile = grouped_tile(blockIdx.x, ceil_div(p.M, kBM), ceil_div(p.K, kBN));
   const int64_t m0 = tile.m * kBM, c0 = tile.n * kBN;  // rows of dx, columns of dx (x's K)
   const bool fused_gb = p.lora_B_t.ptr != nullptr;
+  // Keep bits for fp16/bf16 only: fp32 (TF32) gets no workspace from cuda_ops.cpp and its dA
+  // hashes the mask, so its instantiation carries none of the packing.
+  constexpr bool kKeepBits = sizeof(T) == 2;
 
   auto load = [&](int stage, int64_t k_tile) {  // k runs over N
     load_stage<true, kBM>(st.a_s, typename Block::LayoutA{}, stage, p.grad_y, m0, k_tile * kBK);
@@ -313,34 +316,41 @@ __global__ void __launch_bounds__(kThreads, 1) dx_kernel(DxParams80<T> p) {
       const bool kept =
           m < p.M && c < p.K && keep_element(p.drop.seed, p.drop.threshold, static_cast<uint64_t>(m * p.K + c));
       factor = kept ? kept_factor : 0.f;
-      const keep_bits::Slot slot = keep_bits::mma80_slot(i);
-      compact[slot.reg] |= uint32_t{kept} << slot.bit;
+      if constexpr (kKeepBits) {
+        const keep_bits::Slot slot = keep_bits::mma80_slot(i);
+        compact[slot.reg] |= uint32_t{kept} << slot.bit;
+      }
     }
     acc(i) = acc(i) * factor + parked[i * kThreads + threadIdx.x];
   }
   // This warp's byte (n_w) of each word of the tile's keep bits, into the shared keep tile
   // (uniform condition: the whole warp shuffles or none of it).
-  const bool write_keep_bits = p.drop.enabled && p.keep_bits != nullptr;
-  uint32_t* const keep_tile = reinterpret_cast<uint32_t*>(smem + Plan::keep_tile_off);
-  if (write_keep_bits) {
-    const int q = threadIdx.x & 3, byte = keep_bits::mma80_word_byte(get<1>(coords(0)));
-    CUTE_UNROLL
-    for (int reg = 0; reg < keep_bits::kMma80Regs; ++reg) {
-      const uint32_t bytes = keep_bits::quad_transpose(compact[reg]);
+  const bool write_keep_bits = kKeepBits && p.drop.enabled && p.keep_bits != nullptr;
+  if constexpr (kKeepBits) {
+    if (write_keep_bits) {
+      uint32_t* const keep_tile = reinterpret_cast<uint32_t*>(smem + Plan::keep_tile_off);
+      const int q = threadIdx.x & 3, byte = keep_bits::mma80_word_byte(get<1>(coords(0)));
       CUTE_UNROLL
-      for (int g = 0; g < 4; ++g) {
-        const int rr = get<0>(coords(keep_bits::mma80_first_value(reg, g)));
-        reinterpret_cast<unsigned char*>(keep_tile + rr * keep_bits::kTileWords + q)[byte] =
-            static_cast<unsigned char>(bytes >> (8 * g));
+      for (int reg = 0; reg < keep_bits::kMma80Regs; ++reg) {
+        const uint32_t bytes = keep_bits::quad_transpose(compact[reg]);
+        CUTE_UNROLL
+        for (int g = 0; g < 4; ++g) {
+          const int rr = get<0>(coords(keep_bits::mma80_first_value(reg, g)));
+          reinterpret_cast<unsigned char*>(keep_tile + rr * keep_bits::kTileWords + q)[byte] =
+              static_cast<unsigned char>(bytes >> (8 * g));
+        }
       }
     }
   }
   __syncthreads();  // parked values read before staging overwrites them; the keep tile complete
-  if (write_keep_bits) {  // 512 words, two per thread, each stored once
-    for (int w = threadIdx.x; w < kBM * keep_bits::kTileWords; w += kThreads) {
-      const int64_t m = m0 + w / keep_bits::kTileWords, col = c0 + 32 * (w % keep_bits::kTileWords);
-      if (m < p.M && col < p.K) {
-        p.keep_bits[m * p.keep_ld + col / 32] = keep_bits::clip_to_columns(keep_tile[w], col, p.K);
+  if constexpr (kKeepBits) {
+    if (write_keep_bits) {  // 512 words, two per thread, each stored once
+      const uint32_t* const keep_tile = reinterpret_cast<const uint32_t*>(smem + Plan::keep_tile_off);
+      for (int w = threadIdx.x; w < kBM * keep_bits::kTileWords; w += kThreads) {
+        const int64_t m = m0 + w / keep_bits::kTileWords, col = c0 + 32 * (w % keep_bits::kTileWords);
+        if (m < p.M && col < p.K) {
+          p.keep_bits[m * p.keep_ld + col / 32] = keep_bits::clip_to_columns(keep_tile[w], col, p.K);
+        }
       }
     }
   }
@@ -385,6 +395,7 @@ cudaError_t dx_t(const BackwardArgs& a, cudaStream_t stream) {
   p.scaling = static_cast<float>(a.scaling);
   p.drop = a.dropout;
   p.keep_bits = static_cast<uint32_t*>(a.keep_bits);
+  if (sizeof(T) != 2 && p.keep_bits != nullptr) return cudaErrorInvalidValue;  // dx_kernel<float> writes none
   p.keep_ld = keep_words_per_row(a.K);
   p.vec_out = a.K % kChunkOf<T> == 0 && aligned16(a.dx);
   const int64_t tiles = ceil_div(a.M, kBM) * ceil_div(a.K, kBN);

@@ -201,15 +201,15 @@ __global__ void __launch_bounds__(kThreads, 2) wide_kernel(WideParams<T> p) {
   // same cp.async group, so `landed` finds both complete without a barrier (the mainloop's
   // ownership argument); one 4-byte word serves 8 elements of a chunk (and the 4 threads
   // whose chunks share it read the same address: 4 bytes of traffic per 32 elements).
-  const uint32_t* const keep_cols = p.keep_bits + c0 / 32;
-  const int cols_left = static_cast<int>(b.rows - c0 < kBN ? b.rows - c0 : kBN);
+  // Without keep bits p.keep_bits is null: no pointer is formed from it.
   auto load = [&](int stage, int64_t kt) {
     const int64_t m_tile = m_begin + kt * kBK;
-    const int rows_left = static_cast<int>(b.depth - m_tile < kBK ? b.depth - m_tile : kBK);
     load_stage<true, kRankTile>(st.a, typename Block::LayoutA{}, stage, a, j0, m_tile);
     load_stage<false, kBN>(st.b, typename Block::LayoutB{}, stage, b, c0, m_tile);
     if constexpr (kKeepBits) {
-      const uint32_t* const tile_words = keep_cols + m_tile * p.keep_ld;
+      const int rows_left = static_cast<int>(b.depth - m_tile < kBK ? b.depth - m_tile : kBK);
+      const int cols_left = static_cast<int>(b.rows - c0 < kBN ? b.rows - c0 : kBN);
+      const uint32_t* const tile_words = p.keep_bits + c0 / 32 + m_tile * p.keep_ld;
       for_each_own_chunk<T, false, kBN>([&](int cc, int mm) {
         const bool inside = mm < rows_left && cc < cols_left;
         keep_bits::cp_async_word(&keep_words[KeepWords::index(stage, mm, cc)],
