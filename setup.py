@@ -28,7 +28,8 @@ forward and dx in fp16 and bf16, plus trapping stubs for the other architectures
 wall (6 min 07 s CPU) when another nvcc job shared the two cores. Before the sm90 kernel:
 3 min 59 s wall, 2 min 37 s CPU (load ~3.5). With the TF32 wide kernel (branch tf32c:
 wide_kernel<float, false>, rank_transpose<float>, the two fp32 reduces, per architecture):
-8 min 39 s wall, 4 min 54 s CPU (load 4.3-6.2: other engineers' builds on the two cores).
+8 min 39 s wall, 4 min 54 s CPU (load 4.3-6.2: other engineers' builds on the two cores);
+4 min 28 s wall, 4 min 15 s CPU in a quieter rebuild.
 The CUDA kernels: cuda_sm80.cu (forward, dx: fp16, bf16 and fp32 on TF32), cuda_sm80_thin.cu
 (tall, rank transpose, 2 reduces: fp16, bf16 and fp32 on TF32; wide: dB|db and dA hashing
 the mask in all three, and dA reading dx's keep bits in fp16/bf16 only), cuda_sm90.cu
