@@ -26,10 +26,14 @@ source each time, so each run is a full build; MAX_JOBS=2 on the shared 2-core m
 (load 2-4.7), with the sm90 TMA + wgmma kernel (cuda_sm90.cu: 4 sm_90a instantiations,
 forward and dx in fp16 and bf16, plus trapping stubs for the other architectures); 9 min 17 s
 wall (6 min 07 s CPU) when another nvcc job shared the two cores. Before the sm90 kernel:
-3 min 59 s wall, 2 min 37 s CPU (load ~3.5). The CUDA kernels: cuda_sm80.cu (forward, dx:
-fp16, bf16 and fp32 on TF32), cuda_sm80_thin.cu (tall: 3 dtypes incl. TF32; wide in two
-instantiations, dB|db and dA hashing the mask, and dA reading dx's keep bits; rank
-transpose, 2 reduces: fp16/bf16), cuda_sm90.cu (sm_90a only), cuda_simt.cu (fp32/fp64 only).
+3 min 59 s wall, 2 min 37 s CPU (load ~3.5). With the TF32 wide kernel (branch tf32c:
+wide_kernel<float, false>, rank_transpose<float>, the two fp32 reduces, per architecture):
+8 min 39 s wall, 4 min 54 s CPU (load 4.3-6.2: other engineers' builds on the two cores);
+4 min 28 s wall, 4 min 15 s CPU in a quieter rebuild.
+The CUDA kernels: cuda_sm80.cu (forward, dx: fp16, bf16 and fp32 on TF32), cuda_sm80_thin.cu
+(tall, rank transpose, 2 reduces: fp16, bf16 and fp32 on TF32; wide: dB|db in fp16/bf16,
+dA hashing the mask in all three, and dA reading dx's keep bits in fp16/bf16 only), cuda_sm90.cu
+(sm_90a only), cuda_simt.cu (fp32/fp64 only).
 Each architecture listed adds its share, so a GPU machine builds just its own ("9.0a"). When
 the list compiles sm_90a SASS, LORA_FUSED_SM90A is defined and the extension dispatches the
 fp16/bf16 forward and dx to the sm90 kernel on compute-capability-9.0 devices

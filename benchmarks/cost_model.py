@@ -180,14 +180,15 @@ def cuda_plan(M, K, N, r, elt, p, hopper=False):
     Forward: the tall xa GEMM (reads x, hashes the mask once, writes fp32 xa) and the
     forward GEMM (the rank-r up-projection in one-k-tile chunks: 32 ranks, 16 for fp32, then
     x·Wᵀ on top). Backward (the benchmark's frozen bias: no db): lora_B transposed once, dB
-    (fp16/bf16: round(xa)ᵀ for the wide GEMM's split-M partials + its fixed-order reduce;
-    fp32: the SIMT GEMM, 64-rank tiles, no tensor cores), dx (reads g and W as stored, fp32
-    included), which for r ≤ 32 also computes gb = g·B from the g tiles it streams
-    (each of its K/128 column tiles repeats that 32-rank product; one writes gb) — for larger
-    r the tall gb GEMM reads g once more first —, dA (fp16/bf16: round(gb)ᵀ for the wide GEMM,
-    reads x once per 32-rank tile; fp32: SIMT) + reduce. With dropout (p > 0) the fp16/bf16
-    backward hashes the mask once: dx's epilogue writes it as keep bits (M × ⌈K/32⌉ words,
-    csrc/cuda_keep_bits.cuh) that dA reads with each x tile instead of hashing."""
+    (round(xa)ᵀ for the wide GEMM's split-M partials + its fixed-order reduce), dx (reads g
+    and W as stored, fp32 included), which for r ≤ 32 also computes gb = g·B from the g tiles
+    it streams (each of its K/128 column tiles repeats that 32-rank product; one writes gb) —
+    for larger r the tall gb GEMM reads g once more first —, dA (round(gb)ᵀ for the wide GEMM,
+    reads x once per 32-rank tile) + reduce; fp32 (TF32) the same launches but dB|db, which
+    stays on the exact fp32 SIMT GEMM (db = Σ g an exact sum, as nn.Linear's). With dropout
+    (p > 0) the fp16/bf16 backward hashes the mask once: dx's epilogue writes it as keep bits
+    (M × ⌈K/32⌉ words, csrc/cuda_keep_bits.cuh) that dA reads with each x tile instead of
+    hashing; the TF32 dx writes none and its dA hashes (compute, not bytes)."""
     if hopper and elt == 2:
         return _cuda_sm90_plan(M, K, N, r, elt, p)
     tiles = -(-r // 32)
@@ -209,20 +210,17 @@ def cuda_plan(M, K, N, r, elt, p, hopper=False):
         dx_reads, dx_writes, dx_gb_flops = y + w + a + gb, x, 0
     dx_name = "dx + gb (CuTe sm80)" if gb_in_dx else "dx (CuTe sm80)"
     if elt == 4:
-        # TF32: dB|db and dA on the SIMT GEMM (64×64 tiles: the wide operand once per 64-rank
-        # tile, the rank operand once per 64 columns). Their 2·M·r·(N + K) flops are left out:
-        # not MMAs, and memory-bound at r ≤ 64 on these GPUs' fp32 SIMT rates.
-        simt_db_tiles, simt_da_tiles = -(-(r + 1) // 64), -(-r // 64)
-        backward += [_op("dB partials (SIMT)", y * simt_db_tiles + xa * -(-N // 64), dB_partials),
-                     _op("dB reduce", dB_partials, N * r * elt),
-                     _op(dx_name + ", TF32", dx_reads, dx_writes, 2 * M * N * K + 2 * M * K * r_lora + dx_gb_flops),
-                     _op("dA partials (SIMT)", x * simt_da_tiles + gb * -(-K // 64), dA_partials),
-                     _op("dA reduce", dA_partials, r * K * elt)]
-        return {"forward": forward, "backward": backward}
-    keep = keep_bits_bytes(M, K, p)
-    backward += [_op("round(xa)ᵀ", xa, rank_operand),
-                 _op("dB partials (CuTe thin)", y * tiles + rank_operand, dB_partials, 2 * M * N * r_tile),
-                 _op("dB reduce", dB_partials, N * r * elt),
+        dx_name += ", TF32"
+    keep = keep_bits_bytes(M, K, p) if elt == 2 else 0  # the TF32 dx writes no keep bits
+    if elt == 4:
+        # TF32: dB|db on the exact fp32 SIMT GEMM (db an exact sum, as nn.Linear's): 64×64
+        # tiles, the wide operand once per 64-rank tile, xa once per 64 columns; its 2·M·N·r
+        # flops are left out (not MMAs; memory-bound at r ≤ 64 on these GPUs' fp32 SIMT rates).
+        backward += [_op("dB partials (SIMT)", y * -(-(r + 1) // 64) + xa * -(-N // 64), dB_partials)]
+    else:
+        backward += [_op("round(xa)ᵀ", xa, rank_operand),
+                     _op("dB partials (CuTe thin)", y * tiles + rank_operand, dB_partials, 2 * M * N * r_tile)]
+    backward += [_op("dB reduce", dB_partials, N * r * elt),
                  _op(dx_name, dx_reads, dx_writes + keep, 2 * M * N * K + 2 * M * K * r_lora + dx_gb_flops),
                  _op("round(gb)ᵀ", gb, rank_operand),
                  _op("dA partials (CuTe thin)", (x + keep) * tiles + rank_operand, dA_partials, 2 * M * K * r_tile),

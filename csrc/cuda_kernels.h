@@ -60,8 +60,8 @@ struct BackwardArgs {
   void* db;         // [N] or nullptr
   void* gb;         // workspace [M, r]
   void* partials;   // workspace of backward_workspace_elems() accumulator elements
-  void* rank_operand;  // fp16/bf16 workspace of (r + 1) × rank_operand_ld(M) elements of the dtype
-  void* gb_rounded = nullptr;  // sm90 dx, r > 32: round(gb) in the input dtype, [M, r], row stride rank_ld
+  void* rank_operand;  // tensor-core workspace of (r + 1) × rank_operand_ld(M) elements of the dtype
+  void* gb_rounded = nullptr;  // sm90 dx, gb not fused: round(gb) in the input dtype, [M, r], row stride rank_ld
   int64_t rank_ld = 0;         // (sm80_gb writes it when not null)
   // sm90 dx, r <= 32 (it computes gb): lora_Bᵀ [r, N] with a row stride lora_B_t_tma_ld that
   // is a multiple of 8 elements (lora_B_t itself, or a padded copy).
@@ -109,7 +109,8 @@ cudaError_t simt_dB_db(const BackwardArgs& args, cudaStream_t stream);   // dB =
 cudaError_t simt_dA(const BackwardArgs& args, cudaStream_t stream);      // dA = s·gbᵀ·x~
 
 // Tensor-core kernels on the CuTe sm80 mainloop, any rank: kHalf and kBFloat16, and kFloat on
-// TF32 (forward, dx, xa and gb: when PyTorch allows TF32 matmuls; dB|db and dA stay SIMT).
+// TF32 (all but dB|db, whose db stays an exact fp32 sum on SIMT: when PyTorch allows TF32
+// matmuls; exact fp32 and fp64 take the SIMT ones).
 // cuda_sm80.cu, the two large GEMMs:
 // y = x·Wᵀ + b + s·(round(xa)·Bᵀ), xa read from args.xa (sm80_xa first).
 cudaError_t sm80_forward(const ForwardArgs& args, cudaStream_t stream);
@@ -121,9 +122,9 @@ inline bool sm80_dx_computes_gb(int64_t r) { return r <= 32; }
 // cuda_sm80_thin.cu, the rank-thin products:
 cudaError_t sm80_xa(const ForwardArgs& args, cudaStream_t stream);     // xa = x~·Aᵀ (fp32 out; + xa_rounded)
 cudaError_t sm80_gb(const BackwardArgs& args, cudaStream_t stream);    // gb = g·B (fp32 out; + gb_rounded), reads lora_B_t
-// dB = s·gᵀ·round(xa), db = Σ g; then dA = s·round(gb)ᵀ·x~ (kHalf, kBFloat16). Both use
-// rank_operand and partials, so they run in stream order, dB_db first. dA reads the mask from
-// args.keep_bits when given (dx first), else hashes it.
+// dB = s·gᵀ·round(xa), db = Σ g (kHalf, kBFloat16); then dA = s·round(gb)ᵀ·x~ (also kFloat on TF32).
+// Both use rank_operand and partials, so they run in stream order, dB_db first. dA reads the
+// mask from args.keep_bits when given (dx first; fp16/bf16 only), else hashes it.
 cudaError_t sm80_dB_db(const BackwardArgs& args, cudaStream_t stream);
 cudaError_t sm80_dA(const BackwardArgs& args, cudaStream_t stream);
 

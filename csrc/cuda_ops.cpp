@@ -4,11 +4,12 @@
 // cuda_sm80_thin.cu for the rank-thin products), except that on a compute-capability-9.0
 // device (H100/H200) of a build with sm_90a the two large GEMMs, forward and dx, run on the
 // TMA + wgmma kernel (cuda_sm90.cu) whenever their operands meet TMA's alignment; fp32 on
-// TF32 tensor cores (forward, xa, gb, dx) when PyTorch allows TF32 matmuls at the time of
-// the call, exact fp32 SIMT otherwise; fp64, and fp32's dB|db and dA, on SIMT (cuda_simt.cu).
+// TF32 tensor cores (every product but dB|db, whose db must stay an exact fp32 sum) when
+// PyTorch allows TF32 matmuls at the time of the call, exact fp32 SIMT otherwise; fp64 on SIMT
+// (cuda_simt.cu).
 // Dropout masks are hashed once per element in the forward (the xa pre-pass, r ≤ 32) and in
 // the fp16/bf16 backward (dx's epilogue, which writes keep bits that dA reads) when dx is
-// computed; otherwise dA hashes (once per 32-rank tile).
+// computed; otherwise, and on TF32 (whose dx writes none), dA hashes (once per 32-rank tile).
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -175,10 +176,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   const char* op = "lora_fused::fused_backward";
   const Sizes s = check_backward_args(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed);
   const auto dtype = x.scalar_type();
-  // fp16/bf16: every product on tensor cores. TF32: gb and dx on tensor cores, dB|db and dA
-  // on SIMT in fp32 (the wide thin GEMM is instantiated for fp16/bf16 only).
-  const bool all_tensor_cores = is_16bit(dtype), tf32 = uses_tf32(dtype);
-  check_grid_limits(op, s, all_tensor_cores || tf32, !all_tensor_cores);
+  // fp16/bf16: every product on tensor cores; fp32 on TF32: every product but dB|db (exact
+  // fp32 SIMT, see below); exact fp32 and fp64: SIMT.
+  const bool tensor_cores = is_16bit(dtype) || uses_tf32(dtype);
+  check_grid_limits(op, s, tensor_cores, !is_16bit(dtype));
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc_options = x.options().dtype(accumulator_type(dtype));
   at::Tensor dx = compute_dx ? poison_(at::empty({s.M, s.K}, grad_y.options())) : at::empty({0}, grad_y.options());
@@ -197,10 +198,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   at::Tensor gb = poison_(at::empty({s.M, s.r}, acc_options));
   at::Tensor partials = poison_(at::empty({cuda::backward_workspace_elems(s.M, s.N, s.K, s.r)}, acc_options));
   // The tensor-core operands: lora_B as a K-major [r, N] operand of gb = g·B (a copy of a
-  // parameter, not an output: nothing to poison); fp16/bf16's round(xa)ᵀ / round(gb)ᵀ
-  // [r + 1, ld] for dB|db and dA, in turn. dx reads W as stored, TF32 included.
-  const at::Tensor b_t = all_tensor_cores || tf32 ? lora_B.t().contiguous() : at::Tensor();
-  at::Tensor rank_operand = all_tensor_cores
+  // parameter, not an output: nothing to poison); round(xa)ᵀ / round(gb)ᵀ [r + 1, ld] in the
+  // input dtype for dB|db and dA, in turn. dx reads W as stored, TF32 included.
+  const at::Tensor b_t = tensor_cores ? lora_B.t().contiguous() : at::Tensor();
+  at::Tensor rank_operand = tensor_cores
                                 ? poison_(at::empty({(s.r + 1) * cuda::rank_operand_ld(s.M)}, x.options()))
                                 : at::Tensor();
 
@@ -221,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   args.db = compute_db ? db.data_ptr() : nullptr;
   args.gb = gb.data_ptr();
   args.partials = partials.data_ptr();
-  args.rank_operand = all_tensor_cores ? rank_operand.data_ptr() : nullptr;
+  args.rank_operand = tensor_cores ? rank_operand.data_ptr() : nullptr;
   args.M = s.M, args.N = s.N, args.K = s.K, args.r = s.r;
   args.scaling = scaling;
   args.dropout = dropout_spec(dropout_p, seed);
@@ -255,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   // tests compare it bitwise with dA hashing). Without dx, or on TF32/SIMT (whose dA hashes),
   // there is none.
   at::Tensor keep_bits;
-  if (all_tensor_cores && compute_dx && args.dropout.enabled && s.K > 0) {
+  if (is_16bit(dtype) && compute_dx && args.dropout.enabled && s.K > 0) {
     keep_bits = poison_(at::empty({s.M, cuda::keep_words_per_row(s.K)}, x.options().dtype(at::kInt)));
     args.keep_bits = keep_bits.data_ptr();
   }
@@ -265,25 +266,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   // rank-operand workspaces; the stream orders them. dx before dA on every path: dA reads
   // dx's gb (when dx computes it) and its keep bits.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (all_tensor_cores || tf32) {
+  if (tensor_cores) {
     const bool gb_in_dx = compute_dx && s.K > 0 &&  // K = 0: no dx blocks
                           (sm90_dx ? cuda::sm90_dx_computes_gb(s.r, s.K) : cuda::sm80_dx_computes_gb(s.r));
     if (!gb_in_dx) check_launch(cuda::sm80_gb(args, stream), op, "tensor-core gb = grad_y·lora_B");
-    if (all_tensor_cores) {
-      check_launch(cuda::sm80_dB_db(args, stream), op, "tensor-core dB, db");
-    } else {
+    // TF32: dB|db stays exact fp32 (SIMT): db = Σ g would otherwise sum g rounded to TF32 as an
+    // MMA operand, where nn.Linear's bias gradient is an exact fp32 sum.
+    if (uses_tf32(dtype)) {
       check_launch(cuda::simt_dB_db(args, stream), op, "dB, db");
+    } else {
+      check_launch(cuda::sm80_dB_db(args, stream), op, "tensor-core dB, db");
     }
     if (sm90_dx) {
       check_launch(cuda::sm90_dx(args, stream), op, gb_in_dx ? "sm90 TMA + wgmma dx and gb" : "sm90 TMA + wgmma dx");
     } else if (compute_dx) {
       check_launch(cuda::sm80_dx(args, stream), op, gb_in_dx ? "tensor-core dx and gb" : "tensor-core dx");
     }
-    if (all_tensor_cores) {
-      check_launch(cuda::sm80_dA(args, stream), op, "tensor-core dA");
-    } else {
-      check_launch(cuda::simt_dA(args, stream), op, "dA");
-    }
+    check_launch(cuda::sm80_dA(args, stream), op, "tensor-core dA");
   } else {
     check_launch(cuda::simt_gb(args, stream), op, "gb = grad_y·lora_B");
     check_launch(cuda::simt_dB_db(args, stream), op, "dB, db");

@@ -50,8 +50,7 @@
 // handed to a .tf32 mma are not rounded by it (at best their low 13 mantissa bits are
 // dropped: up to 2^-10, biased toward zero), which could exceed the 2x of PyTorch's own TF32
 // matmul error that DESIGN.md §5 allows. Accumulation, xa/gb, s, mask and the final rounding
-// stay fp32. dB|db and dA (cuda_sm80_thin.cu's wide GEMM) are instantiated for fp16/bf16
-// only and stay on SIMT for fp32.
+// stay fp32. cuda_sm80_thin.cu's wide GEMM (dB|db, dA) reads its MN-major g / x as dx reads W.
 //
 // The fp32 MN-major layout and its banks. A k-line is 32 floats (128 bytes, all 32 banks)
 // of consecutive rows, 8 lines per atom; element (n, k) of an atom sits at n + 32·k, and the

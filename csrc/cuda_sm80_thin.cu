@@ -1,4 +1,4 @@
-// The rank-thin products of the fp16/bf16 path on the CuTe sm80 mainloop
+// The rank-thin products of the fp16/bf16 and TF32 paths on the CuTe sm80 mainloop
 // (cuda_sm80_mainloop.cuh: swizzles, cp.async stages, ldmatrix, mma.sync), by composition:
 // the same BlockMma pipeline with a tile whose one side is 32 ranks instead of 128.
 //
@@ -9,13 +9,15 @@
 //       kernel (cuda_sm90.cu) also T(out) into a [M, r] workspace with 16-byte rows, the
 //       rounded rank operand its TMA loads (the reference's rounding: unscaled, to T).
 //   wide GEMM  C[r, n] = A·Bᵀ over a slice of M, A = round(xa)ᵀ or round(gb)ᵀ [rows, M]
-//       K-major, B = g or x, element (n, m) at ptr[m·ld + n]: MN-major (ldmatrix.trans):
+//       K-major, B = g or x, element (n, m) at ptr[m·ld + n]: MN-major (ldmatrix.trans;
+//       fp32: the mainloop's swizzled 32-row layout and 32-bit shared loads, as dx's W):
 //       the split-M partial sums of dB|db (A = [round(xa) | 1]ᵀ: the ones row gives db =
 //       Σ_m g) and of dA (B = x~). The partials go to fixed slots, reduced in slice order
 //       (cuda_reduce.cuh): deterministic, no atomics.
 //   rank_transpose: round(xa)ᵀ / round(gb)ᵀ in the input dtype (the reference's rounding
-//       order: unscaled rank intermediates rounded to the input dtype), zero-padded to a
-//       multiple of 8 columns so the wide GEMM's A operand loads in 16-byte cp.async chunks.
+//       order: unscaled rank intermediates rounded to the input dtype; for fp32 a plain
+//       transpose, TF32 rounding comes with the other operand's, in registers), zero-padded to
+//       a multiple of 8 columns so the wide GEMM's A operand loads in 16-byte cp.async chunks.
 //
 // Dropout: x~ = round(x·keep/(1-p)) is formed in shared memory, by the thread that copied
 // each chunk, after its cp.async landed and before the barrier that publishes the stage
@@ -27,10 +29,18 @@
 // keep-bit variant is its own instantiation (wide_kernel<T, true>): 128 registers on sm_80 and
 // sm_90a, no spills, at the cap of two blocks per SM, so re-read ptxas -v after changing it.
 //
-// fp32 (TF32 tensor cores, when PyTorch allows TF32 matmuls): xa and gb only, on the same
-// tiles in bytes (16-deep k-tiles, m16n8k8 TF32 MMAs, operands rounded to TF32 as they leave
-// shared memory); dB|db and dA stay on SIMT in fp32 (the wide GEMM is instantiated for
-// fp16/bf16 only; its MN-major fp32 operand would take the mainloop's 32-bit loads, as dx's W).
+// fp32 (TF32 tensor cores, when PyTorch allows TF32 matmuls): every thin product, on the same
+// tiles in bytes (16-deep k-tiles, 4-float chunks, m16n8k8 TF32 MMAs, both operands rounded
+// to TF32 with cvt.rna as they leave shared memory: tests/test_cuda_ptxas.py checks every MMA
+// input). The wide GEMM's MN-major g / x stages take the mainloop's fp32 MN-major layout
+// (32-row atoms, 32-bit shared loads: no ldmatrix.trans for 32-bit values), as dx's W; dB's db
+// row is Σ round_tf32(g)·1, the TF32 reference's operands. Only the hashing wide_kernel<float,
+// false> exists: the TF32 dx writes no keep bits, so its dA hashes x once per 32-rank tile.
+// TF32 runs dA here but not dB|db (sm80_dB_db takes fp16/bf16 only): its db row would be
+// Σ round_tf32(g), and nn.Linear's bias gradient is an exact fp32 sum, so cuda_ops.cpp keeps
+// TF32's dB|db on the exact fp32 SIMT GEMM.
+// ptxas -v: wide_kernel<float, false> 94 registers on sm_80, 92 on sm_90a; tall_kernel<float>
+// 64 on both; no spills, two blocks per SM (40 KB of stages, the same bytes as fp16/bf16).
 //
 // Tiles. 256 threads, 8 warps of m16n8k16 (m16n8k8 for TF32). Tall: 128 rows × 32 ranks, the warps stacked
 // along rows (16 rows each, all 32 ranks: 16 fp32 accumulators per thread). Wide: 32 ranks
@@ -39,8 +49,9 @@
 // more rank tiles (blockIdx); the padding costs MMA issue, not memory: per 32-deep k-tile a
 // block moves 8 KB of the wide operand for 2·128·32·32 flops (32 flop/byte, a fifth of
 // mma.sync's rate on an A100 at its DRAM bandwidth), so both GEMMs stay bound by reading x
-// or g once. One rank tile size keeps the build at 4 thin kernels per architecture (and the
-// wide one's keep-bit variant for dA).
+// or g once (fp32: 16 flop/byte per 16-deep k-tile of 8 KB, against TF32's half rate). One
+// rank tile size keeps the build at 4 thin kernels per architecture for each of fp16, bf16 and
+// fp32 (and the 16-bit wide ones' keep-bit variants for dA).
 //
 // Pipeline and shared memory. kStages = 4 stages of 8 KB (the 128-wide operand) + 2 KB (the
 // rank operand): 40 KB per block, so two blocks fit on every sm_80+ SM (sm_86/sm_89's 100
@@ -270,8 +281,13 @@ cudaError_t wide(const Operand<T>& a, const Operand<T>& b, int64_t M, float* par
   p.keep_bits = keep_bits;
   p.keep_ld = keep_words_per_row(b.rows);
   const int64_t grid_x = ceil_div(b.rows, kBN) * p.rank_tiles;
-  if (drop.spec.enabled && keep_bits != nullptr) {
-    return launch<wide_kernel<T, true>>(p, grid_x, splits, wide_smem_bytes<T>(), stream, kThreads);
+  // TF32 has no keep bits (its dx writes none): no keep-bit instantiation for fp32.
+  if constexpr (!std::is_same_v<T, float>) {
+    if (drop.spec.enabled && keep_bits != nullptr) {
+      return launch<wide_kernel<T, true>>(p, grid_x, splits, wide_smem_bytes<T>(), stream, kThreads);
+    }
+  } else if (keep_bits != nullptr) {
+    return cudaErrorInvalidValue;
   }
   return launch<wide_kernel<T, false>>(p, grid_x, splits, pipeline_bytes<WideBlock<T>, T>(), stream, kThreads);
 }
@@ -337,29 +353,30 @@ cudaError_t dA_t(const BackwardArgs& a, cudaStream_t stream) {
                        static_cast<T*>(a.dA), stream);
 }
 
-// The tall GEMMs also serve fp32 on TF32 (both operands K-major); the wide ones read an
-// MN-major operand through ldmatrix.trans, 16-bit only.
+// fp16/bf16, and fp32 on TF32 (the caller's choice: exact fp32 and fp64 take SIMT).
 template <class F>
-cudaError_t dispatch_tall(DType dtype, F&& f) {
+cudaError_t dispatch_tensor_core(DType dtype, F&& f) {
   return dtype == DType::kFloat ? f(float{}) : dispatch_half(dtype, f);
 }
 
 }  // namespace
 
 cudaError_t sm80_xa(const ForwardArgs& a, cudaStream_t stream) {
-  return dispatch_tall(a.dtype, [&](auto tag) { return xa_t<decltype(tag)>(a, stream); });
+  return dispatch_tensor_core(a.dtype, [&](auto tag) { return xa_t<decltype(tag)>(a, stream); });
 }
 
 cudaError_t sm80_gb(const BackwardArgs& a, cudaStream_t stream) {
-  return dispatch_tall(a.dtype, [&](auto tag) { return gb_t<decltype(tag)>(a, stream); });
+  return dispatch_tensor_core(a.dtype, [&](auto tag) { return gb_t<decltype(tag)>(a, stream); });
 }
 
+// fp16/bf16 only: TF32's dB|db runs on the exact fp32 SIMT GEMM (cuda_ops.cpp), because this
+// kernel's db row would sum g rounded to TF32, where nn.Linear's bias gradient is an exact sum.
 cudaError_t sm80_dB_db(const BackwardArgs& a, cudaStream_t stream) {
   return dispatch_half(a.dtype, [&](auto tag) { return dB_db_t<decltype(tag)>(a, stream); });
 }
 
 cudaError_t sm80_dA(const BackwardArgs& a, cudaStream_t stream) {
-  return dispatch_half(a.dtype, [&](auto tag) { return dA_t<decltype(tag)>(a, stream); });
+  return dispatch_tensor_core(a.dtype, [&](auto tag) { return dA_t<decltype(tag)>(a, stream); });
 }
 
 }  // namespace cuda

@@ -225,7 +225,7 @@ def test_sm90_fused_gb_switch_follows_the_cost_model(N):
 def test_cuda_plan_counts_the_keep_bits_of_the_16bit_backward(hopper):
     """With dropout, the fp16/bf16 dx writes the mask as keep bits (uint32 [M][ceil(K/32)],
     csrc/cuda_keep_bits.cuh) and dA reads them once per 32-rank tile; no bits without dropout or
-    in fp32 (TF32: dA on SIMT hashes)."""
+    in fp32 (TF32: the dx writes none, dA hashes)."""
     M, K, N = 4096, 776, 2304  # K % 32 != 0: ceil(K/32) words per row
 
     def by_name(elt, p, r):

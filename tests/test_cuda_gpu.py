@@ -95,10 +95,10 @@ def test_every_instantiation_parity(case, dtype):
 #
 # With torch.backends.cuda.matmul.allow_tf32 (or float32 matmul precision "high"/"medium")
 # fp32 runs forward_kernel<float>, dx_kernel<float> (W read as stored: MN-major stages, 32-bit
-# shared-memory loads), and tall_kernel<float> (xa with the mask, gb) on TF32 mma.sync, each
-# operand rounded with cvt.rna; dB|db and dA stay SIMT. With TF32 off everything is the exact
-# fp32 SIMT path. The TF32 budget does not depend on which kernel cuBLAS picks for a shape
-# (_assert_tf32_parity).
+# shared-memory loads), tall_kernel<float> (xa with the mask, gb) and wide_kernel<float, false>
+# (dA, hashing the mask: TF32 has no keep bits) on TF32 mma.sync, each operand rounded with
+# cvt.rna; dB|db stays on the exact fp32 SIMT GEMM (db an exact sum, as nn.Linear's). With TF32 off everything is the exact fp32 SIMT path. The TF32 budget does
+# not depend on which kernel cuBLAS picks for a shape (_assert_tf32_parity).
 TF32_CASES = {
     # (M, K, N, r, bias): what each reaches on TF32
     "r16-vector-loads-one-lora-chunk-5x2-tiles": (520, 264, 136, 16, True),
@@ -156,7 +156,8 @@ def _assert_tf32_parity(got, inputs, scaling, dropout_p, seed, grad_y):
             assert_parity(name, value.cpu(), same, ref)
 
 
-def _check_float32_with_tf32_allowed(M, K, N, r, bias, weight_transform=None, grad_y_transform=None):
+def _check_float32_with_tf32_allowed(M, K, N, r, bias, weight_transform=None, grad_y_transform=None,
+                                     dropout_p=0.25):
     """The extension's fp32 results with TF32 allowed (the caller set it): every output written
     (finite under the poison switch), shaped, and within _assert_tf32_parity's budget.
     weight_transform / grad_y_transform: a same-valued view of W / grad_y to pass instead."""
@@ -166,12 +167,12 @@ def _check_float32_with_tf32_allowed(M, K, N, r, bias, weight_transform=None, gr
         weight = weight_transform(weight)
     if grad_y_transform is not None:
         grad_y = grad_y_transform(grad_y)
-    got = run_extension(x, weight, b, lora_A, lora_B, SCALING, 0.25, 1234, grad_y)
+    got = run_extension(x, weight, b, lora_A, lora_B, SCALING, dropout_p, 1234, grad_y)
     shapes = ((M, N), (M, r), (M, K), (r, K), (N, r), (N if bias else 0,))
     for name, value, shape in zip(OUTPUT_NAMES, got, shapes, strict=True):
         assert tuple(value.shape) == shape, name
         assert torch.isfinite(value).all(), f"{name}: NaN/inf (an unwritten element under the poison switch)"
-    _assert_tf32_parity(got, (x, weight, b, lora_A, lora_B), SCALING, 0.25, 1234, grad_y)
+    _assert_tf32_parity(got, (x, weight, b, lora_A, lora_B), SCALING, dropout_p, 1234, grad_y)
 
 
 @pytest.mark.parametrize("case", list(TF32_CASES), ids=str)
@@ -247,6 +248,35 @@ def test_every_instantiation_case_on_tf32(case):
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         _check_float32_with_tf32_allowed(*INSTANTIATION_CASES[case])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+# dA on TF32, dB|db beside it on SIMT (wide_kernel<float, false>: 32 ranks × 128 columns, 16-deep k-tiles
+# along M, g / x MN-major in 4-float chunks, round(xa)ᵀ / round(gb)ᵀ from rank_transpose<float>)
+# at the residues of each of its edges, dropout on (dA hashes the mask) and off: N and K
+# against the 128-column tile and the 4-float chunk (element loads of g or x when not a
+# multiple of 4), M against the 16-deep k-tile, the split-M slices (M > 512: 2-3 slices, the
+# last one partial) and rank_transpose's 8-column padding, r against the 32-rank tile with
+# db's ones row (r = 31 fills one tile, 32 needs two) and without db.
+TF32_WIDE_CASES = {
+    # (M, K, N, r, bias)
+    "r4-three-splits-N90-element-g-K132-vector-x": (1100, 132, 90, 4, True),
+    "r31-db-one-rank-tile-M1037-last-split-partial": (1037, 256, 136, 31, True),
+    "r32-db-two-rank-tiles-K70-element-x-two-splits": (515, 70, 260, 32, True),
+    "r33-no-db-two-rank-tiles-M300": (300, 136, 45, 33, False),
+    "r65-three-rank-tiles-M17-one-partial-k-tile": (17, 40, 33, 65, True),
+}
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("case", list(TF32_WIDE_CASES), ids=str)
+def test_every_instantiation_tf32_dB_db_dA_residues(case, dropout_p):
+    M, K, N, r, bias = TF32_WIDE_CASES[case]
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        _check_float32_with_tf32_allowed(M, K, N, r, bias, dropout_p=dropout_p)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
 

@@ -287,14 +287,19 @@ def test_sm90_kernel_is_a_trap_on_other_architectures():
 # Every A and B register of every TF32 mma.sync is written by cvt.rna.tf32.f32 and nothing
 # else: raw fp32 bits reaching the MMA lose their low 13 bits by truncation, an error the GPU
 # parity tests cannot tell from rounding (there the rounding of xa/gb dominates the budget).
-# dx_kernel<float> reads W as stored: no transposing ldmatrix (it moves 16-bit values only),
-# its MN-major B fragments come from 32-bit shared-memory loads.
+# The fp32 kernels with an MN-major B operand — dx_kernel<float> (W read as stored) and
+# cuda_sm80_thin's wide_kernel<float, false> (dA's x) — are present, use no
+# transposing ldmatrix (it moves 16-bit values only): their B fragments come from 32-bit
+# shared-memory loads, and each MMA operand register gets exactly one cvt.rna. TF32 has no
+# keep-bit wide kernel (its dx writes no keep bits; its dA hashes).
 TF32_MMA = re.compile(r"mma\.sync\.aligned\.m16n8k8\.row\.col\.f32\.tf32\.tf32\.f32\s*"
                       r"\{[^}]*\},\s*\{([^}]*)\},\s*\{([^}]*)\}")
 TF32_ROUNDING = "cvt.rna.tf32.f32"
 # An instruction and its destination (a register or a {vector} of them), optionally predicated.
 WRITTEN = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.]*)\s+(\{[^}]*\}|%\w+)", re.MULTILINE)
-DX_KERNEL_FLOAT = re.compile(r"\S*dx_kernelIfE\S*")
+FP32_MN_MAJOR_KERNELS = {"cuda_sm80": re.compile(r"\S*dx_kernelIfE\S*"),
+                         "cuda_sm80_thin": re.compile(r"\S*wide_kernelIfLb0E\S*")}
+WIDE_KEEP_BITS_FLOAT = re.compile(r"\S*wide_kernelIfLb1E\S*")
 
 
 def ptx_entries(text: str) -> dict[str, str]:
@@ -325,18 +330,20 @@ def test_unrounded_tf32_operands_are_recognised():
 
 @pytest.mark.parametrize("ptx", [p for paths in KEPT.values() for p in paths if p.name.startswith("cuda_sm80")],
                          ids=lambda p: p.name)
-def test_tf32_mma_operands_are_rounded_and_fp32_dx_reads_w_as_stored(ptx):
+def test_tf32_mma_operands_are_rounded_and_fp32_mn_major_operands_read_as_stored(ptx):
     kernels = ptx_entries(ptx.read_text())
     on_tf32 = {name: body for name, body in kernels.items() if TF32_MMA.search(body)}
     assert on_tf32, f"{ptx.name}: no TF32 mma.sync (the fp32 instantiations are missing)"
     problems = {name: unrounded_tf32_operands(body) for name, body in on_tf32.items()}
     problems = {name: found for name, found in problems.items() if found}
     assert not problems, f"{ptx.name}: TF32 MMA operands not rounded by cvt.rna: {problems}"
-    if ptx.name.startswith("cuda_sm80.compute_"):
-        (dx,) = [name for name in kernels if DX_KERNEL_FLOAT.fullmatch(name)]
-        body = on_tf32[dx]
-        assert not re.search(r"ldmatrix\S*\.trans", body), f"{dx}: a transposing ldmatrix in the fp32 dx"
-        assert re.search(r"ld\.shared\.[fub]32\s", body), f"{dx}: no 32-bit shared-memory loads for W's fragments"
-        operands = {reg.strip() for a, b in TF32_MMA.findall(body) for reg in f"{a},{b}".split(",")}
-        assert body.count(TF32_ROUNDING) == len(operands), (
-            f"{dx}: {body.count(TF32_ROUNDING)} cvt.rna for {len(operands)} MMA operand registers")
+    source = ptx.name.split(".compute_")[0]
+    (kernel,) = [name for name in kernels if FP32_MN_MAJOR_KERNELS[source].fullmatch(name)]
+    assert kernel in on_tf32, f"{kernel}: no TF32 mma.sync"
+    body = on_tf32[kernel]
+    assert not re.search(r"ldmatrix\S*\.trans", body), f"{kernel}: a transposing ldmatrix in an fp32 kernel"
+    assert re.search(r"ld\.shared\.[fub]32\s", body), f"{kernel}: no 32-bit shared-memory loads for its B fragments"
+    operands = {reg.strip() for a, b in TF32_MMA.findall(body) for reg in f"{a},{b}".split(",")}
+    assert body.count(TF32_ROUNDING) == len(operands), (
+        f"{kernel}: {body.count(TF32_ROUNDING)} cvt.rna for {len(operands)} MMA operand registers")
+    assert not [name for name in kernels if WIDE_KEEP_BITS_FLOAT.fullmatch(name)], "a keep-bit wide kernel for fp32"
