@@ -188,7 +188,7 @@ using sm80::TileCoord;
 using sm80::write_staged_rows;
 
 constexpr int kBM = 128, kBN = 128, kBK = 64, kStages = 5;
-constexpr int kGbRanks = 32;  // dx's fused gb: one 32-rank tile (r <= 32), a 64x32 wgmma per warpgroup
+constexpr int kGbRanks = 32;  // dx's fused gb: one 32-rank tile (sm90_dx_computes_gb: r <= 32, K <= 1024), a 64x32 wgmma per warpgroup
 static_assert(sm90_dx_computes_gb(kGbRanks, kBN) && !sm90_dx_computes_gb(kGbRanks + 1, kBN),
               "the fused gb covers exactly the ranks of one kGbRanks tile");
 constexpr int kConsumerThreads = 256;                 // two warpgroups
@@ -327,7 +327,7 @@ constexpr uint32_t kPipelineStageBytes = kFusedGb ? kRankStageBytes : kStageByte
 // The producer: for each output tile of this block (persistent: tiles blockIdx.x,
 // blockIdx.x + gridDim.x, ... in grouped order), the rank tiles of (L, R), then the k-tiles
 // of (P, Q), each pair into the next free stage, onto that stage's full barrier; with the
-// fused gb (dx, r <= 32), the k-tiles of (P, Q, lora_Bᵀ) first and then R's one rank tile
+// fused gb (dx, sm90_dx_computes_gb), the k-tiles of (P, Q, lora_Bᵀ) first and then R's one rank tile
 // (L is round(gb), which the consumers write into that stage). It runs ahead into the next
 // output tile as soon as stages are released, while the consumers store.
 template <class T, bool kBKMajor, bool kFusedGb>
@@ -524,7 +524,7 @@ __device__ __forceinline__ void stage_tile(const Params<T, kBKMajor>& p, const A
   }
 }
 
-// Fused gb (dx, r <= 32), after a tile's main loop: the blocks of column tile 0 write gb
+// Fused gb (dx, sm90_dx_computes_gb), after a tile's main loop: the blocks of column tile 0 write gb
 // (fp32, for dA); then round(gb) goes into the A buffer of the tile's rank stage (K-major,
 // ranks [0, 32): those past r are exact zeros, lora_Bᵀ's rows past r having loaded as
 // zeros), whose B buffer holds lora_A's tile; the warpgroup's rows only, so a fence from the

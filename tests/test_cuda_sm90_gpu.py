@@ -263,13 +263,16 @@ def test_sm90_fused_gb_grid_capped_walks_every_tile(N, r, blocks, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("K", [1016, 1032])
-def test_sm90_fused_gb_switch_on_column_tiles(K, dtype):
+@pytest.mark.parametrize("r", [1, 16, 17, 32])
+def test_sm90_fused_gb_switch_on_column_tiles(r, K, dtype):
     """sm90_dx_computes_gb (csrc/cuda_kernels.h) fuses gb for r <= 32 up to 8 column tiles of
     128 (K = 1016: fused) and runs the tall gb GEMM first from 9 on (K = 1032), where the cost
     model prices the gb MMA every column tile repeats above the read of g it saves (lin2).
     Both sides correct, over 24 x 8 and 24 x 9 dx tiles (more than the 132 SMs: the
-    persistent blocks walk several each, M, K, N and rank residues)."""
-    M, N, r = 3000, 200, 17
+    persistent blocks walk several each, M, K, N and rank residues). r = 1 and 16 take one
+    16-deep rank block of round(gb) on the unfused side (gb_rounded rows padded to 8 and 16),
+    17 and 32 two (review-gb90b finding 1)."""
+    M, N = 3000, 200
     check_parity(M, K, N, r, dtype, False, dropout_p=0.2, device="cuda")
     x, weight, _, lora_A, lora_B = make_inputs(M, K, N, r, dtype, device="cuda")
     grad_y = make_inputs(M, N, 1, 1, dtype, device="cuda", seed=1)[0]
