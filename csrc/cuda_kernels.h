@@ -63,8 +63,8 @@ struct BackwardArgs {
   void* rank_operand;  // tensor-core workspace of (r + 1) × rank_operand_ld(M) elements of the dtype
   void* gb_rounded = nullptr;  // sm90 dx, gb not fused: round(gb) in the input dtype, [M, r], row stride rank_ld
   int64_t rank_ld = 0;         // (sm80_gb writes it when not null)
-  // sm90 dx computing gb (sm90_dx_computes_gb: r <= 32, K <= 1024): lora_Bᵀ [r, N] with a row stride lora_B_t_tma_ld that
-  // is a multiple of 8 elements (lora_B_t itself, or a padded copy).
+  // sm90 dx computing gb (sm90_dx_computes_gb: r <= 32, K <= 1024): lora_Bᵀ [r, N] with a row
+  // stride lora_B_t_tma_ld that is a multiple of 8 elements (lora_B_t itself, or a padded copy).
   const void* lora_B_t_tma = nullptr;
   int64_t lora_B_t_tma_ld = 0;
   // Dropout with dx (fp16/bf16): the keep-bit workspace uint32 [M][keep_words_per_row(K)]

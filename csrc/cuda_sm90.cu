@@ -188,7 +188,8 @@ using sm80::TileCoord;
 using sm80::write_staged_rows;
 
 constexpr int kBM = 128, kBN = 128, kBK = 64, kStages = 5;
-constexpr int kGbRanks = 32;  // dx's fused gb: one 32-rank tile (sm90_dx_computes_gb: r <= 32, K <= 1024), a 64x32 wgmma per warpgroup
+// dx's fused gb (sm90_dx_computes_gb: r <= 32, K <= 1024): one 32-rank tile, a 64x32 wgmma per warpgroup.
+constexpr int kGbRanks = 32;
 static_assert(sm90_dx_computes_gb(kGbRanks, kBN) && !sm90_dx_computes_gb(kGbRanks + 1, kBN),
               "the fused gb covers exactly the ranks of one kGbRanks tile");
 constexpr int kConsumerThreads = 256;                 // two warpgroups

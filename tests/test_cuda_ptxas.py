@@ -113,8 +113,8 @@ def test_no_spills_and_shared_memory_within_limits(ptx):
 #
 # gemm_kernel<T, kBKMajor, kFusedGb> for T in {half, bfloat16}: the forward (K-major W), dx
 # (MN-major W, gb from the tall GEMM: r > 32 or K > 1024) and dx computing gb itself (r <= 32,
-# K <= 1024): six instantiations in the sm_90a PTX. 288 threads (two consumer warpgroups and a producer warp) under
-# __launch_bounds__(288, 1) get at most 168 registers each from ptxas (it spills rather than
+# K <= 1024): six instantiations in the sm_90a PTX. 288 threads (two consumer warpgroups and a
+# producer warp) under __launch_bounds__(288, 1) get at most 168 registers each from ptxas (it spills rather than
 # exceed 168: 65536 / 384, the 9 warps allocated as 3 warpgroups); the consumers need two
 # 64-value fp32 accumulators (the main product and the LoRA term), so fewer than 128 would
 # mean the accumulators were not kept in registers.

@@ -5,7 +5,8 @@
 // 128×128 tile once and gives warpgroup w only rows [64w, 64w + 64) (the epilogue stages
 // each warpgroup's rows in its own buffer); 256 consumer threads; the TMA copies' boxes fill a
 // stage and the depth tiles number ceil(depth / 64); shared memory within sm_90's 227 KB.
-// The fused-gb dx (sm90_dx_computes_gb: r <= 32, K <= 1024): lora_Bᵀ's 32-row stages, the 64x32 gb TiledMMA's partition
+// The fused-gb dx (sm90_dx_computes_gb: r <= 32, K <= 1024): lora_Bᵀ's 32-row stages, the 64x32
+// gb TiledMMA's partition
 // (rows per warpgroup, column pairs), the shared-memory offsets round(gb) is written to
 // (k_major_stage_offset, compared with the address TMA/wgmma use: CuTe's smem_ptr path and
 // the SW128 formula; a rank pair is one aligned 32-bit word in the stage's A buffer), the
