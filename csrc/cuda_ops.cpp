@@ -178,7 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   const auto dtype = x.scalar_type();
   // fp16/bf16: every product on tensor cores; fp32 on TF32: every product but dB|db (exact
   // fp32 SIMT, see below); exact fp32 and fp64: SIMT.
-  const bool tensor_cores = is_16bit(dtype) || uses_tf32(dtype);
+  const bool tf32 = uses_tf32(dtype);  // read once: the dispatch below must see one setting
+  const bool tensor_cores = is_16bit(dtype) || tf32;
   check_grid_limits(op, s, tensor_cores, !is_16bit(dtype));
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc_options = x.options().dtype(accumulator_type(dtype));
@@ -227,11 +228,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   args.scaling = scaling;
   args.dropout = dropout_spec(dropout_p, seed);
 
-  // Hopper: dx on the TMA kernel. For r <= 32 and K <= 1024 (sm90_dx_computes_gb) it
-  // computes gb itself from its g tiles (reading
-  // lora_Bᵀ with 16-byte rows: b_t, or a padded copy when N % 8 != 0) and writes the fp32 gb
-  // for dA; otherwise it reads round(gb) from a T-typed workspace with 16-byte rows that
-  // the tall gb GEMM writes beside the fp32 gb.
+  // Hopper: dx on the TMA kernel. For r <= 32 and K <= 1024 (sm90_dx_computes_gb) it computes
+  // gb itself from its g tiles (reading lora_Bᵀ with 16-byte rows: b_t, or a padded copy when
+  // N % 8 != 0) and writes the fp32 gb for dA; otherwise it reads round(gb) from a T-typed
+  // workspace with 16-byte rows that the tall gb GEMM writes beside the fp32 gb.
   at::Tensor gb_rounded, a_tma, b_t_tma;
   bool sm90_dx = false;
   if (compute_dx && sm90_device(x)) {
@@ -262,8 +262,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
   }
 
   // gb before dA (and before dx, unless dx computes gb itself from the g tiles it streams:
-  // r <= 32 on the sm80 kernel, also K <= 1024 on the sm90 one). dB|db and dA share the partial-sum and
-  // rank-operand workspaces; the stream orders them. dx before dA on every path: dA reads
+  // r <= 32 on the sm80 kernel, also K <= 1024 on the sm90 one). dB|db and dA share the
+  // partial-sum and rank-operand workspaces; the stream orders them. dx before dA on every path: dA reads
   // dx's gb (when dx computes it) and its keep bits.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (tensor_cores) {
@@ -272,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
     if (!gb_in_dx) check_launch(cuda::sm80_gb(args, stream), op, "tensor-core gb = grad_y·lora_B");
     // TF32: dB|db stays exact fp32 (SIMT): db = Σ g would otherwise sum g rounded to TF32 as an
     // MMA operand, where nn.Linear's bias gradient is an exact fp32 sum.
-    if (uses_tf32(dtype)) {
+    if (tf32) {
       check_launch(cuda::simt_dB_db(args, stream), op, "dB, db");
     } else {
       check_launch(cuda::sm80_dB_db(args, stream), op, "tensor-core dB, db");
